@@ -1,0 +1,1375 @@
+"""
+mae_decay.py: a masked autoencoder (MAE) whose encoder uses DECAYED identity shortcuts, from
+data to frozen-feature evaluation, in one file.
+
+Paper: Zhang, Jiang, Gao, Willett, Maire, "Residual Connections Harm Generative Representation
+Learning" (arXiv 2404.10947). A standard pre-norm transformer adds every sub-layer to an identity
+path, x_{k+1} = x_k + f_k(x_k). The paper scales that path down, layer by layer:
+
+    x_{k+1} = alpha_k * x_k + f_k(norm(x_k)),   alpha_k falling linearly from 1 to alpha_min,
+
+which makes an MAE's frozen features far better for k-NN and linear probes (ViT-B/16 on ImageNet:
+k-NN 27.4 -> 63.9, linear probe 67.8 -> 72.7). It is implemented as the authors' code does it:
+one alpha per residual SUB-layer, zero-initialised branch outputs, no final encoder norm, and
+their "UNet" decoder that reads every second encoder block (their Figure 5).
+
+Run (each command prints what it does; `--help` lists every knob):
+
+    python mae_decay.py                                   # CPU demo: alpha_min 1.0 vs 0.4 on built-in shapes
+    python mae_decay.py --preset cifar --dataset cifar10 --compile         # ViT-S/4 on CIFAR-10, one GPU
+    python mae_decay.py --preset base --dataset folder:/data/imagenet100 --compile   # ViT-B/16, 224px
+    python mae_decay.py --preset cifar --benchmark --compile                # img/s, ms/step, memory, MFU
+    python mae_decay.py --alpha-eff 1,1e-2 --seeds 0,1,2   # choose alpha_min by the product of all alphas
+
+Outputs go to --out-dir (default runs/mae): config.json, one folder per (alpha_min, seed) with
+ckpt.pt and features.npz (the format probe.py reads, see save_features), results.json, and the
+plots curves.png, recon.png, pca.png, feature_norms.png.
+
+Known-good numbers produced by this file are in README.md, each with its command and hardware.
+
+Two comment layers: `##` lines teach (why a line exists, which equation it implements) and can be
+stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
+"""
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import inspect
+import json
+import math
+import os
+import pickle
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
+
+
+# =============================================================================================
+# Config
+# =============================================================================================
+
+@dataclasses.dataclass
+class Config:
+    # --- data ---
+    dataset: str = "shapes"       # shapes (built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
+    data_dir: str = "data"        # where datasets are looked for, and downloaded to
+    download: bool = True         # download missing official files (checksum verified before use)
+    train_limit: int = 0          # use only the first N training images (0 = all)
+    img_size: int = 32            # side of the square image the model sees
+    crop_min: float = 0.2         # random-resized-crop smallest area fraction (MAE: 0.2)
+    # --- model ---
+    patch_size: int = 4           # patch side in pixels
+    embed_dim: int = 192          # encoder width
+    depth: int = 6                # encoder blocks (2*depth residual sub-layers, one alpha each)
+    num_heads: int = 3            # encoder attention heads
+    mlp_ratio: float = 4.0        # MLP hidden width / width
+    decoder: str = "unet"         # unet (the authors' skip decoder) | mae (the standard MAE decoder)
+    decoder_dim: int = 128        # decoder width
+    decoder_depth: int = 3        # decoder blocks (unet needs at least depth/2)
+    decoder_heads: int = 4        # decoder attention heads
+    final_norm: bool = False      # LayerNorm after the last encoder block (standard MAE; the authors drop it)
+    mask_ratio: float = 0.75      # fraction of patches hidden from the encoder
+    norm_pix: bool = True         # predict per-patch normalised pixels (MAE's norm-pix loss)
+    alpha_min: str = "1.0,0.4"    # comma list: one run per value at otherwise identical settings
+    alpha_eff: str = ""           # instead of alpha_min: comma list of targets for prod(alphas)
+    # --- optimisation ---
+    epochs: int = 30              # passes over the training set
+    max_steps: int = 0            # stop after this many optimizer steps (0 = all); the schedule still spans --epochs
+    batch_size: int = 256         # images per optimizer step
+    base_lr: float = 1.5e-4       # lr = base_lr * batch_size / 256 (MAE's rule)
+    min_lr: float = 0.0           # floor of the cosine schedule
+    warmup_epochs: float = 2.0    # linear warm-up length, then half-cycle cosine, per step
+    weight_decay: float = 0.05    # AdamW decay, not applied to biases, norms and tokens
+    beta2: float = 0.95           # AdamW beta2 (MAE: 0.95)
+    seeds: str = "0"              # comma list of seeds; several give mean +- std in the table
+    # --- evaluation ---
+    eval_every: int = 5           # cheap k-NN + effective rank every N epochs (0 = only at the end)
+    knn_k: int = 20               # neighbours for the headline k-NN number (DINO protocol)
+    knn_t: float = 0.07           # k-NN temperature
+    feature: str = "mean"         # mean (all tokens of the block, the authors') | cls
+    feature_block: int = 0        # encoder block (1-indexed) whose output is the feature; 0 = last
+    probe_epochs: int = 100       # linear-probe epochs (final epoch is reported, never the best)
+    probe_lr: float = 1e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0)
+    # --- system ---
+    device: str = "auto"          # auto | cuda | mps | cpu
+    compile: bool = False         # torch.compile the model (falls back to eager if it fails)
+    out_dir: str = "runs/mae"     # where checkpoints, features, plots and results go
+    resume: bool = False          # continue each run from its checkpoint in out_dir
+    ckpt_every: int = 5           # write a checkpoint every N epochs (and at the end)
+    log_every: int = 20           # steps between progress-bar updates (each one syncs the device)
+    json: str = ""                # also write every run's final numbers to this file
+    plots: bool = True            # write the PNG plots
+    benchmark: bool = False       # only time the training step and print img/s, ms/step, memory, MFU
+
+
+PRESETS = {
+    ## The CPU demo: a tiny ViT on the built-in shapes, two runs (baseline and decay) in minutes.
+    ## depth 6 -> the spec's rule of thumb (prod(alphas) in [1e-3, 1e-2)) wants alpha_min ~0.25-0.4.
+    "quick": dict(),
+    ## ViT-S/4 on 32x32 images (CIFAR-10/100): 64 patches, 16 visible.
+    "cifar": dict(dataset="cifar10", img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
+                  decoder_dim=256, decoder_depth=6, decoder_heads=8, epochs=200, warmup_epochs=10,
+                  batch_size=512, alpha_min="1.0,0.6", eval_every=20, ckpt_every=10, log_every=50),
+    ## ViT-B/16 at 224 with the authors' decoder (512 wide, 8 blocks) and schedule (800 epochs, 40 warm-up).
+    "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512,
+                 decoder_depth=8, decoder_heads=16, epochs=800, warmup_epochs=40, batch_size=256,
+                 alpha_min="1.0,0.6", eval_every=50, ckpt_every=5, log_every=50),
+}
+
+
+def knob_help():
+    """The comment after each Config field, so `--help` and the code share one description."""
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, comment = line.partition("#")
+        if ":" in name and "=" in name and comment:
+            helps[name.split(":")[0].strip()] = comment.strip()
+    return helps
+
+
+def parse_config(argv=None):
+    """Defaults < preset < command line. Returns a Config."""
+    parser = argparse.ArgumentParser(description="MAE with decayed identity shortcuts (arXiv 2404.10947).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="a set of defaults")
+    helps = knob_help()
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(field.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=helps.get(field.name))
+    args = parser.parse_args(argv)
+    values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    cfg = Config(**values)
+    check_config(cfg)
+    return cfg
+
+
+def parse_floats(text, flag):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be a comma-separated list of numbers, got '{text}'.") from None
+    if not values:
+        raise UserError(f"{flag} is empty: give at least one number, e.g. {flag} 1.0,0.4.")
+    return values
+
+
+def check_config(cfg):
+    """Every bad value a user can type ends here with one sentence naming the fix."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+    need(cfg.img_size > 0 and cfg.patch_size > 0 and cfg.img_size % cfg.patch_size == 0,
+         f"--img-size ({cfg.img_size}) must be a positive multiple of --patch-size ({cfg.patch_size}).")
+    need(cfg.embed_dim % 4 == 0 and cfg.decoder_dim % 4 == 0,
+         "--embed-dim and --decoder-dim must be multiples of 4 (2D sin-cos position embeddings).")
+    need(cfg.embed_dim % cfg.num_heads == 0, f"--embed-dim ({cfg.embed_dim}) must be divisible by --num-heads ({cfg.num_heads}).")
+    need(cfg.decoder_dim % cfg.decoder_heads == 0,
+         f"--decoder-dim ({cfg.decoder_dim}) must be divisible by --decoder-heads ({cfg.decoder_heads}).")
+    need(cfg.depth >= 1 and cfg.decoder_depth >= 1, "--depth and --decoder-depth must be at least 1.")
+    need(cfg.decoder in ("unet", "mae"), f"--decoder must be 'unet' or 'mae', got '{cfg.decoder}'.")
+    need(cfg.decoder != "unet" or cfg.decoder_depth >= cfg.depth // 2,
+         f"the unet decoder merges one skip per two encoder blocks, so --decoder-depth must be at least "
+         f"{cfg.depth // 2} for --depth {cfg.depth} (or use --decoder mae).")
+    need(0.0 < cfg.mask_ratio < 1.0 and int((cfg.img_size // cfg.patch_size) ** 2 * (1 - cfg.mask_ratio)) >= 1,
+         f"--mask-ratio must be in (0, 1) and leave at least one visible patch, got {cfg.mask_ratio}.")
+    need(0.0 < cfg.crop_min <= 1.0, f"--crop-min must be in (0, 1], got {cfg.crop_min}.")
+    need(cfg.epochs >= 1 and cfg.batch_size >= 1, "--epochs and --batch-size must be at least 1.")
+    need(cfg.max_steps >= 0 and cfg.train_limit >= 0, "--max-steps and --train-limit cannot be negative.")
+    need(cfg.base_lr > 0 and cfg.probe_lr > 0, "--base-lr and --probe-lr must be positive.")
+    need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs={cfg.epochs}].")
+    need(cfg.feature in ("mean", "cls"), f"--feature must be 'mean' or 'cls', got '{cfg.feature}'.")
+    need(0 <= cfg.feature_block <= cfg.depth, f"--feature-block must be in [0, --depth={cfg.depth}] (0 = last).")
+    need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
+    need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+    need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0,
+         "--log-every and --ckpt-every must be at least 1, --eval-every at least 0.")
+    alphas = alpha_settings(cfg)
+    need(all(0.0 < a <= 1.0 for a in alphas), f"every alpha_min must be in (0, 1], got {alphas}.")
+    [int(s) for s in parse_floats(cfg.seeds, "--seeds")]
+
+
+def alpha_settings(cfg):
+    """The list of alpha_min values this invocation compares (from --alpha-eff when given)."""
+    if cfg.alpha_eff:
+        targets = parse_floats(cfg.alpha_eff, "--alpha-eff")
+        if not all(0.0 < t <= 1.0 for t in targets):
+            raise UserError(f"every --alpha-eff must be in (0, 1], got {targets}.")
+        return [alpha_min_for(t, cfg.depth) for t in targets]
+    return parse_floats(cfg.alpha_min, "--alpha-min")
+
+
+# =============================================================================================
+# Data: every dataset becomes uint8 tensors (N, C, H, W) + int64 labels, held on the device
+# =============================================================================================
+
+DATA_HELP = ("use --dataset shapes (built-in, no download), or put the files in --data-dir, "
+             "or run once with network access")
+
+CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 "cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+IDX = {  # official IDX files (LeCun et al. 1998; Xiao et al. 2017) and their published md5
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}  # Debian's dataset-fashion-mnist
+
+
+def md5sum(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url, dest, md5):
+    """Fetch url to dest, keeping it only if its md5 matches: nothing unverified is ever opened."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = dest + ".part"
+    print(f"downloading {url}")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({e}); {DATA_HELP}.") from None
+    if md5sum(tmp) != md5:
+        os.remove(tmp)
+        raise UserError(f"the download of {url} failed its checksum (corrupt or tampered); delete nothing, just run again.")
+    os.replace(tmp, dest)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    ## The CIFAR batches are Python pickles, and unpickling can run arbitrary code. Downloads are
+    ## checksum-verified first; files already on disk are read with this unpickler, which refuses
+    ## every global except the few that rebuild a numpy array.
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("copyreg", "_reconstructor"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path, label_key):
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(f, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except Exception as e:  # truncated, not a pickle, wrong keys or shapes
+        raise UserError(f"{path} is not a valid CIFAR python batch ({type(e).__name__}: {e}); delete it and download again.") from None
+    if len(images) != len(labels):
+        raise UserError(f"{path} holds {len(images)} images but {len(labels)} labels; delete it and download again.")
+    return images, labels
+
+
+def load_cifar(name, data_dir, allow_download):
+    url, md5, folder, train_files, test_files, label_key = CIFAR[name]
+    root = os.path.join(data_dir, folder)
+    if not os.path.isdir(root):
+        archive = os.path.join(data_dir, url.rsplit("/", 1)[1])
+        if not os.path.exists(archive):
+            if not allow_download:
+                raise UserError(f"{name} not found: no {root}/ and no {archive}; {DATA_HELP}.")
+            download(url, archive, md5)
+        elif md5sum(archive) != md5:
+            raise UserError(f"{archive} does not match the official md5 (corrupt or partial); delete it and run again.")
+        with tarfile.open(archive) as tar:
+            tar.extractall(data_dir, filter="data")
+    parts = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        missing = [f for f in files if not os.path.exists(os.path.join(root, f))]
+        if missing:
+            raise UserError(f"{root} lacks {', '.join(missing)}; delete the folder and run again to re-extract it.")
+        arrays = [read_cifar_batch(os.path.join(root, f), label_key) for f in files]
+        parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+    return parts
+
+
+def read_idx(path, expected_ndim):
+    """An IDX file (gzip): magic 0x0000 08 ndim, big-endian int32 sizes, then uint8 values."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path} is not a readable .gz file ({e}); delete it and download again.") from None
+    if len(raw) < 4 + 4 * expected_ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != expected_ndim:
+        raise UserError(f"{path} is not an IDX file of {expected_ndim} dimensions; delete it and download again.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_ndim))
+    body = raw[4 + 4 * expected_ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: header says {shape}, body has {len(body)} bytes; delete it and download again.")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def load_idx(name, data_dir, allow_download):
+    base_url, files = IDX[name]
+    candidates = [os.path.join(data_dir, name), data_dir] + SYSTEM_DIRS.get(name, [])
+    root = next((d for d in candidates if all(os.path.exists(os.path.join(d, f)) for f in files)), None)
+    if root is None:
+        if not allow_download:
+            raise UserError(f"{name} not found in {', '.join(candidates)}; {DATA_HELP}.")
+        root = os.path.join(data_dir, name)
+        for f, md5 in files.items():
+            if not os.path.exists(os.path.join(root, f)):
+                download(base_url + f, os.path.join(root, f), md5)
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), 3)
+        labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), 1)
+        if len(images) != len(labels):
+            raise UserError(f"{root}: {split} has {len(images)} images but {len(labels)} labels; the files do not belong together.")
+        parts[split] = (images[:, None], labels.astype(np.int64))
+    return parts
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".JPEG", ".JPG", ".PNG")
+
+
+def load_image_resized(path, size):
+    from PIL import Image  # Pillow ships with matplotlib
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = size / min(im.size)  # shorter side -> size, then centre crop
+        w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_folder(root, size):
+    """train/<class>/* and val/<class>/* resized once (shorter side, centre crop) and cached."""
+    cache = os.path.join(root, f"cache_{size}px.pt")
+    if os.path.exists(cache):
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return {s: (blob[f"{s}_x"].numpy(), blob[f"{s}_y"].numpy()) for s in ("train", "test")}
+        except Exception as e:
+            raise UserError(f"the cache {cache} is unreadable ({type(e).__name__}); delete it to rebuild it.") from None
+    train_dir = os.path.join(root, "train")
+    test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(train_dir) or test_dir is None:
+        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
+    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    parts = {}
+    for split, folder in (("train", train_dir), ("test", test_dir)):
+        paths, labels = [], []
+        for label, cls in enumerate(classes):
+            cls_dir = os.path.join(folder, cls)
+            names = sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []
+            paths += [os.path.join(cls_dir, n) for n in names if n.endswith(IMAGE_EXTENSIONS)]
+            labels += [label] * (len(paths) - len(labels))
+        if not paths:
+            raise UserError(f"{folder} holds no images in class folders named like those of {train_dir}.")
+        print(f"{folder}: resizing {len(paths)} images to {size}px once (cached in {cache})")
+        try:
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+                images = list(tqdm(pool.map(lambda p: load_image_resized(p, size), paths), total=len(paths)))
+        except Exception as e:
+            raise UserError(f"an image under {folder} could not be read ({type(e).__name__}: {e}); remove or fix it.") from None
+        parts[split] = (np.stack(images), np.asarray(labels, dtype=np.int64))
+    blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
+    atomic_save(blob, cache)
+    return parts
+
+
+## The built-in dataset. Natural images put most pixel variance in things a label does not care
+## about (background, colour, lighting) and the class in a small amount of structure; that is the
+## situation where reconstruction-trained features go wrong (Balestriero & LeCun 2024) and where
+## the paper claims decay helps. "shapes" copies it: the class is the SHAPE of a small object,
+## while background colour, a background gradient, object colour, position, size, a small rotation
+## and global brightness are all random and carry most of the pixel variance.
+SHAPE_NAMES = ["disk", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "dumbbell", "half-disk"]
+
+
+def shape_signed_distance(label, u, v):
+    """Positive inside the shape, in units of its radius; (u, v) are object-centred coordinates."""
+    radius = torch.sqrt(u ** 2 + v ** 2)
+    box = torch.maximum(u.abs(), v.abs())
+    if label == 0:
+        return 1 - radius
+    if label == 1:
+        return 0.8 - box
+    if label == 2:  # equilateral triangle pointing up (image rows grow downward)
+        edges = [u * math.cos(a) + v * math.sin(a) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        return 0.5 - torch.stack(edges).amax(0)
+    if label == 3:
+        return 1 - (u.abs() + v.abs())
+    if label in (4, 5):
+        if label == 5:
+            u, v = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)
+        arm_h = torch.minimum(0.25 - v.abs(), 1 - u.abs())
+        arm_v = torch.minimum(0.25 - u.abs(), 1 - v.abs())
+        return torch.maximum(arm_h, arm_v)
+    if label == 6:
+        return 0.2 - (radius - 0.7).abs()
+    if label == 7:
+        return 0.18 - (box - 0.65).abs()
+    if label == 8:
+        return 0.4 - torch.minimum(torch.sqrt((u - 0.5) ** 2 + v ** 2), torch.sqrt((u + 0.5) ** 2 + v ** 2))
+    return torch.minimum(1 - radius, v + 0.1)  # half-disk
+
+
+def make_shapes(n, size, seed):
+    """n images (n, 3, size, size) uint8 and labels, a pure function of (n, size, seed)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return low + (high - low) * torch.rand(*shape, generator=gen)
+
+    labels = torch.randint(0, len(SHAPE_NAMES), (n,), generator=gen)
+    coords = (torch.arange(size) + 0.5) / size * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (S, S) in [-1, 1]
+    # nuisance 1: a background colour plus a linear gradient of random direction and strength
+    bg_colour = uniform(n, 3, 1, 1)
+    angle = uniform(n, 1, 1, high=2 * math.pi)
+    ramp = (torch.cos(angle) * xx + torch.sin(angle) * yy).unsqueeze(1)  # (n, 1, S, S)
+    background = bg_colour + uniform(n, 3, 1, 1, low=-0.35, high=0.35) * ramp
+    # the object: class = shape; position, size, rotation and colour are nuisance
+    cx, cy = uniform(n, 1, 1, low=-0.35, high=0.35), uniform(n, 1, 1, low=-0.35, high=0.35)
+    r = uniform(n, 1, 1, low=0.35, high=0.55)
+    rot = uniform(n, 1, 1, low=-0.3, high=0.3)
+    u = ((xx - cx) * torch.cos(rot) + (yy - cy) * torch.sin(rot)) / r
+    v = (-(xx - cx) * torch.sin(rot) + (yy - cy) * torch.cos(rot)) / r
+    signed = torch.empty(n, size, size)
+    for label in range(len(SHAPE_NAMES)):  # a loop over classes, not samples
+        sel = labels == label
+        signed[sel] = shape_signed_distance(label, u[sel], v[sel])
+    coverage = (signed / (2 / size / r) + 0.5).clamp(0, 1).unsqueeze(1)  # anti-aliased edge, one pixel wide
+    fg_colour = (bg_colour + uniform(n, 3, 1, 1, low=0.3, high=0.7)) % 1.0  # always visible against the background
+    # nuisance 2: global brightness, and a little sensor noise
+    image = uniform(n, 1, 1, 1, low=0.6, high=1.2) * ((1 - coverage) * background + coverage * fg_colour)
+    image = image + 0.02 * torch.randn(image.shape, generator=gen)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), labels.numpy()
+
+
+def load_dataset(name, data_dir, size=32, allow_download=True):
+    """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
+    if name == "shapes":
+        parts = {"train": make_shapes(10000, size, seed=0), "test": make_shapes(2000, size, seed=1)}
+        parts["classes"] = SHAPE_NAMES
+    elif name in CIFAR:
+        parts = load_cifar(name, data_dir, allow_download)
+    elif name in IDX:
+        parts = load_idx(name, data_dir, allow_download)
+    elif name.startswith("folder:"):
+        parts = load_folder(name[len("folder:"):], size)
+    else:
+        raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+    num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
+    parts.setdefault("classes", [str(i) for i in range(num_classes)])
+    return parts
+
+
+def to_device(parts, device, train_limit=0):
+    """uint8 tensors on the device (4x smaller than float; CIFAR-10 train is 150 MB) and float stats."""
+    train_x, train_y = parts["train"]
+    if train_limit:
+        train_x, train_y = train_x[:train_limit], train_y[:train_limit]
+    data = {"train_x": torch.from_numpy(np.ascontiguousarray(train_x)).to(device),
+            "train_y": torch.from_numpy(train_y).to(device),
+            "test_x": torch.from_numpy(np.ascontiguousarray(parts["test"][0])).to(device),
+            "test_y": torch.from_numpy(parts["test"][1]).to(device), "classes": parts["classes"]}
+    # per-channel mean / std of the training pixels, for input normalisation
+    pixels = data["train_x"][:10000].float().div_(255).transpose(0, 1).flatten(1)
+    data["mean"], data["std"] = pixels.mean(1).view(1, -1, 1, 1), pixels.std(1).clamp_min(1e-3).view(1, -1, 1, 1)
+    return data
+
+
+def augment(images, out_size, gen, crop_min, mean, std):
+    """Random resized crop (area in [crop_min, 1], aspect in [3/4, 4/3]) + horizontal flip, the whole
+    batch at once on the device. All random numbers come from the CPU generator `gen`, so a run is
+    the same on every device and can be resumed exactly."""
+    n = images.shape[0]
+    area = crop_min + (1 - crop_min) * torch.rand(n, generator=gen)
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=gen)
+    w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1)  # crop width, fraction of the image
+    h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1)
+    cx = (2 * torch.rand(n, generator=gen) - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
+    cy = (2 * torch.rand(n, generator=gen) - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    theta = theta.to(images.device, non_blocking=True)
+    grid = F.affine_grid(theta, (n, images.shape[1], out_size, out_size), align_corners=False)
+    x = F.grid_sample(images.float().div_(255), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return (x - mean) / std
+
+
+def center_view(images, out_size, mean, std):
+    """The evaluation view: the whole image, resized if needed, no randomness."""
+    x = images.float().div_(255)
+    if x.shape[-1] != out_size or x.shape[-2] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - mean) / std
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a file behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# Frozen-feature evaluation (the protocols of spec/evaluation.md). These three functions are
+# deliberate copies of probe.py's; tests/ checks that the copies give the same numbers.
+# =============================================================================================
+
+@torch.no_grad()
+def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
+    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
+    features, the k nearest training samples each vote for their label with weight exp(sim / T).
+    `k` may be an int or a list of ints (one prediction per k from one top-k search).
+    Queries go in fixed chunks, so any number of them works (1 or 10^6).
+    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
+    ks = [k] if isinstance(k, int) else list(k)
+    if max(ks) > len(train_x):
+        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_x = F.normalize(train_x.float(), dim=1)
+    predictions = {kk: [] for kk in ks}
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
+        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
+        weights, labels = (sims / temperature).exp(), train_y[idx]
+        for kk in ks:
+            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
+            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
+            predictions[kk].append(votes.argmax(1))
+    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
+    return predictions[k] if isinstance(k, int) else predictions
+
+
+def linear_probe(train_x, train_y, test_x, test_y, epochs=100, lr=1e-3, batch_size=1024, seed=0, num_classes=None):
+    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
+    affine), one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    device = train_x.device
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    head = nn.Linear(train_z.shape[1], num_classes).to(device)
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        bound = 1 / math.sqrt(train_z.shape[1])
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_z), generator=gen).to(device)
+        for start in range(0, len(train_z), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        return (head(test_z).argmax(1) == test_y).float().mean().item()
+
+
+def effective_rank(z, center=False, eps=1e-7):
+    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
+    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
+    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
+    z = torch.as_tensor(z).double()
+    if center:
+        z = z - z.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(eps)
+    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
+
+
+# =============================================================================================
+# Model: ViT-MAE with decayed identity shortcuts in the encoder
+# =============================================================================================
+
+def decay_schedule(depth, alpha_min):
+    """The 2*depth shortcut weights, one per residual sub-layer: first exactly 1.0, last exactly
+    alpha_min, linear in between."""
+    ## The authors' code: alphas = 1 - linspace(0, 1, 2*depth) * (1 - alpha_min), reshaped (depth, 2):
+    ## block i scales its attention shortcut by alphas[2i] and its MLP shortcut by alphas[2i+1].
+    ## The paper writes alpha_l = 1 - delta*l with delta = (1 - alpha_min)/L, which is off by one
+    ## against that code; we follow the code. Written as a lerp so both ends are exact floats.
+    n = 2 * depth
+    return [(1 - i / (n - 1)) * 1.0 + (i / (n - 1)) * alpha_min for i in range(n)]
+
+
+def alpha_min_for(alpha_eff, depth):
+    """The alpha_min whose schedule has prod(alphas) == alpha_eff (bisection; the product grows with
+    alpha_min). The paper's rule of thumb: pick alpha_min so that alpha_eff lies in [1e-3, 1e-2)."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if math.prod(decay_schedule(depth, mid)) < alpha_eff else (low, mid)
+    return (low + high) / 2
+
+
+def sincos_pos_embed(dim, grid_size):
+    """Fixed 2D sin-cos position embeddings (MAE): (1 + grid_size**2, dim), row 0 (cls) is zero.
+    Half the channels encode the row, half the column, each as sin/cos at dim/4 frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+
+    def encode(pos):  # (L,) -> (L, dim/2)
+        angles = pos.flatten().double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+def patchify(imgs, p):
+    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, (p, p, C) inside a patch (MAE's layout)."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, channels):
+    """(B, L, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
+    B, L, _ = x.shape
+    side = math.isqrt(L)
+    x = x.reshape(B, side, side, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, side * p, side * p)
+
+
+def random_masking(x, mask_ratio, noise):
+    """MAE's per-sample random masking by argsort of uniform noise.
+    x: (B, L, D) patch tokens; noise: (B, L) in [0, 1).
+    Returns the int(L*(1-mask_ratio)) visible tokens (B, L_keep, D), the mask (B, L) with 1 = hidden
+    in the original patch order, and ids_restore (B, L) that puts a shuffled sequence back in order."""
+    B, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    ids_shuffle = noise.argsort(dim=1)  # small noise = kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    visible = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :keep] = 0
+    return visible, torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def unshuffle(tokens, mask_token, ids_restore):
+    """(B, 1 + L_keep, D) cls + visible tokens -> (B, 1 + L, D): hidden places filled with
+    mask_token, patches back in their original order, cls first."""
+    B, n_tokens, D = tokens.shape
+    L = ids_restore.shape[1]
+    patches = torch.cat([tokens[:, 1:], mask_token.to(tokens.dtype).expand(B, L + 1 - n_tokens, D)], dim=1)
+    patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, D))
+    return torch.cat([tokens[:, :1], patches], dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with one shortcut weight per residual sub-layer."""
+
+    def __init__(self, dim, heads, mlp_ratio, alpha_attn=1.0, alpha_mlp=1.0):
+        super().__init__()
+        self.alpha_attn, self.alpha_mlp = alpha_attn, alpha_mlp  # plain floats: nothing learnable
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):  # (B, T, D)
+        ## The paper's rule, x_{k+1} = alpha_k * x_k + f_k(norm(x_k)). With alpha = 1 this is the
+        ## standard residual block; with alpha < 1 the identity path of the stack is attenuated
+        ## (its total weight is prod(alphas)), which pushes deep features toward low rank.
+        x = self.alpha_attn * x + self.attn(self.norm1(x))
+        x = self.alpha_mlp * x + self.mlp(self.norm2(x))
+        return x
+
+
+class SkipMerge(nn.Module):
+    """The authors' "SkipLayer": merges one encoder block's tokens into the decoder stream."""
+
+    def __init__(self, decoder_dim, encoder_dim):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder_dim))  # one set per skip, encoder width
+        self.fc1 = nn.Linear(encoder_dim + decoder_dim, decoder_dim)
+        self.fc2 = nn.Linear(decoder_dim, decoder_dim)  # zero-initialised: the merge starts as a no-op
+
+    def forward(self, stream, encoder_tokens, ids_restore):  # (B, 1+L, Dd), (B, 1+L_keep, De)
+        full = unshuffle(encoder_tokens, self.mask_token, ids_restore)  # (B, 1+L, De)
+        return stream + self.fc2(F.silu(self.fc1(torch.cat([full, stream], dim=-1))))
+
+
+class MaskedAutoencoder(nn.Module):
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3,
+                 mlp_ratio=4.0, decoder="unet", decoder_dim=128, decoder_depth=3, decoder_heads=4,
+                 final_norm=False, mask_ratio=0.75, norm_pix=True, alpha_min=1.0):
+        super().__init__()
+        self.patch_size, self.in_chans, self.mask_ratio, self.norm_pix = patch_size, in_chans, mask_ratio, norm_pix
+        self.decoder_kind = decoder
+        grid = img_size // patch_size
+        # --- encoder: decayed shortcuts live here and only here ---
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid)[None], persistent=False)  # (1, 1+L, D)
+        self.alphas = decay_schedule(depth, alpha_min)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, self.alphas[2 * i], self.alphas[2 * i + 1])
+                                    for i in range(depth))
+        ## The authors' encoder has NO final LayerNorm: features are the raw last-block tokens.
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
+        # --- decoder: standard residual blocks (alpha = 1) ---
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_dim, grid)[None], persistent=False)
+        if decoder == "unet":
+            ## The authors' "UNet transformer" decoder (their Fig. 5): the decoder stream starts from a
+            ## learned cls token + the fixed position embeddings of ALL patches (not from the encoder
+            ## output); encoder blocks 2, 4, ..., depth reach it through SkipMerge, deepest first.
+            ## Their ImageNet-100 ablation: decay without these skips collapses (LP 61.5 vs 83.6).
+            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+            self.decoder_embed = nn.Linear(decoder_dim, decoder_dim)
+            self.skips = nn.ModuleList(SkipMerge(decoder_dim, embed_dim) for _ in range(depth // 2))
+        else:
+            self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * in_chans)
+        init_weights(self)
+
+    def encode(self, imgs, noise=None):
+        """imgs (B, C, H, W) -> (outputs, mask, ids_restore): outputs is the list of every encoder
+        block's tokens (B, 1 + L_visible, D), cls first. `noise` (B, L) selects the visible patches
+        (MAE masking); noise=None keeps every patch (feature extraction)."""
+        x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, L, D)
+        mask = ids_restore = None
+        if noise is not None:
+            x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)  # (B, L_keep, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        outputs[-1] = self.norm(outputs[-1])  # identity unless --final-norm
+        return outputs, mask, ids_restore
+
+    def skip_sources(self):
+        """0-indexed encoder blocks feeding decoder blocks 1, 2, ... (unet decoder): depth-1, depth-3, ..."""
+        return [i for i in range(len(self.blocks)) if i % 2 == 1][::-1]
+
+    def decode(self, outputs, ids_restore):  # -> (B, L, p*p*C) predicted patches
+        if self.decoder_kind == "unet":
+            start = torch.cat([self.decoder_cls_token, self.decoder_pos_embed[:, 1:]], dim=1)  # (1, 1+L, Dd)
+            x = self.decoder_embed(start).expand(outputs[0].shape[0], -1, -1)
+            sources = self.skip_sources()
+            for i, block in enumerate(self.decoder_blocks):
+                if i < len(sources):
+                    x = self.skips[i](x, outputs[sources[i]], ids_restore)
+                x = block(x)
+        else:
+            x = unshuffle(self.decoder_embed(outputs[-1]), self.mask_token, ids_restore) + self.decoder_pos_embed
+            for block in self.decoder_blocks:
+                x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop the cls position
+
+    def forward(self, imgs, noise):
+        """imgs (B, C, H, W) normalised; noise (B, L) uniform. Returns (loss, pred (B, L, p*p*C), mask (B, L))."""
+        outputs, mask, ids_restore = self.encode(imgs, noise)
+        pred = self.decode(outputs, ids_restore)
+        return masked_patch_loss(pred.float(), imgs.float(), mask, self.patch_size, self.norm_pix), pred, mask
+
+
+def masked_patch_loss(pred, imgs, mask, patch_size, norm_pix):
+    """Mean squared error on the HIDDEN patches only. With norm_pix each target patch is
+    standardised by its own mean and (unbiased) variance, as in the reference MAE code."""
+    target = patchify(imgs, patch_size)  # (B, L, p*p*C)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = ((pred - target) ** 2).mean(-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def init_weights(model):
+    """Every initialisation in one place (as the authors' code):
+    * Linear: xavier-uniform weight, zero bias; the patch-embedding Conv2d likewise, seen as a Linear;
+    * ZERO: each block's attention output projection and second MLP Linear (encoder and decoder),
+      each SkipMerge's last Linear, and the prediction head, so that at initialisation every block
+      is exactly the alpha-scaled identity and the decoder predicts 0;
+    * LayerNorm: weight 1, bias 0; cls / mask tokens: normal(0, 0.02); position embeddings: fixed."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    w = model.patch_embed.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    ## Zero-init of the branch outputs matters as much as the rule itself: the authors report feature
+    ## norms blowing up early in training for alpha_min <= 0.7 without it.
+    for block in list(model.blocks) + list(model.decoder_blocks):
+        nn.init.zeros_(block.attn.proj.weight)
+        nn.init.zeros_(block.mlp.fc2.weight)
+    for skip in getattr(model, "skips", []):
+        nn.init.zeros_(skip.fc2.weight)
+    nn.init.zeros_(model.decoder_pred.weight)
+    for name, param in model.named_parameters():
+        if name.endswith("token"):
+            nn.init.normal_(param, std=0.02)
+
+
+def build_model(cfg, alpha_min, in_chans):
+    return MaskedAutoencoder(cfg.img_size, cfg.patch_size, in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                             cfg.mlp_ratio, cfg.decoder, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+                             cfg.final_norm, cfg.mask_ratio, cfg.norm_pix, alpha_min)
+
+
+@torch.no_grad()
+def block_norms(model, imgs):
+    """Mean L2 norm of the tokens after each encoder block, on unmasked images: with alpha_min < 1
+    the identity path no longer accumulates, so the norms stop growing with depth."""
+    outputs, _, _ = model.encode(imgs)
+    return [float(o.float().norm(dim=-1).mean()) for o in outputs]
+
+
+def mae_flops_per_image(cfg, in_chans=3):
+    """Training FLOPs per image (forward x3 for forward + backward), counted explicitly: 2 FLOPs per
+    multiply-add in every Linear, plus 4*T^2*D per attention layer (QK^T and AV)."""
+    L = (cfg.img_size // cfg.patch_size) ** 2
+    T_enc, T_dec = 1 + int(L * (1 - cfg.mask_ratio)), 1 + L
+    D, Dd, r = cfg.embed_dim, cfg.decoder_dim, cfg.mlp_ratio
+
+    def blocks(n, T, d):
+        return n * (2 * T * (4 + 2 * r) * d * d + 4 * T * T * d)
+
+    flops = 2 * L * cfg.patch_size ** 2 * in_chans * D + blocks(cfg.depth, T_enc, D)
+    if cfg.decoder == "unet":
+        flops += 2 * T_dec * Dd * Dd + (cfg.depth // 2) * 2 * T_dec * ((D + Dd) * Dd + Dd * Dd)
+    else:
+        flops += 2 * T_enc * D * Dd
+    flops += blocks(cfg.decoder_depth, T_dec, Dd) + 2 * T_dec * Dd * cfg.patch_size ** 2 * in_chans
+    return 3 * flops
+
+
+# =============================================================================================
+# Training
+# =============================================================================================
+
+## Keys that change what a run computes: a checkpoint resumes only under identical values.
+TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "crop_min", "patch_size", "embed_dim", "depth", "num_heads",
+                   "mlp_ratio", "decoder", "decoder_dim", "decoder_depth", "decoder_heads", "final_norm", "mask_ratio",
+                   "norm_pix", "epochs", "batch_size", "base_lr", "min_lr", "warmup_epochs", "weight_decay", "beta2")
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this PyTorch has no MPS backend; use --device cpu or auto.")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no loss scaling needed); full fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def get_lr(step, total_steps, warmup_steps, peak_lr, min_lr):
+    """Linear warm-up, then half-cycle cosine to min_lr, per optimizer step (MAE's schedule)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW, betas (0.9, beta2); no weight decay on biases, norms and tokens (timm's rule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 or name.endswith("token") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+
+
+## Every random number of a step comes from a generator seeded by (seed, step), and the data order
+## from one seeded by (seed, epoch). Nothing depends on history, so --resume continues exactly, and
+## runs on CPU and GPU draw the same crops, flips and masks.
+def step_generator(seed, step):
+    return torch.Generator().manual_seed(1_000_003 * seed + step)
+
+
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
+
+
+def save_checkpoint(path, model, optimizer, state, cfg, alpha_min, seed):
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                 "config": dataclasses.asdict(cfg), "alpha_min": alpha_min, "seed": seed,
+                 "rng": torch.get_rng_state()}, path)
+
+
+def load_checkpoint(path, model, optimizer, cfg, alpha_min, seed):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
+    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
+    if changed or ckpt["alpha_min"] != alpha_min or ckpt["seed"] != seed:
+        raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'alpha_min/seed'}); "
+                        f"resume with the same flags or use another --out-dir.")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["state"]
+
+
+def train_run(cfg, data, alpha_min, seed, run_dir, device):
+    """Train one MAE (one alpha_min, one seed); returns its result dict (numbers, curves, images)."""
+    torch.manual_seed(seed)
+    in_chans = data["train_x"].shape[1]
+    model = build_model(cfg, alpha_min, in_chans).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    n_train, batch = len(data["train_x"]), cfg.batch_size
+    if batch > n_train:
+        raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
+    steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.base_lr * batch / 256  ## MAE's linear scaling rule: lr = base_lr * batch / 256
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+
+    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0, "init_norms": None}
+    if os.path.exists(ckpt_path):
+        if not cfg.resume:
+            raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
+        state = load_checkpoint(ckpt_path, model, optimizer, cfg, alpha_min, seed)
+        print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
+    probe_imgs = center_view(data["test_x"][:256], cfg.img_size, data["mean"], data["std"])
+    if state["init_norms"] is None:
+        state["init_norms"] = block_norms(model, probe_imgs)
+
+    def evaluate_cheap(epoch):
+        ## A cheap k-NN (5000 train / 1000 test images) + effective rank, to draw the curves.
+        feats = {s: extract_features(model, data[f"{s}_x"][:n], cfg, data, device)
+                 for s, n in (("train", 5000), ("test", 1000))}
+        n_test = len(feats["test"])
+        pred = knn_predict(feats["train"], data["train_y"][:5000], feats["test"], min(cfg.knn_k, len(feats["train"])), cfg.knn_t,
+                           num_classes=len(data["classes"]))
+        state["evals"].append({"epoch": epoch, "knn": (pred == data["test_y"][:n_test]).float().mean().item(),
+                               "effective_rank": effective_rank(feats["train"])})
+
+    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
+        evaluate_cheap(0)
+    compiled = torch.compile(model) if cfg.compile else model
+    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
+    progress = tqdm(total=stop_step, initial=state["step"], desc=f"alpha_min={alpha_min:g} seed={seed}",
+                    dynamic_ncols=True, mininterval=1.0)
+    last_time, last_step = time.perf_counter(), state["step"]
+
+    def flush():
+        nonlocal pending, last_time, last_step
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        pending = []
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} (alpha_min={alpha_min:g}); "
+                            f"lower --base-lr or raise --alpha-min (the paper finds alpha_min <= 0.4 unstable for ViT-B).")
+        state["losses"] += values
+        now = time.perf_counter()
+        state["seconds"] += now - last_time
+        steps_done = len(values)
+        progress.update(steps_done)
+        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{steps_done * batch / (now - last_time):.0f}")
+        last_time, last_step = now, last_step + steps_done
+
+    model.train()
+    for step in range(state["step"], stop_step):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == state["step"]:
+            order = epoch_order(seed, epoch, n_train).to(device)
+        gen = step_generator(seed, step)
+        imgs = augment(data["train_x"][order[i * batch:(i + 1) * batch]], cfg.img_size, gen, cfg.crop_min,
+                       data["mean"], data["std"])
+        noise = torch.rand(batch, num_patches, generator=gen).to(device, non_blocking=True)
+        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            try:
+                loss = compiled(imgs, noise)[0]
+            except Exception as e:  # torch.compile fails lazily, at the first call
+                if compiled is model:
+                    raise
+                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+                compiled = model
+                loss = model(imgs, noise)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pending.append(loss.detach())
+        state["step"] = step + 1
+        end_of_epoch = i == steps_per_epoch - 1
+        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step:
+            flush()
+        if end_of_epoch:
+            done = epoch + 1
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
+                evaluate_cheap(done)
+                last_time = time.perf_counter()  # evaluation time is not training time
+            if done % cfg.ckpt_every == 0 or done == cfg.epochs:
+                save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
+                last_time = time.perf_counter()
+    progress.close()
+    if state["step"] < total_steps:  # stopped early by --max-steps: keep the state so --resume continues
+        save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
+    return finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch)
+
+
+# =============================================================================================
+# Evaluation of a trained run
+# =============================================================================================
+
+@torch.no_grad()
+def extract_features(model, images, cfg, data, device, batch_size=512):
+    """Frozen features of the whole, unmasked, un-augmented image (eval mode, no grad).
+    Default (the authors'): tokens of the last encoder block, no final norm, mean-pooled over ALL
+    tokens, cls included. --feature cls takes the cls token; --feature-block K takes block K."""
+    was_training = model.training
+    model.eval()
+    block = (cfg.feature_block or cfg.depth) - 1
+    features = []
+    for start in range(0, len(images), batch_size):
+        x = center_view(images[start:start + batch_size], cfg.img_size, data["mean"], data["std"])
+        with autocast(device):
+            tokens = model.encode(x)[0][block]  # (B, 1+L, D)
+        features.append((tokens.mean(1) if cfg.feature == "mean" else tokens[:, 0]).float())
+    model.train(was_training)
+    return torch.cat(features)
+
+
+def describe_feature(cfg):
+    block = cfg.feature_block or cfg.depth
+    pooled = "mean over all tokens (cls included)" if cfg.feature == "mean" else "cls token"
+    return f"encoder block {block}/{cfg.depth} output, {pooled}" + (", after the final LayerNorm" if cfg.final_norm and block == cfg.depth else "")
+
+
+def save_features(path, train_features, train_labels, test_features, test_labels, meta):
+    """The features file probe.py reads (.npz): train_features (N, D) float32, train_labels (N,)
+    int64, test_features (M, D) float32, test_labels (M,) int64, plus metadata: config (JSON text),
+    feature (what the vectors are), alpha_min, seed, classes."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+        np.savez(f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
+                 test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
+                 **{k: np.asarray(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def reconstruction_examples(model, images, cfg, data, seed, n=6):
+    """(3, n, C, H, W) uint8: originals, masked inputs, reconstructions (visible patches pasted back)."""
+    model.eval()
+    x = center_view(images[:n], cfg.img_size, data["mean"], data["std"])
+    noise = torch.rand(len(x), (cfg.img_size // cfg.patch_size) ** 2, generator=torch.Generator().manual_seed(seed))
+    _, pred, mask = model(x, noise.to(x.device))
+    target = patchify(x, cfg.patch_size)
+    if cfg.norm_pix:  # undo the per-patch normalisation with the true patch statistics (display only)
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    hidden = mask[:, :, None]
+    recon = unpatchify(target * (1 - hidden) + pred * hidden, cfg.patch_size, x.shape[1])
+    masked = unpatchify(target * (1 - hidden), cfg.patch_size, x.shape[1])
+    model.train()
+    to_uint8 = lambda t: ((t * data["std"] + data["mean"]).clamp(0, 1) * 255).round().byte().cpu()
+    return torch.stack([to_uint8(x), to_uint8(masked), to_uint8(recon)]).numpy()
+
+
+@torch.no_grad()
+def pca_maps(model, images, cfg, data, n=6):
+    """(n, h, w, 3) floats in [0, 1]: the last block's patch tokens projected on their top-3
+    principal components, as RGB (the idea of the paper's Figure 3)."""
+    model.eval()
+    x = center_view(images[:n], cfg.img_size, data["mean"], data["std"])
+    tokens = model.encode(x)[0][-1][:, 1:].float()  # (n, L, D), cls dropped
+    model.train()
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    flat = flat - flat.mean(0)
+    components = torch.linalg.svd(flat, full_matrices=False)[2][:3]  # (3, D)
+    rgb = flat @ components.T
+    rgb = (rgb - rgb.min(0).values) / (rgb.max(0).values - rgb.min(0).values).clamp_min(1e-8)
+    side = math.isqrt(tokens.shape[1])
+    return rgb.reshape(n, side, side, 3).cpu().numpy()
+
+
+def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch):
+    """Full frozen-feature evaluation of a trained run, its features file and its plot material."""
+    started = time.perf_counter()
+    train_f = extract_features(model, data["train_x"], cfg, data, device)
+    test_f = extract_features(model, data["test_x"], cfg, data, device)
+    num_classes = len(data["classes"])
+    ks = [k for k in sorted({10, 20, 100, 200, cfg.knn_k}) if k <= len(train_f)]
+    preds = knn_predict(train_f, data["train_y"], test_f, ks, cfg.knn_t, num_classes=num_classes)
+    knn = {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()}
+    probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                         seed=seed, num_classes=num_classes)
+    ## Effective rank on at most 25,600 training features (RankMe's sample size), not centred.
+    erank = effective_rank(train_f[:25600])
+    save_features(os.path.join(run_dir, "features.npz"), train_f, data["train_y"], test_f, data["test_y"],
+                  {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg),
+                   "alpha_min": alpha_min, "seed": seed, "classes": np.asarray(data["classes"])})
+    losses = state["losses"]
+    epochs_done = len(losses) // steps_per_epoch
+    return {"alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
+            "knn": knn, "knn_k": cfg.knn_k, "linear_probe": probe, "effective_rank": erank,
+            "final_loss": losses[-1] if losses else float("nan"),
+            "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
+            "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
+            "epoch_losses": [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(epochs_done)],
+            "losses": losses, "evals": state["evals"], "block_norms_init": state["init_norms"],
+            "block_norms": block_norms(model, probe_imgs), "feature": describe_feature(cfg),
+            "recon": reconstruction_examples(model, data["test_x"], cfg, data, seed),
+            "pca": pca_maps(model, data["test_x"], cfg, data)}
+
+
+# =============================================================================================
+# The comparison: table and plots
+# =============================================================================================
+
+def mean_std(values):
+    values = np.asarray(values, dtype=np.float64)
+    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f}+-{values.std(ddof=1):.4f}"
+
+
+def results_table(results):
+    """One row per alpha_min, mean +- std over seeds (sample std) when there are several."""
+    k = results[0]["knn_k"]
+    header = f"{'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {f'k-NN@{k}':>15} {'linear probe':>15} " \
+             f"{'eff. rank':>15} {'loss (last ep)':>15} {'train s':>8}"
+    rows = [header, "-" * len(header)]
+    for alpha in dict.fromkeys(r["alpha_min"] for r in results):
+        group = [r for r in results if r["alpha_min"] == alpha]
+        rows.append(f"{alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
+                    f"{mean_std([r['knn'][k] for r in group]):>15} {mean_std([r['linear_probe'] for r in group]):>15} "
+                    f"{mean_std([r['effective_rank'] for r in group]):>15} {mean_std([r['last_epoch_loss'] for r in group]):>15} "
+                    f"{np.mean([r['seconds'] for r in group]):>8.0f}")
+    return "\n".join(rows)
+
+
+def save_plots(results, out_dir):
+    """curves.png (loss, k-NN, effective rank over training), recon.png, pca.png, feature_norms.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    alphas = list(dict.fromkeys(r["alpha_min"] for r in results))
+    colour = {a: plt.cm.viridis(i / max(1, len(alphas) - 1)) for i, a in enumerate(alphas)}
+    first_seed = [next(r for r in results if r["alpha_min"] == a) for a in alphas]
+
+    def save(fig, name):
+        tmp = os.path.join(out_dir, f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in results:
+        label = f"alpha_min={r['alpha_min']:g} seed={r['seed']}"
+        axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[r["alpha_min"]], label=label)
+        epochs = [e["epoch"] for e in r["evals"]]
+        axes[1].plot(epochs, [e["knn"] for e in r["evals"]], "o-", color=colour[r["alpha_min"]], label=label)
+        axes[2].plot(epochs, [e["effective_rank"] for e in r["evals"]], "o-", color=colour[r["alpha_min"]], label=label)
+    for ax, title in zip(axes, ["training loss (epoch mean)", f"k-NN@{results[0]['knn_k']} accuracy (5k train / 1k test)",
+                                "effective rank of features (paper Fig. 4)"]):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    save(fig, "curves.png")
+
+    for name, key in (("recon.png", "recon"), ("pca.png", "pca")):
+        rows = 3 if key == "recon" else 1
+        fig, axes = plt.subplots(rows * len(first_seed), 6, figsize=(9, 1.6 * rows * len(first_seed)), squeeze=False)
+        for a, r in enumerate(first_seed):
+            for row in range(rows):
+                for col in range(6):
+                    ax = axes[a * rows + row, col]
+                    image = r[key][row, col].transpose(1, 2, 0) if key == "recon" else r[key][col]
+                    ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, interpolation="nearest")
+                    ax.set_xticks([]), ax.set_yticks([])
+                label = ["original", "masked", "reconstruction"][row] if key == "recon" else "PCA of patch tokens"
+                axes[a * rows + row, 0].set_ylabel(f"a_min={r['alpha_min']:g}\n{label}", fontsize=7)
+        save(fig, name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in first_seed:
+        blocks = range(1, len(r["block_norms"]) + 1)
+        ax.plot(blocks, r["block_norms"], "o-", color=colour[r["alpha_min"]], label=f"alpha_min={r['alpha_min']:g} trained")
+        ax.plot(blocks, r["block_norms_init"], "x--", color=colour[r["alpha_min"]], alpha=0.5, label="at init")
+    ax.set(xlabel="encoder block", ylabel="mean token norm", yscale="log", title="feature norm per block")
+    ax.legend(fontsize=7)
+    save(fig, "feature_norms.png")
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# Benchmark
+# =============================================================================================
+
+## Peak dense bf16 tensor throughput, FLOP/s, by device name; MFU is printed only for these.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
+    """Times the full training step (augmentation, masking, forward, backward, AdamW) on random
+    uint8 data after warm-up (which includes compilation), with CUDA events on a GPU."""
+    alpha_min = alpha_settings(cfg)[-1]
+    torch.manual_seed(0)
+    model = build_model(cfg, alpha_min, 3).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    compiled = torch.compile(model) if cfg.compile else model
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
+    mean = torch.full((1, 3, 1, 1), 0.5, device=device)
+    L = (cfg.img_size // cfg.patch_size) ** 2
+
+    def train_step(step):
+        gen = step_generator(0, step)
+        x = augment(images, cfg.img_size, gen, cfg.crop_min, mean, mean)
+        with autocast(device):
+            loss = compiled(x, torch.rand(cfg.batch_size, L, generator=gen).to(device))[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else (lambda: None)
+    for step in range(warmup_steps):
+        train_step(step)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for step in range(timed_steps):
+        train_step(warmup_steps + step)
+    sync()
+    ms = (time.perf_counter() - started) / timed_steps * 1000
+    img_s = cfg.batch_size / ms * 1000
+    flops = mae_flops_per_image(cfg)
+    if device.type == "cuda":
+        name, memory = torch.cuda.get_device_name(), f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (peak allocated)"
+    else:
+        import resource
+        name = f"{device.type} ({os.cpu_count()} cores)"
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
+    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
+          f"{cfg.img_size}px/{cfg.patch_size}, ViT {cfg.embed_dim}x{cfg.depth}, decoder {cfg.decoder} {cfg.decoder_dim}x{cfg.decoder_depth}")
+    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.2f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  "
+          f"MFU {mfu}  memory {memory}")
+    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    device = pick_device(cfg.device)
+    if cfg.benchmark:
+        return run_benchmark(cfg, device)
+    alphas, seeds = alpha_settings(cfg), [int(s) for s in parse_floats(cfg.seeds, "--seeds")]
+    parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)
+    data = to_device(parts, device, cfg.train_limit)
+    print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
+          f"{tuple(data['train_x'].shape[1:])}, {len(data['classes'])} classes; device {device}; "
+          f"alpha_min {', '.join(f'{a:.4g}' for a in alphas)}; seeds {seeds}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    results = []
+    for alpha_min in alphas:
+        for seed in seeds:
+            run_dir = os.path.join(cfg.out_dir, f"alpha{alpha_min:.4g}_seed{seed}")
+            results.append(train_run(cfg, data, alpha_min, seed, run_dir, device))
+    print(f"\n{cfg.dataset}, {describe_feature(cfg)}; k-NN: DINO protocol, T={cfg.knn_t}; "
+          f"linear probe: final epoch of {cfg.probe_epochs}\n{results_table(results)}")
+    summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
+               "runs": [{k: v for k, v in r.items() if k not in ("recon", "pca")} for r in results]}
+    write_json(os.path.join(cfg.out_dir, "results.json"), summary)
+    if cfg.json:
+        write_json(cfg.json, summary)
+    if cfg.plots:
+        save_plots(results, cfg.out_dir)
+        print(f"plots: {cfg.out_dir}/curves.png, recon.png, pca.png, feature_norms.png")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,528 @@
+"""Tests for mae_decay.py: each checks a property against an independent reference (the authors'
+formula, a hand computation, a brute-force loop, an uninterrupted run)."""
+import gzip
+import hashlib
+import io
+import math
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import mae_decay as m  # noqa: E402
+
+TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "4", "--num-heads", "2",
+        "--decoder-dim", "32", "--decoder-depth", "2", "--decoder-heads", "2", "--batch-size", "32",
+        "--base-lr", "2e-3", "--warmup-epochs", "0.5", "--probe-epochs", "3", "--eval-every", "0",
+        "--no-plots", "--device", "cpu", "--log-every", "1"]
+
+
+def tiny_cfg(*extra):
+    return m.parse_config(TINY + list(extra))
+
+
+def tiny_data(n_train=256, n_test=64, size=16):
+    parts = {"train": m.make_shapes(n_train, size, seed=0), "test": m.make_shapes(n_test, size, seed=1),
+             "classes": m.SHAPE_NAMES}
+    return m.to_device(parts, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- decay schedule
+
+@pytest.mark.parametrize("depth,alpha_min", [(1, 0.5), (6, 0.4), (12, 0.6), (28, 0.8), (12, 1.0)])
+def test_decay_schedule_matches_authors_formula(depth, alpha_min):
+    alphas = m.decay_schedule(depth, alpha_min)
+    reference = 1 - np.linspace(0, 1, 2 * depth) * (1 - alpha_min)  # the authors' code
+    assert len(alphas) == 2 * depth
+    assert alphas[0] == 1.0 and alphas[-1] == alpha_min  # exact ends
+    np.testing.assert_allclose(alphas, reference, rtol=0, atol=1e-15)
+    assert all(a >= b for a, b in zip(alphas, alphas[1:]))
+
+
+def test_alpha_eff_solver_round_trips_and_matches_spec_table():
+    for depth in (4, 6, 8, 12, 24, 28):
+        for target in (1e-2, 3.6e-3, 1e-3):
+            alpha_min = m.alpha_min_for(target, depth)
+            assert math.prod(m.decay_schedule(depth, alpha_min)) == pytest.approx(target, rel=1e-9)
+    # spec section 1 (computed): alpha_min for alpha_eff = 1e-2 / 1e-3
+    for depth, (a2, a3) in {4: (0.24, 0.08), 6: (0.41, 0.23), 8: (0.53, 0.36), 12: (0.66, 0.53), 24: (0.82, 0.74)}.items():
+        assert m.alpha_min_for(1e-2, depth) == pytest.approx(a2, abs=0.006)
+        assert m.alpha_min_for(1e-3, depth) == pytest.approx(a3, abs=0.006)
+    # the paper's reported best settings: ViT-B 0.6 -> 3.6e-3, SiT-XL/2 (depth 28) 0.8 -> 2.4e-3
+    assert math.prod(m.decay_schedule(12, 0.6)) == pytest.approx(3.6e-3, rel=0.02)
+    assert math.prod(m.decay_schedule(28, 0.8)) == pytest.approx(2.4e-3, rel=0.02)
+
+
+def test_alpha_eff_flag_sets_alpha_min():
+    cfg = m.parse_config(["--alpha-eff", "1,1e-2", "--depth", "6"])
+    alphas = m.alpha_settings(cfg)
+    assert alphas[0] == pytest.approx(1.0, abs=1e-12) and alphas[1] == pytest.approx(0.4129, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- model
+
+def test_encoder_at_init_is_the_alpha_scaled_identity():
+    torch.manual_seed(0)
+    model = m.MaskedAutoencoder(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, decoder_dim=32,
+                                decoder_depth=2, decoder_heads=2, alpha_min=0.3)
+    x = torch.randn(3, 3, 16, 16)
+    tokens = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed[:, 1:]
+    x0 = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(3, -1, -1), tokens], dim=1)
+    outputs, _, _ = model.encode(x)
+    for i, out in enumerate(outputs):
+        scale = math.prod(model.alphas[: 2 * (i + 1)])
+        torch.testing.assert_close(out, scale * x0, rtol=1e-6, atol=1e-7)
+    # and the decoder predicts exactly zero at init, so the norm-pix loss is the target's mean square
+    loss, pred, _ = model(x, torch.rand(3, 16))
+    assert pred.abs().max() == 0
+
+
+def test_final_norm_flag():
+    assert isinstance(m.MaskedAutoencoder(final_norm=False).norm, torch.nn.Identity)
+    assert isinstance(m.MaskedAutoencoder(final_norm=True).norm, torch.nn.LayerNorm)
+
+
+def test_random_masking_counts_and_ids_restore():
+    torch.manual_seed(0)
+    B, L, D = 4, 16, 5
+    x = torch.randn(B, L, D)
+    noise = torch.rand(B, L)
+    visible, mask, ids_restore = m.random_masking(x, 0.75, noise)
+    keep = int(L * 0.25)
+    assert visible.shape == (B, keep, D)
+    assert (mask.sum(1) == L - keep).all()
+    for b in range(B):
+        kept = noise[b].argsort()[:keep]  # brute force: the `keep` smallest noise values are visible
+        torch.testing.assert_close(visible[b], x[b, kept])
+        assert set(torch.nonzero(mask[b] == 0).flatten().tolist()) == set(kept.tolist())
+    # ids_restore inverts the shuffle: shuffled sequence gathered by ids_restore is the original
+    shuffled = torch.gather(x, 1, noise.argsort(1)[:, :, None].expand(-1, -1, D))
+    torch.testing.assert_close(torch.gather(shuffled, 1, ids_restore[:, :, None].expand(-1, -1, D)), x)
+    # unshuffle puts visible tokens back in place and mask tokens elsewhere
+    with_cls = torch.cat([torch.zeros(B, 1, D), visible], 1)
+    full = m.unshuffle(with_cls, torch.full((1, 1, D), 7.0), ids_restore)
+    torch.testing.assert_close(full[:, 1:][mask == 0], x[mask == 0])
+    assert (full[:, 1:][mask == 1] == 7.0).all()
+
+
+def test_patchify_layout_and_inverse():
+    imgs = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    patches = m.patchify(imgs, 4)
+    assert patches.shape == (2, 4, 48)
+    # patch 1 (row 0, col 1), inner position (p=1, q=2), channel 2 -> index (1*4 + 2)*3 + 2
+    assert patches[0, 1, (1 * 4 + 2) * 3 + 2] == imgs[0, 2, 1, 4 + 2]
+    torch.testing.assert_close(m.unpatchify(patches, 4, 3), imgs)
+
+
+def test_norm_pix_loss_against_hand_computation():
+    torch.manual_seed(0)
+    imgs, pred = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 48)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])
+    total, count = 0.0, 0
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                if mask[b, i * 2 + j]:
+                    patch = imgs[b, :, i * 4:(i + 1) * 4, j * 4:(j + 1) * 4].permute(1, 2, 0).flatten()
+                    target = (patch - patch.mean()) / math.sqrt(float(patch.var(unbiased=True)) + 1e-6)
+                    total += float(((pred[b, i * 2 + j] - target) ** 2).mean())
+                    count += 1
+    assert float(m.masked_patch_loss(pred, imgs, mask, 4, norm_pix=True)) == pytest.approx(total / count, rel=1e-5)
+    plain = float(m.masked_patch_loss(pred, imgs, mask, 4, norm_pix=False))
+    by_hand = float((((pred - m.patchify(imgs, 4)) ** 2).mean(-1) * mask).sum() / mask.sum())
+    assert plain == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_unet_decoder_receives_every_second_encoder_block_deepest_first():
+    torch.manual_seed(0)
+    model = m.MaskedAutoencoder(img_size=16, patch_size=4, embed_dim=32, depth=6, num_heads=2, decoder_dim=32,
+                                decoder_depth=4, decoder_heads=2)
+    for skip in model.skips:  # make the merges non-trivial so that the wiring shows in the output
+        torch.nn.init.normal_(skip.fc2.weight, std=0.1)
+    assert len(model.skips) == 3 and model.skip_sources() == [5, 3, 1]  # blocks 6, 4, 2 (1-indexed)
+    received = []
+    for skip in model.skips:
+        skip.register_forward_hook(lambda mod, inputs, out: received.append(inputs[1]))
+    outputs, _, ids_restore = model.encode(torch.randn(2, 3, 16, 16), torch.rand(2, 16))
+    model.decode(outputs, ids_restore)
+    assert [r is outputs[i] for r, i in zip(received, [5, 3, 1])] == [True, True, True]
+    # and nothing else reaches the decoder: changing blocks 1, 3, 5 leaves the prediction unchanged
+    changed = [o + 1.0 if i % 2 == 0 else o for i, o in enumerate(outputs)]
+    torch.testing.assert_close(model.decode(changed, ids_restore), model.decode(outputs, ids_restore))
+
+
+def test_zero_init_of_branch_outputs_and_weight_decay_groups():
+    model = m.MaskedAutoencoder()
+    for block in list(model.blocks) + list(model.decoder_blocks):
+        assert block.attn.proj.weight.abs().sum() == 0 and block.mlp.fc2.weight.abs().sum() == 0
+        assert block.attn.qkv.weight.abs().sum() > 0
+    assert all(s.fc2.weight.abs().sum() == 0 for s in model.skips)
+    assert model.decoder_pred.weight.abs().sum() == 0
+    optimizer = m.make_optimizer(model, m.Config(), torch.device("cpu"))
+    no_decay = {id(p) for p in optimizer.param_groups[1]["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in no_decay) == (param.ndim <= 1 or name.endswith("token")), name
+
+
+def test_lr_schedule():
+    peak, total, warmup = 1e-3, 100, 10
+    assert m.get_lr(0, total, warmup, peak, 0.0) == 0.0
+    assert m.get_lr(5, total, warmup, peak, 0.0) == pytest.approx(peak / 2)
+    assert m.get_lr(10, total, warmup, peak, 0.0) == pytest.approx(peak)
+    assert m.get_lr(55, total, warmup, peak, 1e-5) == pytest.approx(1e-5 + (peak - 1e-5) / 2)
+    assert m.get_lr(100, total, warmup, peak, 1e-5) == pytest.approx(1e-5)
+
+
+def test_flop_count_matches_a_direct_count():
+    cfg = tiny_cfg("--decoder", "mae")
+    model = m.build_model(cfg, 1.0, 3)
+    # direct count: every Linear applied to its number of tokens, plus attention
+    L = 16
+    T_enc, T_dec = 1 + int(L * 0.25), 1 + L
+    linear_macs = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks") and p.ndim == 2) * T_enc
+    linear_macs += sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder_blocks") and p.ndim == 2) * T_dec
+    linear_macs += model.decoder_embed.weight.numel() * T_enc + model.decoder_pred.weight.numel() * T_dec
+    linear_macs += model.patch_embed.weight.numel() * L
+    attention = 4 * T_enc ** 2 * 32 * 4 + 4 * T_dec ** 2 * 32 * 2
+    assert m.mae_flops_per_image(cfg) == pytest.approx(3 * (2 * linear_macs + attention), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@pytest.mark.parametrize("n_test", [1, 7, 250])
+def test_knn_matches_brute_force(n_test):
+    gen = torch.Generator().manual_seed(n_test)
+    train_x, test_x = torch.randn(300, 8, generator=gen), torch.randn(n_test, 8, generator=gen)
+    train_y = torch.randint(0, 5, (300,), generator=gen)
+    for k, temperature in ((1, 0.07), (20, 0.07), (50, 0.5)):
+        expected = []
+        for q in test_x:  # brute force: one query at a time, python loop over neighbours
+            sims = [float(torch.dot(q / q.norm(), t / t.norm())) for t in train_x]
+            order = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+            votes = [0.0] * 5
+            for i in order:
+                votes[int(train_y[i])] += math.exp(sims[i] / temperature)
+            expected.append(max(range(5), key=lambda c: votes[c]))
+        got = m.knn_predict(train_x, train_y, test_x, k=k, temperature=temperature, chunk=64)
+        assert got.tolist() == expected
+    several = m.knn_predict(train_x, train_y, test_x, k=[1, 20], chunk=3)
+    assert several[20].tolist() == m.knn_predict(train_x, train_y, test_x, k=20).tolist()
+    with pytest.raises(ValueError):
+        m.knn_predict(train_x, train_y, test_x, k=301)
+
+
+def test_effective_rank_properties():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 16, generator=gen)
+    assert m.effective_rank(z) == pytest.approx(16, rel=0.01)
+    for r in (1, 3, 10):  # U V^T with orthonormal columns: r singular values, all equal to 1
+        u = torch.linalg.qr(torch.randn(500, r, generator=gen, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(40, r, generator=gen, dtype=torch.float64))[0]
+        equal_spectrum = u @ v.T
+        assert m.effective_rank(equal_spectrum) == pytest.approx(r, rel=1e-6)
+    assert m.effective_rank(123.0 * z) == pytest.approx(m.effective_rank(z), rel=1e-9)
+
+
+def test_linear_probe_separable_and_shuffled():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 20, generator=gen) * 4
+    y = torch.randint(0, 4, (1200,), generator=gen)
+    x = centres[y] + torch.randn(1200, 20, generator=gen)
+    assert m.linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=30, lr=1e-2) > 0.99
+    # labels unrelated to the features (shuffled within train, fresh for test): chance level
+    noise, noise_y = torch.randn(3000, 20, generator=gen), torch.randint(0, 4, (3000,), generator=gen)
+    assert abs(m.linear_probe(noise[:1000], noise_y[:1000], noise[1000:], noise_y[1000:], epochs=30, lr=1e-2) - 0.25) < 0.05
+    assert m.linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=5, seed=3) == \
+        m.linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=5, seed=3)
+
+
+# --------------------------------------------------------------------------- data
+
+def test_shapes_dataset_is_deterministic_and_balanced():
+    x1, y1 = m.make_shapes(2000, 16, seed=0)
+    x2, y2 = m.make_shapes(2000, 16, seed=0)
+    assert x1.dtype == np.uint8 and x1.shape == (2000, 3, 16, 16)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert not np.array_equal(m.make_shapes(2000, 16, seed=1)[0], x1)
+    assert np.bincount(y1, minlength=10).min() > 150
+    # the class mean images explain almost none of the pixel variance: the label lives in structure
+    xf = x1.astype(np.float64) / 255
+    between = np.stack([xf[y1 == c].mean(0) for c in range(10)]).var(0).sum()
+    assert between < 0.01 * xf.var(0).sum()
+
+
+def write_cifar_batch(path, images, labels, label_key=b"labels"):
+    with open(path, "wb") as f:  # the official layout: bytes keys, data uint8 (N, 3072), labels a list
+        pickle.dump({b"batch_label": b"x", label_key: [int(v) for v in labels],
+                     b"data": images.reshape(len(images), 3072)}, f, protocol=2)
+
+
+def make_cifar_tarball(tmp_path, n=20):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "src" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    data = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images, labels = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n)
+        write_cifar_batch(folder / name, images, labels)
+        data[name] = (images, labels)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive, data
+
+
+def test_cifar_download_verified_then_loaded(tmp_path, monkeypatch):
+    archive, data = make_cifar_tarball(tmp_path)
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    entry = m.CIFAR["cifar10"]
+    monkeypatch.setitem(m.CIFAR, "cifar10", (archive.as_uri(), md5) + entry[2:])
+    data_dir = tmp_path / "data"
+    parts = m.load_dataset("cifar10", str(data_dir))
+    assert parts["train"][0].shape == (100, 3, 32, 32) and parts["test"][0].shape == (20, 3, 32, 32)
+    assert np.array_equal(parts["train"][0][20:40], data["data_batch_2"][0])
+    assert np.array_equal(parts["test"][1], data["test_batch"][1])
+    # a second call reads the extracted folder, with no download
+    monkeypatch.setitem(m.CIFAR, "cifar10", ("file:///nonexistent", md5) + entry[2:])
+    assert np.array_equal(m.load_dataset("cifar10", str(data_dir))["train"][0], parts["train"][0])
+
+
+def test_cifar_wrong_checksum_is_refused_and_nothing_kept(tmp_path, monkeypatch):
+    archive, _ = make_cifar_tarball(tmp_path)
+    entry = m.CIFAR["cifar10"]
+    monkeypatch.setitem(m.CIFAR, "cifar10", (archive.as_uri(), "0" * 32) + entry[2:])
+    with pytest.raises(m.UserError, match="checksum"):
+        m.load_dataset("cifar10", str(tmp_path / "data"))
+    assert not any((tmp_path / "data").iterdir())  # no partial or unverified file left behind
+
+
+def test_cifar_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    entry = m.CIFAR["cifar10"]
+    monkeypatch.setitem(m.CIFAR, "cifar10", ((tmp_path / "missing.tar.gz").as_uri(), entry[1]) + entry[2:])
+    with pytest.raises(m.UserError, match="could not download"):
+        m.load_dataset("cifar10", str(tmp_path / "data"))
+    with pytest.raises(m.UserError, match="not found"):
+        m.load_dataset("cifar10", str(tmp_path / "data"), allow_download=False)
+
+
+def test_cifar_corrupt_batch_and_malicious_pickle(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        write_cifar_batch(folder / name, rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), range(4))
+    assert m.load_dataset("cifar10", str(tmp_path))["train"][0].shape == (20, 3, 32, 32)
+    raw = (folder / "data_batch_3").read_bytes()
+    (folder / "data_batch_3").write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(m.UserError, match="data_batch_3 is not a valid CIFAR"):
+        m.load_dataset("cifar10", str(tmp_path))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    (folder / "data_batch_3").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(m.UserError, match="refusing to load"):
+        m.load_dataset("cifar10", str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cifar100_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("train", "test"):
+        write_cifar_batch(folder / name, rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8), [99, 0, 5, 7, 1, 2],
+                          label_key=b"fine_labels")
+    parts = m.load_dataset("cifar100", str(tmp_path))
+    assert parts["train"][1].tolist() == [99, 0, 5, 7, 1, 2] and len(parts["classes"]) == 100
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_idx_folder(folder, n_train=12, n_test=5):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test)}
+    for name, array in arrays.items():
+        write_idx(folder / name, array)
+    return arrays
+
+
+def test_idx_loader_reads_real_format_and_rejects_corrupt_files(tmp_path):
+    arrays = make_idx_folder(tmp_path / "fashion-mnist")
+    parts = m.load_dataset("fashion-mnist", str(tmp_path), allow_download=False)
+    assert parts["train"][0].shape == (12, 1, 28, 28) and parts["train"][0].dtype == np.uint8
+    assert np.array_equal(parts["train"][0][:, 0], arrays["train-images-idx3-ubyte.gz"])
+    assert np.array_equal(parts["test"][1], arrays["t10k-labels-idx1-ubyte.gz"])
+    bad = tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(bad, "rb") as f:
+        raw = f.read()
+    with gzip.open(bad, "wb") as f:
+        f.write(raw[:-10])  # truncated body
+    with pytest.raises(m.UserError, match="truncated"):
+        m.load_dataset("fashion-mnist", str(tmp_path), allow_download=False)
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(m.UserError, match="not a readable .gz"):
+        m.load_dataset("fashion-mnist", str(tmp_path), allow_download=False)
+    write_idx(bad, np.zeros((5, 28), dtype=np.uint8))  # wrong number of dimensions
+    with pytest.raises(m.UserError, match="not an IDX file of 3 dimensions"):
+        m.load_dataset("fashion-mnist", str(tmp_path), allow_download=False)
+
+
+def test_idx_mismatched_files_and_download_checksum(tmp_path, monkeypatch):
+    make_idx_folder(tmp_path / "mnist", n_train=12)
+    write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz", np.zeros(11))
+    with pytest.raises(m.UserError, match="do not belong together"):
+        m.load_dataset("mnist", str(tmp_path), allow_download=False)
+    # download path: files served from a local folder, one with a wrong checksum
+    source = tmp_path / "server"
+    make_idx_folder(source)
+    files = {name: hashlib.md5((source / name).read_bytes()).hexdigest() for name in m.IDX["mnist"][1]}
+    monkeypatch.setitem(m.IDX, "mnist", (source.as_uri() + "/", files))
+    monkeypatch.setitem(m.SYSTEM_DIRS, "mnist", [])
+    assert m.load_dataset("mnist", str(tmp_path / "dl"))["train"][0].shape == (12, 1, 28, 28)
+    files = dict(files, **{"t10k-labels-idx1-ubyte.gz": "f" * 32})
+    monkeypatch.setitem(m.IDX, "mnist", (source.as_uri() + "/", files))
+    with pytest.raises(m.UserError, match="checksum"):
+        m.load_dataset("mnist", str(tmp_path / "dl2"))
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_from_debian_package(tmp_path):
+    parts = m.load_dataset("fashion-mnist", str(tmp_path), allow_download=False)
+    assert parts["train"][0].shape == (60000, 1, 28, 28) and parts["test"][0].shape == (10000, 1, 28, 28)
+    assert np.bincount(parts["train"][1]).tolist() == [6000] * 10
+
+
+def test_image_folder_resized_once_and_cached(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    parts = m.load_dataset(f"folder:{tmp_path}", "unused", size=16)
+    assert parts["train"][0].shape == (6, 3, 16, 16) and parts["test"][0].shape == (4, 3, 16, 16)
+    assert parts["train"][1].tolist() == [0, 0, 0, 1, 1, 1]
+    assert (tmp_path / "cache_16px.pt").exists()
+    (tmp_path / "train" / "cat" / "0.png").unlink()  # the cache is used from now on
+    again = m.load_dataset(f"folder:{tmp_path}", "unused", size=16)
+    assert np.array_equal(again["train"][0], parts["train"][0])
+    (tmp_path / "cache_16px.pt").write_bytes(b"garbage")
+    with pytest.raises(m.UserError, match="delete it to rebuild"):
+        m.load_dataset(f"folder:{tmp_path}", "unused", size=16)
+    with pytest.raises(m.UserError, match="train/<class>"):
+        m.load_dataset(f"folder:{tmp_path / 'nothing'}", "unused", size=16)
+
+
+def test_augment_is_seeded_and_identity_crop_is_exact():
+    data = tiny_data(64, 8)
+    a = m.augment(data["train_x"][:8], 16, torch.Generator().manual_seed(1), 0.2, data["mean"], data["std"])
+    b = m.augment(data["train_x"][:8], 16, torch.Generator().manual_seed(1), 0.2, data["mean"], data["std"])
+    assert a.shape == (8, 3, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a, m.augment(data["train_x"][:8], 16, torch.Generator().manual_seed(2), 0.2,
+                                        data["mean"], data["std"]))
+    # bilinear crops interpolate between pixels: values stay inside the normalised pixel range
+    low, high = (0 - data["mean"]) / data["std"], (1 - data["mean"]) / data["std"]
+    assert (a >= low - 1e-5).all() and (a <= high + 1e-5).all()
+
+
+# --------------------------------------------------------------------------- training
+
+def run_training(tmp_path, name, *extra):
+    cfg = tiny_cfg("--out-dir", str(tmp_path / name), *extra)
+    data = tiny_data()
+    if cfg.train_limit:
+        data["train_x"], data["train_y"] = data["train_x"][:cfg.train_limit], data["train_y"][:cfg.train_limit]
+    return m.train_run(cfg, data, m.alpha_settings(cfg)[-1], 0, str(tmp_path / name / "run"), torch.device("cpu"))
+
+
+def test_loss_falls_on_a_tiny_run(tmp_path):
+    # overfit one batch (32 images, one step per epoch): the masked-patch loss must drop well below
+    # its starting value, the variance of the normalised targets
+    result = run_training(tmp_path, "fall", "--epochs", "60", "--alpha-min", "0.5", "--base-lr", "2e-2",
+                          "--train-limit", "32", "--warmup-epochs", "5", "--probe-epochs", "1")
+    first, last = np.mean(result["losses"][:5]), np.mean(result["losses"][-10:])
+    assert last < 0.88 * first, result["losses"]  # observed ~0.81; a zero-predicting model stays at 1.0
+    assert set(result["knn"]) == {10, 20} and 0 <= result["linear_probe"] <= 1
+    assert 1 <= result["effective_rank"] <= 32
+    with np.load(tmp_path / "fall" / "run" / "features.npz") as f:
+        assert f["train_features"].shape == (32, 32) and f["test_labels"].shape == (64,)
+        assert "mean over all tokens" in str(f["feature"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = run_training(tmp_path, "full", "--epochs", "2")
+    part = run_training(tmp_path, "part", "--epochs", "2", "--max-steps", "11")
+    assert part["steps"] == 11 and part["losses"] == full["losses"][:11]
+    resumed = run_training(tmp_path, "part", "--epochs", "2", "--resume")
+    assert resumed["losses"] == full["losses"]  # bit-identical continuation
+    assert resumed["linear_probe"] == full["linear_probe"] and resumed["knn"] == full["knn"]
+    with pytest.raises(m.UserError, match="already exists"):
+        run_training(tmp_path, "part", "--epochs", "2")
+    with pytest.raises(m.UserError, match="other settings"):
+        run_training(tmp_path, "part", "--epochs", "3", "--resume")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(m.UserError, match="loss became"):
+        run_training(tmp_path, "nan", "--epochs", "1", "--base-lr", "1e30")
+
+
+# --------------------------------------------------------------------------- command line
+
+@pytest.mark.parametrize("flags,message", [
+    (["--img-size", "30"], "multiple of --patch-size"),
+    (["--alpha-min", "1.0,abc"], "comma-separated list"),
+    (["--alpha-min", "1.5"], "must be in (0, 1]"),
+    (["--alpha-eff", "0"], "must be in (0, 1]"),
+    (["--decoder", "unet", "--depth", "8", "--decoder-depth", "2"], "at least 4"),
+    (["--mask-ratio", "1.0"], "--mask-ratio"),
+    (["--feature", "max"], "--feature"),
+    (["--embed-dim", "190", "--num-heads", "5"], "multiples of 4"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_flags_give_one_clear_sentence(flags, message):
+    with pytest.raises(m.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        m.parse_config(flags)
+
+
+def test_command_line_errors_have_no_traceback(tmp_path):
+    for args, message in ((["--img-size", "30"], "multiple of --patch-size"),
+                          (["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download"], "not found")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "mae_decay.py")] + args,
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_main_writes_table_json_plots_and_features(tmp_path, capsys):
+    results = m.main(TINY[:-5] + ["--plots", "--eval-every", "1", "--epochs", "2", "--alpha-min", "1.0,0.5",
+                                  "--train-limit", "128", "--out-dir", str(tmp_path / "out"),
+                                  "--json", str(tmp_path / "r.json"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "alpha_min" in out and "k-NN@20" in out and len(results) == 2
+    import json
+    summary = json.loads((tmp_path / "r.json").read_text())
+    run = summary["runs"][1]
+    assert run["alpha_min"] == 0.5 and set(run["knn"]) == {"10", "20", "100"}
+    assert summary["config"]["alpha_min"] == "1.0,0.5"
+    assert [e["epoch"] for e in run["evals"]] == [0, 1, 2]
+    for name in ("curves.png", "recon.png", "pca.png", "feature_norms.png", "results.json", "config.json"):
+        assert (tmp_path / "out" / name).exists(), name
