@@ -1,0 +1,824 @@
+"""
+probe.py: frozen-feature evaluation for any encoder, in one file: DINO k-NN, a linear probe,
+effective rank with the singular-value spectrum, and the perception-vs-reconstruction subspace
+probe, with the protocols of spec/evaluation.md.
+
+Run (`--help` lists every knob):
+
+    python probe.py --pixels fashion-mnist                  # raw pixels: the reference every encoder must beat
+    python probe.py runs/mae/alpha1.0_seed0/features.npz    # features written by mae_decay.py (or any encoder)
+    python probe.py runs/mae/*/features.npz --pixels shapes --json results.json   # one table, pixels as a row
+    python probe.py --pixels cifar10 --data-dir data --subspace top:90,bottom:20  # where does the label live?
+    python probe.py my_features.pt --knn-k 20 --majority --plot spectrum.png
+
+Known-good numbers produced by this file (2-core CPU, torch 2.13, numpy 2.4, default settings):
+
+    python probe.py --pixels fashion-mnist --subspace top:100,top:90,bottom:20
+    input                    dim  knn@10  knn@20  knn@100  knn@200  linear  erank
+    pixels:fashion-mnist     784   85.59   84.59    80.92    79.13   84.43  344.6
+      top:100 (100.0% var)   784   86.62   86.05    83.67    82.91   84.43  416.5
+      top:90 (90.1% var)      84   86.84   86.43    84.25    83.36   83.48   59.0
+      bottom:20 (20.3% var)  761   87.91   87.88    87.21    86.90   45.82  574.9
+
+    python probe.py --pixels cifar10 --data-dir data   # knn@10 37.43, knn@20 36.30, linear 40.69, erank 455.1
+    python probe.py --pixels shapes                     # knn@10 21.95, knn@20 21.70, linear 15.00, erank 607.4
+
+    (Public raw-pixel Fashion-MNIST benchmarks: k-NN about 85-86 %, logistic regression about 84 %.)
+    Wall times, hardware and known issues are in README.md.
+
+A features file (.npz, or .pt read with torch.load(weights_only=True)) holds train_features
+(N, D), train_labels (N,), test_features (M, D), test_labels (M,): float features, integer class
+ids; any other key is metadata, copied into the JSON. Defaults follow the spec: k-NN on
+L2-normalised features with exp(sim / 0.07) votes, k = 10, 20, 100, 200 from one search; linear
+probe = standardise by train statistics + one Linear layer, AdamW, weight decay 0, cosine
+schedule, the FINAL epoch's test accuracy; effective rank of the train features, not centred.
+
+Two comment layers: `##` lines teach (why a line exists, which equation it implements) and can be
+stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
+"""
+import argparse
+import dataclasses
+import functools
+import gzip
+import hashlib
+import inspect
+import json
+import math
+import os
+import pickle
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data, bad features file): one sentence, no traceback."""
+
+
+# =============================================================================================
+# Config
+# =============================================================================================
+
+@dataclasses.dataclass
+class Config:
+    # --- input (feature files are positional arguments) ---
+    pixels: str = ""              # also evaluate raw pixels: shapes | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
+    data_dir: str = "data"        # where --pixels datasets are looked for, and downloaded to
+    download: bool = True         # download a missing --pixels dataset (checksum verified before use)
+    img_size: int = 32            # side that folder:PATH images are resized to
+    # --- k-NN (DINO protocol) ---
+    knn_k: str = "10,20,100,200"  # comma list of neighbour counts, all answered by one top-k search
+    knn_t: float = 0.07           # temperature of the exp(sim / T) vote weights
+    majority: bool = False        # also report plain majority votes (every neighbour weighs 1)
+    # --- linear probe ---
+    probe_epochs: int = 20        # epochs; the final one is reported, never the best (0 = skip the probe)
+    probe_lr: float = 3e-3        # AdamW peak lr (cosine schedule, weight decay 0)
+    probe_batch_size: int = 1024  # samples per step; 0 = full batch (fastest on a GPU, wants a higher lr)
+    seed: int = 0                 # seeds the probe's init and sample order (k-NN has no randomness)
+    # --- analysis ---
+    subspace: str = ""            # e.g. top:90,bottom:20: probe the principal subspaces explaining p% of the variance
+    plot: str = ""                # write the singular-value spectrum of every input's train features to this PNG
+    # --- system ---
+    device: str = "auto"          # auto | cuda | mps | cpu
+    json: str = ""                # also write every number and the settings to this file (atomically)
+
+
+def knob_help():
+    """The comment after each Config field, so `--help` and the code share one description."""
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, comment = line.partition("#")
+        if ":" in name and "=" in name and comment:
+            helps[name.split(":")[0].strip()] = comment.strip()
+    return helps
+
+
+def parse_config(argv=None):
+    """Returns (Config, list of feature-file paths)."""
+    parser = argparse.ArgumentParser(description="Frozen-feature evaluation: k-NN, linear probe, effective rank, "
+                                     "subspace probes.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("features", nargs="*", help="features files (.npz or .pt) with train/test features and labels")
+    helps = knob_help()
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=helps[field.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[getattr(field.type, "__name__", field.type)]
+            parser.add_argument(flag, type=kind, default=field.default, help=helps[field.name])
+    args = vars(parser.parse_args(argv))
+    paths = args.pop("features")
+    cfg = Config(**args)
+    check_config(cfg, paths)
+    return cfg, paths
+
+
+def parse_ks(text):
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise UserError(f"--knn-k must be a comma-separated list of integers, got '{text}'.") from None
+    if not ks or ks[0] < 1:
+        raise UserError(f"--knn-k needs at least one neighbour count, each at least 1, got '{text}'.")
+    return ks
+
+
+def parse_subspaces(text):
+    """'top:90,bottom:20' -> [('top', 90.0), ('bottom', 20.0)]."""
+    subspaces = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        side, _, percent = item.partition(":")
+        try:
+            percent = float(percent)
+        except ValueError:
+            percent = -1.0
+        if side not in ("top", "bottom") or not 0 < percent <= 100:
+            raise UserError(f"--subspace items look like top:90 or bottom:20 (a percentage in (0, 100]), got '{item}'.")
+        subspaces.append((side, percent))
+    return subspaces
+
+
+def check_config(cfg, paths):
+    """Every bad value a user can type ends here with one sentence naming the fix."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+    need(paths or cfg.pixels, "nothing to evaluate: give one or more features files (.npz or .pt), or --pixels DATASET.")
+    parse_ks(cfg.knn_k)
+    parse_subspaces(cfg.subspace)
+    need(cfg.knn_t > 0, f"--knn-t must be positive, got {cfg.knn_t}.")
+    need(cfg.probe_epochs >= 0 and cfg.probe_batch_size >= 0, "--probe-epochs and --probe-batch-size cannot be negative.")
+    need(cfg.probe_lr > 0, f"--probe-lr must be positive, got {cfg.probe_lr}.")
+    need(cfg.img_size > 0, f"--img-size must be positive, got {cfg.img_size}.")
+    need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
+        raise UserError(f"--device {name} is not available on this machine; use --device auto.")
+    return torch.device(name)
+
+
+# =============================================================================================
+# Data: raw pixels for --pixels. This section, down to load_dataset and atomic_save, is a
+# deliberate verbatim copy of mae_decay.py's; tests/test_probe.py checks that the copies match.
+# =============================================================================================
+
+DATA_HELP = ("use --dataset shapes (built-in, no download), or put the files in --data-dir, "
+             "or run once with network access")
+
+CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 "cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+IDX = {  # official IDX files (LeCun et al. 1998; Xiao et al. 2017) and their published md5
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}  # Debian's dataset-fashion-mnist
+
+
+def md5sum(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url, dest, md5):
+    """Fetch url to dest, keeping it only if its md5 matches: nothing unverified is ever opened."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = dest + ".part"
+    print(f"downloading {url}")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({e}); {DATA_HELP}.") from None
+    if md5sum(tmp) != md5:
+        os.remove(tmp)
+        raise UserError(f"the download of {url} failed its checksum (corrupt or tampered); delete nothing, just run again.")
+    os.replace(tmp, dest)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    ## The CIFAR batches are Python pickles, and unpickling can run arbitrary code. Downloads are
+    ## checksum-verified first; files already on disk are read with this unpickler, which refuses
+    ## every global except the few that rebuild a numpy array.
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("copyreg", "_reconstructor"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path, label_key):
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(f, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except Exception as e:  # truncated, not a pickle, wrong keys or shapes
+        raise UserError(f"{path} is not a valid CIFAR python batch ({type(e).__name__}: {e}); delete it and download again.") from None
+    if len(images) != len(labels):
+        raise UserError(f"{path} holds {len(images)} images but {len(labels)} labels; delete it and download again.")
+    return images, labels
+
+
+def load_cifar(name, data_dir, allow_download):
+    url, md5, folder, train_files, test_files, label_key = CIFAR[name]
+    root = os.path.join(data_dir, folder)
+    if not os.path.isdir(root):
+        archive = os.path.join(data_dir, url.rsplit("/", 1)[1])
+        if not os.path.exists(archive):
+            if not allow_download:
+                raise UserError(f"{name} not found: no {root}/ and no {archive}; {DATA_HELP}.")
+            download(url, archive, md5)
+        elif md5sum(archive) != md5:
+            raise UserError(f"{archive} does not match the official md5 (corrupt or partial); delete it and run again.")
+        with tarfile.open(archive) as tar:
+            tar.extractall(data_dir, filter="data")
+    parts = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        missing = [f for f in files if not os.path.exists(os.path.join(root, f))]
+        if missing:
+            raise UserError(f"{root} lacks {', '.join(missing)}; delete the folder and run again to re-extract it.")
+        arrays = [read_cifar_batch(os.path.join(root, f), label_key) for f in files]
+        parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+    return parts
+
+
+def read_idx(path, expected_ndim):
+    """An IDX file (gzip): magic 0x0000 08 ndim, big-endian int32 sizes, then uint8 values."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path} is not a readable .gz file ({e}); delete it and download again.") from None
+    if len(raw) < 4 + 4 * expected_ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != expected_ndim:
+        raise UserError(f"{path} is not an IDX file of {expected_ndim} dimensions; delete it and download again.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_ndim))
+    body = raw[4 + 4 * expected_ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: header says {shape}, body has {len(body)} bytes; delete it and download again.")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def load_idx(name, data_dir, allow_download):
+    base_url, files = IDX[name]
+    candidates = [os.path.join(data_dir, name), data_dir] + SYSTEM_DIRS.get(name, [])
+    root = next((d for d in candidates if all(os.path.exists(os.path.join(d, f)) for f in files)), None)
+    if root is None:
+        if not allow_download:
+            raise UserError(f"{name} not found in {', '.join(candidates)}; {DATA_HELP}.")
+        root = os.path.join(data_dir, name)
+        for f, md5 in files.items():
+            if not os.path.exists(os.path.join(root, f)):
+                download(base_url + f, os.path.join(root, f), md5)
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), 3)
+        labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), 1)
+        if len(images) != len(labels):
+            raise UserError(f"{root}: {split} has {len(images)} images but {len(labels)} labels; the files do not belong together.")
+        parts[split] = (images[:, None], labels.astype(np.int64))
+    return parts
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".JPEG", ".JPG", ".PNG")
+
+
+def load_image_resized(path, size):
+    from PIL import Image  # Pillow ships with matplotlib
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = size / min(im.size)  # shorter side -> size, then centre crop
+        w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_folder(root, size):
+    """train/<class>/* and val/<class>/* resized once (shorter side, centre crop) and cached."""
+    cache = os.path.join(root, f"cache_{size}px.pt")
+    if os.path.exists(cache):
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return {s: (blob[f"{s}_x"].numpy(), blob[f"{s}_y"].numpy()) for s in ("train", "test")}
+        except Exception as e:
+            raise UserError(f"the cache {cache} is unreadable ({type(e).__name__}); delete it to rebuild it.") from None
+    train_dir = os.path.join(root, "train")
+    test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(train_dir) or test_dir is None:
+        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
+    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    parts = {}
+    for split, folder in (("train", train_dir), ("test", test_dir)):
+        paths, labels = [], []
+        for label, cls in enumerate(classes):
+            cls_dir = os.path.join(folder, cls)
+            names = sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []
+            paths += [os.path.join(cls_dir, n) for n in names if n.endswith(IMAGE_EXTENSIONS)]
+            labels += [label] * (len(paths) - len(labels))
+        if not paths:
+            raise UserError(f"{folder} holds no images in class folders named like those of {train_dir}.")
+        print(f"{folder}: resizing {len(paths)} images to {size}px once (cached in {cache})")
+        try:
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+                images = list(tqdm(pool.map(lambda p: load_image_resized(p, size), paths), total=len(paths)))
+        except Exception as e:
+            raise UserError(f"an image under {folder} could not be read ({type(e).__name__}: {e}); remove or fix it.") from None
+        parts[split] = (np.stack(images), np.asarray(labels, dtype=np.int64))
+    blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
+    atomic_save(blob, cache)
+    return parts
+
+
+## The built-in dataset. Natural images put most pixel variance in things a label does not care
+## about (background, colour, lighting) and the class in a small amount of structure; that is the
+## situation where reconstruction-trained features go wrong (Balestriero & LeCun 2024) and where
+## the paper claims decay helps. "shapes" copies it: the class is the SHAPE of a small object,
+## while background colour, a background gradient, object colour, position, size, a small rotation
+## and global brightness are all random and carry most of the pixel variance.
+SHAPE_NAMES = ["disk", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "dumbbell", "half-disk"]
+
+
+def shape_signed_distance(label, u, v):
+    """Positive inside the shape, in units of its radius; (u, v) are object-centred coordinates."""
+    radius = torch.sqrt(u ** 2 + v ** 2)
+    box = torch.maximum(u.abs(), v.abs())
+    if label == 0:
+        return 1 - radius
+    if label == 1:
+        return 0.8 - box
+    if label == 2:  # equilateral triangle pointing up (image rows grow downward)
+        edges = [u * math.cos(a) + v * math.sin(a) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        return 0.5 - torch.stack(edges).amax(0)
+    if label == 3:
+        return 1 - (u.abs() + v.abs())
+    if label in (4, 5):
+        if label == 5:
+            u, v = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)
+        arm_h = torch.minimum(0.25 - v.abs(), 1 - u.abs())
+        arm_v = torch.minimum(0.25 - u.abs(), 1 - v.abs())
+        return torch.maximum(arm_h, arm_v)
+    if label == 6:
+        return 0.2 - (radius - 0.7).abs()
+    if label == 7:
+        return 0.18 - (box - 0.65).abs()
+    if label == 8:
+        return 0.4 - torch.minimum(torch.sqrt((u - 0.5) ** 2 + v ** 2), torch.sqrt((u + 0.5) ** 2 + v ** 2))
+    return torch.minimum(1 - radius, v + 0.1)  # half-disk
+
+
+def make_shapes(n, size, seed):
+    """n images (n, 3, size, size) uint8 and labels, a pure function of (n, size, seed)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return low + (high - low) * torch.rand(*shape, generator=gen)
+
+    labels = torch.randint(0, len(SHAPE_NAMES), (n,), generator=gen)
+    coords = (torch.arange(size) + 0.5) / size * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (S, S) in [-1, 1]
+    # nuisance 1: a background colour plus a linear gradient of random direction and strength
+    bg_colour = uniform(n, 3, 1, 1)
+    angle = uniform(n, 1, 1, high=2 * math.pi)
+    ramp = (torch.cos(angle) * xx + torch.sin(angle) * yy).unsqueeze(1)  # (n, 1, S, S)
+    background = bg_colour + uniform(n, 3, 1, 1, low=-0.35, high=0.35) * ramp
+    # the object: class = shape; position, size, rotation and colour are nuisance
+    cx, cy = uniform(n, 1, 1, low=-0.35, high=0.35), uniform(n, 1, 1, low=-0.35, high=0.35)
+    r = uniform(n, 1, 1, low=0.35, high=0.55)
+    rot = uniform(n, 1, 1, low=-0.3, high=0.3)
+    u = ((xx - cx) * torch.cos(rot) + (yy - cy) * torch.sin(rot)) / r
+    v = (-(xx - cx) * torch.sin(rot) + (yy - cy) * torch.cos(rot)) / r
+    signed = torch.empty(n, size, size)
+    for label in range(len(SHAPE_NAMES)):  # a loop over classes, not samples
+        sel = labels == label
+        signed[sel] = shape_signed_distance(label, u[sel], v[sel])
+    coverage = (signed / (2 / size / r) + 0.5).clamp(0, 1).unsqueeze(1)  # anti-aliased edge, one pixel wide
+    fg_colour = (bg_colour + uniform(n, 3, 1, 1, low=0.3, high=0.7)) % 1.0  # always visible against the background
+    # nuisance 2: global brightness, and a little sensor noise
+    image = uniform(n, 1, 1, 1, low=0.6, high=1.2) * ((1 - coverage) * background + coverage * fg_colour)
+    image = image + 0.02 * torch.randn(image.shape, generator=gen)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), labels.numpy()
+
+
+def load_dataset(name, data_dir, size=32, allow_download=True):
+    """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
+    if name == "shapes":
+        parts = {"train": make_shapes(10000, size, seed=0), "test": make_shapes(2000, size, seed=1)}
+        parts["classes"] = SHAPE_NAMES
+    elif name in CIFAR:
+        parts = load_cifar(name, data_dir, allow_download)
+    elif name in IDX:
+        parts = load_idx(name, data_dir, allow_download)
+    elif name.startswith("folder:"):
+        parts = load_folder(name[len("folder:"):], size)
+    else:
+        raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+    num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
+    parts.setdefault("classes", [str(i) for i in range(num_classes)])
+    return parts
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a file behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# Features: a features file or a dataset's raw pixels, checked before anything is computed
+# =============================================================================================
+
+FEATURE_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
+
+
+def as_metadata(value):
+    """A JSON-friendly version of a metadata entry (numbers, strings, small arrays; big arrays by shape)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        size = value.size if isinstance(value, np.ndarray) else value.numel()
+        return value.tolist() if size <= 64 else f"array of shape {tuple(value.shape)}"
+    return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+
+def read_features_file(path):
+    """{key: tensor} for the four feature keys, and the metadata: every other key."""
+    if not os.path.isfile(path):
+        raise UserError(f"features file {path} does not exist.")
+    try:
+        if path.endswith(".npz"):
+            if not zipfile.is_zipfile(path):
+                raise UserError(f"{path} is not an .npz (zip) file; write features with numpy.savez.")
+            with np.load(path, allow_pickle=False) as npz:  # no pickles: a features file cannot run code
+                blob = {key: npz[key] for key in npz.files}
+        elif path.endswith(".pt"):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"{path}: a features file must end in .npz or .pt.")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path} could not be read as a features file ({type(e).__name__}: {e}).") from None
+    if not isinstance(blob, dict):
+        raise UserError(f"{path} holds a {type(blob).__name__}, not a dict of arrays with keys {', '.join(FEATURE_KEYS)}.")
+    missing = [key for key in FEATURE_KEYS if key not in blob]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: a features file needs {', '.join(FEATURE_KEYS)}.")
+    arrays = {}
+    for key in FEATURE_KEYS:
+        try:  # np.array copies, so the tensor never shares a read-only buffer
+            arrays[key] = torch.as_tensor(np.array(blob[key]) if isinstance(blob[key], np.ndarray) else blob[key])
+        except (TypeError, ValueError, RuntimeError):
+            kind = getattr(blob[key], "dtype", type(blob[key]).__name__)
+            raise UserError(f"{path}: {key} must be a numeric array, got {kind}.") from None
+    metadata = {key: as_metadata(value) for key, value in blob.items() if key not in FEATURE_KEYS}
+    return arrays, metadata
+
+
+def pixel_features(name, data_dir, size, allow_download):
+    """A dataset's raw pixels as features: (N, C*H*W) floats in [0, 1], the reference every encoder must beat."""
+    parts = load_dataset(name, data_dir, size, allow_download)
+    return {f"{split}_{kind}": torch.from_numpy(np.array(array)).flatten(1).float().div_(255) if kind == "features"
+            else torch.from_numpy(np.array(array))
+            for split in ("train", "test") for kind, array in zip(("features", "labels"), parts[split])}
+
+
+def check_features(arrays, source):
+    """Every problem in a features file a user can cause, as one sentence. Returns float features
+    and int64 labels, ready for the functions below."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(f"{source}: {message}")
+    checked = {}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_features"], arrays[f"{split}_labels"]
+        need(x.ndim == 2 and len(x) > 0, f"{split}_features must be a non-empty 2-D (N, D) array, got shape {tuple(x.shape)}.")
+        need(y.ndim == 1, f"{split}_labels must be 1-D (one class id per sample), got shape {tuple(y.shape)}.")
+        need(len(x) == len(y), f"{split}_features has {len(x)} rows but {split}_labels has {len(y)} entries; they must match.")
+        need(not x.is_complex(), f"{split}_features must be real numbers, got dtype {x.dtype}.")
+        x = x.float()  # (N, D)
+        bad_rows = int((~torch.isfinite(x)).any(1).sum())
+        need(bad_rows == 0, f"{split}_features has NaN or infinite values in {bad_rows} of {len(x)} rows; fix the encoder or drop them.")
+        need(not y.is_complex() and (not y.is_floating_point() or bool((y == y.round()).all())),
+             f"{split}_labels must be integer class ids, got non-integer values (dtype {y.dtype}).")
+        need(bool((y >= 0).all()), f"{split}_labels must be non-negative class ids, found {int(y.min())}.")
+        checked[f"{split}_features"], checked[f"{split}_labels"] = x, y.long()
+    need(checked["train_features"].shape[1] == checked["test_features"].shape[1],
+         f"train_features have {checked['train_features'].shape[1]} dimensions but test_features "
+         f"{checked['test_features'].shape[1]}; they must come from the same encoder.")
+    unseen = sorted(set(checked["test_labels"].tolist()) - set(checked["train_labels"].tolist()))
+    need(not unseen, f"test class(es) {unseen[:10]} never appear in train_labels, so no classifier can predict them.")
+    return checked
+
+
+def load_input(source, cfg):
+    """(arrays, metadata) for a features file, or for 'pixels:DATASET'."""
+    if source.startswith("pixels:"):
+        name = source[len("pixels:"):]
+        return pixel_features(name, cfg.data_dir, cfg.img_size, cfg.download), {"pixels": name}
+    return read_features_file(source)
+
+
+# =============================================================================================
+# Frozen-feature evaluation (the protocols of spec/evaluation.md). knn_predict, linear_probe and
+# effective_rank are deliberate verbatim copies of mae_decay.py's (tests/ checks that they give the
+# same numbers); @accepts_arrays only lets them take numpy arrays as well as tensors.
+# =============================================================================================
+
+def accepts_arrays(function):
+    """numpy arrays in the arguments become tensors (integer arrays int64, as labels must be);
+    tensors pass through untouched, so tensor inputs give exactly the copied function's results."""
+    def as_tensor(value):
+        if not isinstance(value, np.ndarray):
+            return value
+        return torch.from_numpy(np.array(value, dtype=np.int64 if value.dtype.kind in "iub" else None))
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*map(as_tensor, args), **{name: as_tensor(v) for name, v in kwargs.items()})
+    return wrapper
+
+
+@accepts_arrays
+@torch.no_grad()
+def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
+    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
+    features, the k nearest training samples each vote for their label with weight exp(sim / T).
+    `k` may be an int or a list of ints (one prediction per k from one top-k search).
+    Queries go in fixed chunks, so any number of them works (1 or 10^6).
+    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
+    ks = [k] if isinstance(k, int) else list(k)
+    if max(ks) > len(train_x):
+        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_x = F.normalize(train_x.float(), dim=1)
+    predictions = {kk: [] for kk in ks}
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
+        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
+        weights, labels = (sims / temperature).exp(), train_y[idx]
+        for kk in ks:
+            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
+            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
+            predictions[kk].append(votes.argmax(1))
+    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
+    return predictions[k] if isinstance(k, int) else predictions
+
+
+@accepts_arrays
+def linear_probe(train_x, train_y, test_x, test_y, epochs=100, lr=1e-3, batch_size=1024, seed=0, num_classes=None):
+    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
+    affine), one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    device = train_x.device
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    head = nn.Linear(train_z.shape[1], num_classes).to(device)
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        bound = 1 / math.sqrt(train_z.shape[1])
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_z), generator=gen).to(device)
+        for start in range(0, len(train_z), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        return (head(test_z).argmax(1) == test_y).float().mean().item()
+
+
+def effective_rank(z, center=False, eps=1e-7):
+    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
+    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
+    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
+    z = torch.as_tensor(z).double()
+    if center:
+        z = z - z.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(eps)
+    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
+
+
+def float64_ready(x):
+    """x itself, or a CPU copy on Apple's MPS, which has no float64 (SVD and eigh want it here)."""
+    return x.cpu() if x.device.type == "mps" else x
+
+
+## The perception-vs-reconstruction probe (Balestriero & LeCun 2024, spec/linear_theory.md section 4).
+## Reconstruction objectives spend their capacity on the directions of largest variance; a
+## classifier may need the small ones. So: eigendecompose the TRAIN covariance, keep either the
+## leading directions that explain p% of the variance ("top") or the trailing ones that explain
+## q% ("bottom"), and run the same k-NN and linear probe on each projection. On natural images
+## the paper finds the bottom 20% as informative as (or more than) the top 90%.
+def principal_directions(train_x):
+    """Mean (D,), variances (D,) in decreasing order, and the matching eigenvectors (D, D) as columns
+    of the train covariance, in float64 (the small variances are what the bottom probe is about)."""
+    x = float64_ready(train_x).double()
+    mean = x.mean(0)
+    covariance = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)  # (D, D)
+    variances, vectors = torch.linalg.eigh(covariance)  # ascending
+    return mean, variances.flip(0).clamp_min(0), vectors.flip(1)
+
+
+def subspace_directions(variances, side, percent):
+    """Indices of the fewest leading (side='top') or trailing ('bottom') directions whose variances
+    add up to at least `percent`% of the total, and the fraction of the variance they keep."""
+    fraction = variances / variances.sum().clamp_min(1e-300)
+    ordered = fraction if side == "top" else fraction.flip(0)
+    count = min(int((ordered.cumsum(0) < percent / 100 - 1e-12).sum()) + 1, len(fraction))
+    index = torch.arange(count) if side == "top" else torch.arange(len(fraction) - count, len(fraction))
+    return index.to(variances.device), float(fraction[index].sum())
+
+
+def project(x, mean, vectors):
+    """The centred features projected onto the span of `vectors` (orthonormal columns, (D, K)), in
+    the original coordinates: (N, D). Like the paper's projected images, minus the mean image, so
+    'top:100' gives back the centred features and the probes see no rotation or whitening."""
+    return ((float64_ready(x).double() - mean) @ vectors @ vectors.T).float().to(x.device)
+
+
+def knn_accuracies(train_x, train_y, test_x, test_y, ks, temperature, num_classes):
+    """{k: test accuracy} for every k, from one top-k search."""
+    predictions = knn_predict(train_x, train_y, test_x, k=ks, temperature=temperature, num_classes=num_classes)
+    return {k: (predicted == test_y).float().mean().item() for k, predicted in predictions.items()}
+
+
+def evaluate_features(train_x, train_y, test_x, test_y, cfg):
+    """k-NN (weighted, and majority on request), linear probe and effective rank of one feature set."""
+    ks, num_classes = parse_ks(cfg.knn_k), int(train_y.max()) + 1
+    result = {"dim": train_x.shape[1], "knn": knn_accuracies(train_x, train_y, test_x, test_y, ks, cfg.knn_t, num_classes)}
+    if cfg.majority:
+        ## A majority vote is the same vote with T = infinity: exp(sim / T) = 1 for every neighbour.
+        result["knn_majority"] = knn_accuracies(train_x, train_y, test_x, test_y, ks, math.inf, num_classes)
+    if cfg.probe_epochs:
+        batch_size = cfg.probe_batch_size or len(train_x)  # full batch: one step per epoch, features stay put
+        result["linear_probe"] = linear_probe(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                                              batch_size=batch_size, seed=cfg.seed, num_classes=num_classes)
+    result["effective_rank"] = effective_rank(float64_ready(train_x))
+    return result
+
+
+def evaluate(arrays, cfg, device):
+    """Every number for one input: the full features, then each --subspace projection (its 'dim' is
+    the number of principal directions kept)."""
+    train_x, train_y, test_x, test_y = (arrays[key].to(device) for key in FEATURE_KEYS)
+    if max(parse_ks(cfg.knn_k)) > len(train_x):
+        raise UserError(f"--knn-k asks for {max(parse_ks(cfg.knn_k))} neighbours but there are only {len(train_x)} "
+                        f"training samples; lower --knn-k.")
+    result = evaluate_features(train_x, train_y, test_x, test_y, cfg)
+    subspaces = parse_subspaces(cfg.subspace)
+    if subspaces:
+        mean, variances, vectors = principal_directions(train_x)
+        result["subspace"] = {}
+        for side, percent in subspaces:
+            index, kept = subspace_directions(variances, side, percent)
+            basis = vectors[:, index]  # (D, K)
+            numbers = evaluate_features(project(train_x, mean, basis), train_y, project(test_x, mean, basis), test_y, cfg)
+            result["subspace"][f"{side}:{percent:g}"] = {"variance_kept": kept, **numbers, "dim": len(index)}
+    return result
+
+
+# =============================================================================================
+# Reporting: one table for every input, the JSON file, the spectrum plot
+# =============================================================================================
+
+def table_row(label, numbers, cfg, seconds=""):
+    ks = parse_ks(cfg.knn_k)
+    cells = [label, str(numbers["dim"])] + [f"{100 * numbers['knn'][k]:.2f}" for k in ks]
+    cells += [f"{100 * numbers['knn_majority'][k]:.2f}" for k in ks] if cfg.majority else []
+    cells += [f"{100 * numbers['linear_probe']:.2f}"] if cfg.probe_epochs else []
+    return cells + [f"{numbers['effective_rank']:.1f}", seconds]
+
+
+def format_table(results, cfg):
+    """Accuracies in percent; one row per input, then one per --subspace projection of it."""
+    ks = parse_ks(cfg.knn_k)
+    header = ["input", "dim"] + [f"knn@{k}" for k in ks] + ([f"maj@{k}" for k in ks] if cfg.majority else [])
+    header += (["linear"] if cfg.probe_epochs else []) + ["erank", "time"]
+    rows = [header]
+    for result in results:
+        rows.append(table_row(result["input"], result, cfg, f"{result['seconds']:.1f}s"))
+        for name, numbers in result.get("subspace", {}).items():
+            rows.append(table_row(f"  {name} ({100 * numbers['variance_kept']:.1f}% var)", numbers, cfg))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def settings(cfg, device):
+    """The exact settings, with the conventions spelled out, for the JSON file."""
+    return {**dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "numpy": np.__version__,
+            "knn_protocol": "DINO: L2-normalised features, cosine similarity, votes exp(sim / knn_t)",
+            "probe_protocol": "standardise by train statistics, Linear, cross-entropy, AdamW wd 0, cosine, final epoch",
+            "effective_rank_of": "train features, not centred (subspace rows: centred projections)"}
+
+
+def atomic_write(path, write):
+    """write(temporary path), then rename: a crash never leaves half a file behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(results, path):
+    """One object for one input, a list of them for several."""
+    text = json.dumps(results[0] if len(results) == 1 else results, indent=2)
+    atomic_write(path, lambda tmp: open(tmp, "w").write(text + "\n"))
+
+
+def plot_spectra(spectra, path):
+    """Singular values s_i / s_1 of each input's train features, log-log: the whole spectrum that
+    effective rank summarises in one number."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, singular_values, erank in spectra:
+        ax.loglog(np.arange(1, len(singular_values) + 1), singular_values / singular_values[0],
+                  label=f"{label} (erank {erank:.1f})")
+    ax.set(xlabel="index i", ylabel="s_i / s_1", title="singular values of the train features (not centred)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+def main(argv=None):
+    try:
+        cfg, paths = parse_config(argv)
+        device = pick_device(cfg.device)
+        results, spectra = [], []
+        for source in ([f"pixels:{cfg.pixels}"] if cfg.pixels else []) + paths:
+            start = time.time()
+            arrays, metadata = load_input(source, cfg)
+            arrays = check_features(arrays, source)
+            train_x = arrays["train_features"]
+            print(f"{source}: {len(train_x)} train and {len(arrays['test_features'])} test samples, "
+                  f"{train_x.shape[1]} dimensions, on {device}", flush=True)
+            numbers = evaluate(arrays, cfg, device)
+            results.append({"input": source, "metadata": metadata, "num_train": len(train_x),
+                            "num_test": len(arrays["test_features"]), **numbers, "seconds": time.time() - start,
+                            "settings": settings(cfg, device)})
+            if cfg.plot:
+                spectra.append((source, torch.linalg.svdvals(train_x.double()).numpy(), numbers["effective_rank"]))
+        print(format_table(results, cfg))
+        if cfg.json:
+            write_json(results, cfg.json)
+            print(f"wrote {cfg.json}")
+        if cfg.plot:
+            plot_spectra(spectra, cfg.plot)
+            print(f"wrote {cfg.plot}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
