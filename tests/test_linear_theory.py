@@ -1,0 +1,263 @@
+"""Tests of linear_theory.py: every closed form against an independent computation (gradient-based
+training, Monte Carlo, a textbook formula or a direct least-squares solve). Small data made here;
+deterministic; no network, no files."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import linear_theory as lt  # noqa: E402
+
+torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and CI shares its cores
+
+IMAGE_SHAPE = (2, 4, 4)  # D = 32: two channels, 2x2 patches of size 2
+K = 4
+
+
+def make_data(image_shape=IMAGE_SHAPE, n=300, num_classes=3, seed=0, decay=0.92):
+    """Centred correlated data X (D, N) with a decaying spectrum, and one-hot labels Y (C, N)."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = math.prod(image_shape)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0]
+    X = basis @ (decay ** torch.arange(dim, dtype=torch.float64)[:, None] * torch.randn(dim, n, generator=gen, dtype=torch.float64))
+    X = X - X.mean(1, keepdim=True)
+    labels = (torch.randn(num_classes, dim, generator=gen, dtype=torch.float64) @ X).argmax(0)
+    return X, torch.nn.functional.one_hot(labels, num_classes).T.double()
+
+
+def pca_rows(X, k):
+    return torch.linalg.eigh(X @ X.T)[1].flip(1)[:, :k].T
+
+
+def relative_gap(value, reference):
+    return abs(value - reference) / abs(reference)
+
+
+CORRUPTIONS = [dict(noise="none"), dict(noise="gaussian", sigma=0.4),
+               dict(noise="mask", p=0.5, patch=2, image_shape=IMAGE_SHAPE)]
+
+
+# --- the denoising autoencoder ---------------------------------------------------------------
+
+def test_interface_shapes_and_loss_consistency():
+    X, _ = make_data()
+    for corruption in CORRUPTIONS:
+        E, G, loss = lt.dae_closed_form(X.numpy(), K, **corruption)  # numpy in works too
+        assert E.shape == (K, X.shape[0]) and G.shape == (X.shape[0], K) and isinstance(loss, float)
+        C, S = lt.corruption_moments(X @ X.T, X.shape[1], **corruption)
+        assert relative_gap(float(lt.expected_dae_loss(E, G, X @ X.T, C, S)), loss) < 1e-12
+        # more features never hurt, and the loss is below that of doing nothing
+        assert lt.dae_closed_form(X, K + 1, **corruption)[2] < loss < float((X ** 2).sum())
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS, ids=lambda c: c["noise"])
+def test_closed_form_matches_lbfgs_and_adam(corruption):
+    X, _ = make_data()
+    E, G, best = lt.dae_closed_form(X, K, **corruption)
+    gram = X @ X.T
+    C, S = lt.corruption_moments(gram, X.shape[1], **corruption)
+    E_fit, G_fit = lt.train_dae_expected(X, K, "lbfgs", 500, seed=1, **corruption)
+    assert relative_gap(float(lt.expected_dae_loss(E_fit, G_fit, gram, C, S)), best) < 1e-9
+    assert lt.max_principal_angle(E_fit, E) < 1e-2  # the same learned subspace, in degrees
+    E_fit, G_fit = lt.train_dae_expected(X, K, "adam", 2000, seed=2, **corruption)
+    assert relative_gap(float(lt.expected_dae_loss(E_fit, G_fit, gram, C, S)), best) < 1e-6
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS[1:], ids=lambda c: c["noise"])
+def test_closed_form_matches_sgd_on_sampled_corruptions(corruption):
+    X, _ = make_data()
+    gram = X @ X.T
+    E, G, best = lt.dae_closed_form(X, K, **corruption)
+    C, S = lt.corruption_moments(gram, X.shape[1], **corruption)
+    E_fit, G_fit = lt.train_dae_sampled(X, K, 2000, seed=0, **corruption)
+    assert relative_gap(float(lt.expected_dae_loss(E_fit, G_fit, gram, C, S)), best) < 1e-4
+    assert lt.max_principal_angle(E_fit, E) < 2.0
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS[1:], ids=lambda c: c["noise"])
+def test_expected_loss_formula_matches_monte_carlo(corruption):
+    # the objective the optimisers above minimise must itself be the expectation over corruptions
+    X, _ = make_data(n=100)
+    gen = torch.Generator().manual_seed(3)
+    E = torch.randn(K, X.shape[0], generator=gen, dtype=torch.float64) * 0.3
+    G = torch.randn(X.shape[0], K, generator=gen, dtype=torch.float64) * 0.3
+    C, S = lt.corruption_moments(X @ X.T, X.shape[1], **corruption)
+    draws = [float(((X - G @ E @ lt.sample_corruption(X, gen, **corruption)) ** 2).sum()) for _ in range(3000)]
+    assert relative_gap(np.mean(draws), float(lt.expected_dae_loss(E, G, X @ X.T, C, S))) < 1e-2
+
+
+def test_masking_second_moment_monte_carlo():
+    X, _ = make_data(n=200)
+    mask = dict(noise="mask", p=0.6, patch=2, image_shape=IMAGE_SHAPE)
+    C, S = lt.corruption_moments(X @ X.T, X.shape[1], **mask)
+    gen = torch.Generator().manual_seed(0)
+    draws = [lt.sample_corruption(X, gen, **mask) for _ in range(4000)]
+    S_mc = sum(Xt @ Xt.T for Xt in draws) / len(draws)
+    C_mc = sum(Xt @ X.T for Xt in draws) / len(draws)
+    assert float((S_mc - S).norm() / S.norm()) < 1e-2
+    assert float((C_mc - C).norm() / C.norm()) < 1e-2
+    # and the structure: all channels of a pixel share one patch, edge patches may be ragged
+    ids = lt.patch_ids((3, 5, 5), 2)
+    assert ids.shape == (75,) and torch.equal(ids[:25], ids[25:50]) and int(ids.max()) + 1 == 9
+
+
+def test_gaussian_noise_never_moves_the_subspace():
+    X, _ = make_data()
+    n = X.shape[1]
+    d = torch.linalg.eigvalsh(X @ X.T).flip(0)
+    for sigma in (0.01, 0.5, 3.0):
+        E, _, loss, mu = lt.dae_from_gram(X @ X.T, n, K, "gaussian", sigma)
+        predicted = d[:K] ** 2 / (d[:K] + n * sigma ** 2)
+        assert torch.allclose(mu, predicted, rtol=1e-10, atol=0)
+        assert lt.max_principal_angle(E, pca_rows(X, K)) < 1e-8
+        assert relative_gap(loss, float(d.sum() - predicted.sum())) < 1e-12
+
+
+def test_entrywise_masking_of_standardised_data_is_pca_and_patches_move_it():
+    X, _ = make_data()
+    X_std = X / X.std(1, keepdim=True)
+    E = lt.dae_closed_form(X_std, K, "mask", p=0.7)[0]
+    assert lt.max_principal_angle(E, pca_rows(X_std, K)) < 1e-8
+    E_patch = lt.dae_closed_form(X_std, K, "mask", p=0.7, patch=2, image_shape=IMAGE_SHAPE)[0]
+    assert lt.max_principal_angle(E_patch, pca_rows(X_std, K)) > 1.0
+    # unstandardised data: even entry-wise masking moves it
+    X_raw = X * torch.linspace(0.2, 3.0, X.shape[0], dtype=torch.float64)[:, None]
+    assert lt.max_principal_angle(lt.dae_closed_form(X_raw, K, "mask", p=0.7)[0], pca_rows(X_raw, K)) > 1.0
+
+
+def test_rank_deficient_data_pads_with_zero_features():
+    X, _ = make_data(n=6)  # D = 32 > N: X X^T has rank 5 after centring
+    E, G, loss = lt.dae_closed_form(X, 8)
+    assert E.shape == (8, 32) and torch.all(E[5:] == 0)
+    assert loss < 1e-9 * float((X ** 2).sum())  # 5 directions reconstruct everything
+    with pytest.raises(ValueError):
+        lt.dae_closed_form(X, 4, "mask", p=0.5, patch=2)  # patches need image_shape
+
+
+# --- Theorem 1 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 5.0])
+def test_theorem1_matches_lbfgs(lam):
+    X, Y = make_data()
+    V, W, Z, best = lt.bilinear_closed_form(X, Y, 2, lam)
+    assert relative_gap(float(lt.bilinear_loss(V, W, Z, X, Y, lam)), best) < 1e-12
+    assert torch.allclose(V.T @ X @ X.T @ V, torch.eye(2, dtype=torch.float64), atol=1e-10)
+    V_fit, W_fit, Z_fit = lt.train_bilinear(X, Y, 2, lam, 1000, seed=0)
+    assert relative_gap(float(lt.bilinear_loss(V_fit, W_fit, Z_fit, X, Y, lam)), best) < 1e-9
+
+
+def test_theorem1_limits():
+    X, Y = make_data()
+    # lambda = 0: reduced-rank regression (textbook formula), and ordinary least squares once K >= C
+    assert relative_gap(lt.bilinear_closed_form(X, Y, 2, 0.0)[3], lt.reduced_rank_regression_loss(X, Y, 2)) < 1e-10
+    ols = float(((Y.T - X.T @ torch.linalg.lstsq(X.T, Y.T).solution) ** 2).sum())
+    assert relative_gap(lt.bilinear_closed_form(X, Y, 3, 0.0)[3], ols) < 1e-10
+    # lambda -> infinity: PCA
+    V = lt.bilinear_closed_form(X, Y, K, 1e8)[0]
+    assert lt.max_principal_angle(V.T, pca_rows(X, K)) < 1e-4
+    assert lt.max_principal_angle(lt.bilinear_closed_form(X, Y, K, 0.01)[0].T, pca_rows(X, K)) > 1.0
+    with pytest.raises(ValueError):
+        lt.bilinear_closed_form(X, Y, K, -1.0)
+
+
+# --- alignment -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS, ids=lambda c: c["noise"])
+def test_alignment_error_equals_direct_least_squares(corruption):
+    X, Y = make_data(n=200)
+    dim = X.shape[0]
+    E = lt.dae_closed_form(X, dim, **corruption)[0]
+    curve = lt.alignment_curve(E, torch.linalg.eigh(X @ X.T), X @ Y.T, Y.sum(1))
+    for k in (1, 3, 8, dim):
+        features = (E[:k] @ X).T  # (N, k)
+        residual = Y.T - features @ torch.linalg.lstsq(features, Y.T).solution
+        assert relative_gap(float(curve["err"][k - 1]), float((residual ** 2).sum())) < 1e-9
+    assert torch.all(curve["projection"].diff() >= -1e-9) and abs(float(curve["projection"][-1]) - 100) < 1e-9
+
+
+def test_alignment_scores_agree_for_balanced_classes_only():
+    X, _ = make_data(n=300)
+    balanced = torch.nn.functional.one_hot(torch.arange(300) % 3, 3).T.double()
+    unbalanced = torch.nn.functional.one_hot((torch.arange(300) % 10 > 6).long() + (torch.arange(300) % 10 > 8).long(), 3).T.double()
+    E = lt.dae_closed_form(X, X.shape[0])[0]
+    gram_eig = torch.linalg.eigh(X @ X.T)
+    same = lt.alignment_curve(E, gram_eig, X @ balanced.T, balanced.sum(1))
+    assert torch.allclose(same["projection"], same["authors"], atol=1e-9)
+    different = lt.alignment_curve(E, gram_eig, X @ unbalanced.T, unbalanced.sum(1))
+    assert float((different["projection"] - different["authors"]).abs().max()) > 1e-3
+
+
+def test_pixel_statistics_match_a_direct_computation():
+    gen = np.random.default_rng(0)
+    images = gen.integers(0, 256, size=(50, 2, 3, 3), dtype=np.uint8)
+    labels = gen.integers(0, 4, size=50)
+    stats = lt.pixel_statistics(images, labels, 4, torch.device("cpu"), chunk=7)
+    X = torch.from_numpy(images.reshape(50, -1)).double().T / 255
+    X = X - X.mean(1, keepdim=True)
+    Y = torch.nn.functional.one_hot(torch.from_numpy(labels), 4).T.double()
+    assert torch.allclose(stats["gram"], X @ X.T, atol=1e-12) and torch.allclose(stats["xy"], X @ Y.T, atol=1e-12)
+    assert stats["image_shape"] == (2, 3, 3) and stats["n"] == 50
+
+
+# --- top / bottom subspaces and learning order ---------------------------------------------------
+
+@pytest.mark.parametrize("end", ["top", "bottom"])
+@pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5, 0.9, 1.0])
+def test_variance_subspace_keeps_the_requested_fraction(end, fraction):
+    X, _ = make_data(n=500)
+    eigvals, eigvecs = torch.linalg.eigh(X @ X.T / X.shape[1])
+    eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+    basis, kept = lt.variance_subspace(eigvals, eigvecs, fraction, end)
+    k = basis.shape[1]
+    projected = basis @ basis.T @ X
+    actual = float((projected ** 2).sum() / (X ** 2).sum())  # the variance the projected images really keep
+    assert abs(actual - kept) < 1e-10 and kept >= fraction - 1e-12
+    # the fewest directions: one fewer would not reach the fraction
+    one_less = eigvals[:k - 1].sum() if end == "top" else eigvals[len(eigvals) - k + 1:].sum()
+    assert float(one_less / eigvals.sum()) < fraction
+    # leading or trailing directions, as asked
+    expected = eigvecs[:, :k] if end == "top" else eigvecs[:, -k:]
+    assert torch.equal(basis, expected)
+
+
+def test_gradient_flow_prediction_matches_gradient_descent():
+    # the closed-form learning curve per eigen-band against plain gradient descent of W from 0
+    X, _ = make_data(image_shape=(1, 4, 4), n=400)
+    cov = X @ X.T / X.shape[1]
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+    lr, steps = 1e-3 / float(eigvals[0]), 3000
+    W = torch.zeros(16, 16, dtype=torch.float64)
+    for _ in range(steps):
+        W += lr * 2 * (torch.eye(16, dtype=torch.float64) - W) @ cov  # -grad of mean ||x - W x||^2
+    residual = ((torch.eye(16, dtype=torch.float64) - W) @ X).T @ eigvecs  # (N, D) in the eigenbasis
+    bands = lt.eigen_bands(16)
+    measured = torch.tensor([float((residual[:, a:b] ** 2).sum() / ((X.T @ eigvecs)[:, a:b] ** 2).sum()) for a, b in bands],
+                            dtype=torch.float64)
+    predicted = lt.gradient_flow_band_error(eigvals, bands, torch.tensor([lr * steps], dtype=torch.float64))[0]
+    assert torch.allclose(measured, predicted, rtol=1e-2, atol=1e-4)
+    assert torch.all(predicted.diff() > 0)  # top bands are fitted first
+    assert bands == [(0, 1), (1, 4), (4, 16)]
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["align", "--corruptions", "mask:2:4"], ["align", "--datasets", "nope"],
+                                  ["subspace", "--top", "1.5"], ["align", "--ks", "0"],
+                                  ["align", "--datasets", "cifar10", "--data-dir", "/nonexistent", "--no-download"]])
+def test_bad_input_ends_with_one_sentence(argv, capsys):
+    assert lt.main(argv + ["--out-dir", "/nonexistent/out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_help_lists_every_knob(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lt.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all("--" + field.name.replace("_", "-") in out for field in lt.dataclasses.fields(lt.Config))
