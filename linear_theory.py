@@ -208,7 +208,7 @@ def float64_device(device):
 # Data: the loaders are copies of mae_decay.py's (uint8 (N, C, H, W) + int64 labels)
 # =============================================================================================
 
-DATA_HELP = ("use --datasets shapes (built-in, no download), or put the files in --data-dir, "
+DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
              "or run once with network access")
 
 CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5

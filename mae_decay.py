@@ -37,6 +37,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 import os
 import pickle
 import sys
@@ -101,8 +102,8 @@ class Config:
     knn_t: float = 0.07           # k-NN temperature
     feature: str = "mean"         # mean (all tokens of the block, the authors') | cls
     feature_block: int = 0        # encoder block (1-indexed) whose output is the feature; 0 = last
-    probe_epochs: int = 100       # linear-probe epochs (final epoch is reported, never the best)
-    probe_lr: float = 1e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0)
+    probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); probe.py's default
+    probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); probe.py's default
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
     compile: bool = False         # torch.compile the model (falls back to eager if it fails)
@@ -203,7 +204,14 @@ def check_config(cfg):
          "--log-every and --ckpt-every must be at least 1, --eval-every at least 0.")
     alphas = alpha_settings(cfg)
     need(all(0.0 < a <= 1.0 for a in alphas), f"every alpha_min must be in (0, 1], got {alphas}.")
-    [int(s) for s in parse_floats(cfg.seeds, "--seeds")]
+    parse_seeds(cfg.seeds)
+
+
+def parse_seeds(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()] or [0]
+    except ValueError:
+        raise UserError(f"--seeds must be a comma-separated list of integers, got '{text}'.") from None
 
 
 def alpha_settings(cfg):
@@ -220,7 +228,7 @@ def alpha_settings(cfg):
 # Data: every dataset becomes uint8 tensors (N, C, H, W) + int64 labels, held on the device
 # =============================================================================================
 
-DATA_HELP = ("use --dataset shapes (built-in, no download), or put the files in --data-dir, "
+DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
              "or run once with network access")
 
 CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
@@ -498,10 +506,10 @@ def to_device(parts, device, train_limit=0):
     train_x, train_y = parts["train"]
     if train_limit:
         train_x, train_y = train_x[:train_limit], train_y[:train_limit]
-    data = {"train_x": torch.from_numpy(np.ascontiguousarray(train_x)).to(device),
-            "train_y": torch.from_numpy(train_y).to(device),
-            "test_x": torch.from_numpy(np.ascontiguousarray(parts["test"][0])).to(device),
-            "test_y": torch.from_numpy(parts["test"][1]).to(device), "classes": parts["classes"]}
+    # torch.tensor copies: the IDX reader's arrays are read-only views of the file's bytes
+    data = {"train_x": torch.tensor(train_x).to(device), "train_y": torch.tensor(train_y).to(device),
+            "test_x": torch.tensor(parts["test"][0]).to(device), "test_y": torch.tensor(parts["test"][1]).to(device),
+            "classes": parts["classes"]}
     # per-channel mean / std of the training pixels, for input normalisation
     pixels = data["train_x"][:10000].float().div_(255).transpose(0, 1).flatten(1)
     data["mean"], data["std"] = pixels.mean(1).view(1, -1, 1, 1), pixels.std(1).clamp_min(1e-3).view(1, -1, 1, 1)
@@ -556,7 +564,9 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
     `k` may be an int or a list of ints (one prediction per k from one top-k search).
     Queries go in fixed chunks, so any number of them works (1 or 10^6).
     Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
-    ks = [k] if isinstance(k, int) else list(k)
+    single = isinstance(k, numbers.Integral)
+    ks = [int(k)] if single else [int(kk) for kk in k]
+    train_y = train_y.long()
     if max(ks) > len(train_x):
         raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
     num_classes = num_classes or int(train_y.max()) + 1
@@ -571,7 +581,7 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
             votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
             predictions[kk].append(votes.argmax(1))
     predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
-    return predictions[k] if isinstance(k, int) else predictions
+    return predictions[ks[0]] if single else predictions
 
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs=100, lr=1e-3, batch_size=1024, seed=0, num_classes=None):
@@ -580,6 +590,7 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=100, lr=1e-3, batch_si
     Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
     gen = torch.Generator().manual_seed(seed)
     device = train_x.device
+    train_y, test_y = train_y.long(), test_y.long()
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
     train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
@@ -1014,6 +1025,8 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
                            num_classes=len(data["classes"]))
         state["evals"].append({"epoch": epoch, "knn": (pred == data["test_y"][:n_test]).float().mean().item(),
                                "effective_rank": effective_rank(feats["train"])})
+        tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {state['evals'][-1]['knn']:.4f} "
+                   f"(5k/1k subset), effective rank {state['evals'][-1]['effective_rank']:.1f}")
 
     if cfg.eval_every and state["step"] == 0 and not state["evals"]:
         evaluate_cheap(0)
@@ -1341,7 +1354,7 @@ def main(argv=None):
     device = pick_device(cfg.device)
     if cfg.benchmark:
         return run_benchmark(cfg, device)
-    alphas, seeds = alpha_settings(cfg), [int(s) for s in parse_floats(cfg.seeds, "--seeds")]
+    alphas, seeds = alpha_settings(cfg), parse_seeds(cfg.seeds)
     parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)
     data = to_device(parts, device, cfg.train_limit)
     print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "

@@ -44,6 +44,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 import os
 import pickle
 import sys
@@ -176,7 +177,7 @@ def pick_device(name):
 # deliberate verbatim copy of mae_decay.py's; tests/test_probe.py checks that the copies match.
 # =============================================================================================
 
-DATA_HELP = ("use --dataset shapes (built-in, no download), or put the files in --data-dir, "
+DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
              "or run once with network access")
 
 CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
@@ -578,7 +579,9 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
     `k` may be an int or a list of ints (one prediction per k from one top-k search).
     Queries go in fixed chunks, so any number of them works (1 or 10^6).
     Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
-    ks = [k] if isinstance(k, int) else list(k)
+    single = isinstance(k, numbers.Integral)
+    ks = [int(k)] if single else [int(kk) for kk in k]
+    train_y = train_y.long()
     if max(ks) > len(train_x):
         raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
     num_classes = num_classes or int(train_y.max()) + 1
@@ -593,7 +596,7 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
             votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
             predictions[kk].append(votes.argmax(1))
     predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
-    return predictions[k] if isinstance(k, int) else predictions
+    return predictions[ks[0]] if single else predictions
 
 
 @accepts_arrays
@@ -603,6 +606,7 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=100, lr=1e-3, batch_si
     Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
     gen = torch.Generator().manual_seed(seed)
     device = train_x.device
+    train_y, test_y = train_y.long(), test_y.long()
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
     train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std

@@ -497,6 +497,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     (["--feature", "max"], "--feature"),
     (["--embed-dim", "190", "--num-heads", "5"], "multiples of 4"),
     (["--device", "tpu"], "--device"),
+    (["--seeds", "0.5"], "--seeds"),
 ])
 def test_bad_flags_give_one_clear_sentence(flags, message):
     with pytest.raises(m.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
