@@ -1,0 +1,1633 @@
+"""
+diffusion_decay.py: a diffusion transformer (DiT, trained as a flow like SiT) whose blocks use
+DECAYED identity shortcuts and U-ViT long skips, from data to generation quality AND frozen-feature
+quality, in one file.
+
+Paper: Zhang, Jiang, Gao, Willett, Maire, "Residual Connections Harm Generative Representation
+Learning" (arXiv 2404.10947). Every residual sub-layer x_{k+1} = x_k + f_k(x_k) becomes
+
+    x_{k+1} = alpha_k * x_k + f_k(norm(x_k)),   alpha_k falling linearly from 1 to alpha_min,
+
+over ALL blocks of the network. The paper's diffusion claim (SiT-XL/2, ImageNet 256, 400k steps,
+no guidance): FID 17.2 baseline, 16.5 with U-ViT long skips, 11.8 with long skips and alpha_min 0.8.
+Implemented as the authors' SiT code does it: adaLN-Zero blocks, one alpha per sub-layer,
+x = x + Linear(skip) into each decoder-half block, linear interpolant x_t = (1 - t) x_0 + t noise
+with a velocity target. The three rows of the paper are one flag apart:
+
+    --skips off --alpha-min 1.0     baseline DiT / SiT
+    --skips on  --alpha-min 1.0     + long skips
+    --skips on  --alpha-min 0.3     + long skips + decayed shortcuts
+
+Run (each command prints what it does; `--help` lists every knob):
+
+    python diffusion_decay.py                       # CPU demo: skips off/on x alpha_min 1.0/0.3, built-in shapes 16px
+    python diffusion_decay.py --preset cifar --compile                    # DiT-S/2 on CIFAR-10, one GPU
+    python diffusion_decay.py --dataset fashion-mnist --img-size 28 --train-limit 10000 --epochs 3 --eval-every 0
+    python diffusion_decay.py --class-cond --cfg-scale 2.0 --skips on --alpha-min 0.3   # class-conditional + CFG
+    python diffusion_decay.py --preset cifar --benchmark --compile        # img/s, ms/step, memory, MFU
+    python diffusion_decay.py --alpha-eff 1,3e-3 --skips on               # choose alpha_min by prod(alphas)
+
+Outputs go to --out-dir (default runs/diffusion): config.json, the cached reference classifier
+(fd_reference_*.pt), one folder per (skips, alpha_min, seed) with ckpt.pt (model, EMA, optimizer,
+RNG, step, config), samples.png and features.npz (the format probe.py reads), results.json, and
+the plots curves.png (loss, FD and k-NN over training) and samples.png (grids side by side).
+
+What is measured, and how:
+* Generation: "FD-smallcnn", the Frechet distance between generated images (EMA weights,
+  deterministic Heun ODE sampler) and the real test images, in the penultimate features of a small
+  CNN that this file trains once on the real training set and caches. It is NOT ImageNet-Inception
+  FID: numbers are comparable only within one dataset, image size and --fd-samples. Real-vs-real
+  (training images) and noise-vs-real values are printed next to it as floor and ceiling.
+* Representation: tokens at the end of the ENCODER HALF (the U-ViT bottleneck) of the EMA model,
+  mean-pooled, for a clean (t = 0) or lightly noised input, null class; k-NN (DINO protocol), linear
+  probe (final epoch), effective rank (not centred), as in probe.py.
+
+Known-good numbers (this file, `python diffusion_decay.py`, 2-core CPU, 1 thread, torch 2.13):
+    python diffusion_decay.py       # 6 min 17 s wall (4 runs of 624 steps, evaluation included)
+
+    shapes 16px, DiT 64x6/4, 8 epochs, seed 0; FD-smallcnn of 500 EMA samples (Heun, 10 steps) vs
+    the 2000 test images (real vs real 0.15, noise vs real 2283); reference CNN test accuracy 0.50;
+    features: encoder-half output at t=0, mean-pooled (chance is 0.10)
+    skips alpha_min alpha_eff  FD-smallcnn  k-NN@20  linear probe  eff. rank  loss (last ep)  train s
+      off       1.0  1.00e+00       9.44     0.1155        0.1075      11.64          0.2612       67
+      off       0.3  2.64e-03      12.03     0.1085        0.0940      10.15          0.2811       66
+       on       1.0  1.00e+00       7.83     0.1115        0.0940      10.24          0.2659       77
+       on       0.3  2.64e-03       7.64     0.1070        0.1110      13.85          0.2532       72
+
+    One seed, one tiny model, so no claim: long skips lowered the FD, decay without skips raised it,
+    decay with skips changed it little (7.83 -> 7.64). The features of a model this small and this
+    briefly trained are at chance on shapes for every setting (see README "Known issues").
+
+    python diffusion_decay.py --dataset fashion-mnist --img-size 28 --train-limit 10000 --epochs 3 --eval-every 0
+    (~12.5 min wall for the 4 runs; reference CNN test accuracy 0.74; real vs real 0.06, noise vs real 38.3;
+    10000 test images; chance 0.10)
+    skips alpha_min alpha_eff  FD-smallcnn  k-NN@20  linear probe  eff. rank  loss (last ep)  train s
+      off       1.0  1.00e+00      11.08     0.6234        0.6000       7.06          0.4554       94
+      off       0.3  2.64e-03      25.99     0.5708        0.5461       4.43          0.6400      101
+       on       1.0  1.00e+00      11.40     0.6270        0.6408       7.89          0.4620      100
+       on       0.3  2.64e-03      12.00     0.6659        0.6507       8.30          0.4756      100
+
+Two comment layers: `##` lines teach (why a line exists, which equation it implements) and can be
+stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
+"""
+import argparse
+import copy
+import dataclasses
+import gzip
+import hashlib
+import inspect
+import json
+import math
+import numbers
+import os
+import pickle
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
+
+
+# =============================================================================================
+# Config
+# =============================================================================================
+
+@dataclasses.dataclass
+class Config:
+    # --- data ---
+    dataset: str = "shapes"       # shapes (built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
+    data_dir: str = "data"        # where datasets are looked for, and downloaded to
+    download: bool = True         # download missing official files (checksum verified before use)
+    train_limit: int = 0          # use only the first N training images (0 = all)
+    img_size: int = 16            # side of the square image the model generates
+    flip: bool = True             # random horizontal flips of the training images
+    # --- model ---
+    patch_size: int = 4           # patch side in pixels
+    embed_dim: int = 64           # transformer width
+    depth: int = 6                # blocks (even): the first half is the encoder half, the rest the decoder half
+    num_heads: int = 4            # attention heads
+    mlp_ratio: float = 4.0        # MLP hidden width / width
+    skips: str = "off,on"         # comma list of on|off: U-ViT long skips between the halves; one run per value
+    alpha_min: str = "1.0,0.3"    # comma list: one run per value (times each --skips value), identical settings
+    alpha_eff: str = ""           # instead of alpha_min: comma list of targets for prod(alphas) over all blocks
+    class_cond: bool = False      # class-conditional model (labels would leak into the probed features: off by default)
+    class_dropout: float = 0.1    # with --class-cond: fraction of training labels replaced by the null class (CFG)
+    # --- flow training ---
+    time_dist: str = "logit-normal"  # logit-normal | uniform: distribution of the training time t
+    epochs: int = 8               # passes over the training set
+    max_steps: int = 0            # stop after this many optimizer steps (0 = all); the schedule still spans --epochs
+    batch_size: int = 128         # images per optimizer step
+    base_lr: float = 2e-3         # lr = base_lr * batch_size / 256
+    min_lr: float = 0.0           # floor of the cosine schedule
+    warmup_epochs: float = 1.0    # linear warm-up length, then half-cycle cosine, per step
+    weight_decay: float = 0.0     # AdamW decay, not applied to biases, norms and tokens (SiT: 0)
+    beta2: float = 0.999          # AdamW beta2 (SiT: 0.999)
+    ema_decay: float = 0.995      # EMA of the weights (with warm-up min(decay, (1+step)/(10+step))); SiT: 0.9999
+    seeds: str = "0"              # comma list of seeds; several give mean +- std in the table
+    # --- sampling and generation quality ---
+    sampler: str = "heun"         # euler | heun: deterministic ODE sampler from t=1 (noise) to t=0 (data)
+    sample_steps: int = 10        # sampler steps (heun costs two network calls per step)
+    cfg_scale: float = 1.0        # classifier-free guidance scale with --class-cond (1 = conditional model)
+    fd_samples: int = 500         # generated images (and real training images for the real-vs-real floor) per FD
+    ref_epochs: int = 3           # epochs of the reference CNN whose features define FD-smallcnn
+    # --- representation ---
+    eval_every: int = 4           # FD + cheap k-NN + effective rank every N epochs (0 = only at the end)
+    feature_t: str = "0,0.1"      # comma list of noise levels t of the probed input (first one is the headline)
+    knn_k: int = 20               # neighbours for the headline k-NN number (DINO protocol)
+    knn_t: float = 0.07           # k-NN temperature
+    probe_epochs: int = 100       # linear-probe epochs (final epoch is reported, never the best)
+    probe_lr: float = 1e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0)
+    # --- system ---
+    device: str = "auto"          # auto | cuda | mps | cpu
+    compile: bool = False         # torch.compile the model for training (falls back to eager if it fails)
+    out_dir: str = "runs/diffusion"  # where checkpoints, features, samples, plots and results go
+    resume: bool = False          # continue each run from its checkpoint in out_dir
+    ckpt_every: int = 4           # write a checkpoint every N epochs (and at the end)
+    log_every: int = 20           # steps between progress-bar updates (each one syncs the device)
+    json: str = ""                # also write every run's final numbers to this file
+    plots: bool = True            # write the PNG plots and sample grids
+    benchmark: bool = False       # only time the training step and print img/s, ms/step, memory, MFU
+
+
+PRESETS = {
+    ## The CPU demo (= the defaults above): a DiT of width 64, depth 6, patch 4 on 16x16 built-in
+    ## shapes (16 tokens), 8 epochs, the four combinations of skips off/on and alpha_min 1.0/0.3.
+    ## At depth 6 the paper's rule of thumb (prod(alphas) in [1e-3, 1e-2)) asks for alpha_min
+    ## between 0.23 and 0.41: 0.3 gives 2.6e-3.
+    "quick": dict(),
+    ## DiT-S/2 (width 384, depth 12, 6 heads) on 32x32 CIFAR-10: 256 tokens. At depth 12 the rule of
+    ## thumb asks for alpha_min 0.53-0.66; SiT's 0.8 at depth 28 gives prod(alphas) 2.4e-3.
+    "cifar": dict(dataset="cifar10", img_size=32, patch_size=2, embed_dim=384, depth=12, num_heads=6,
+                  skips="off,on", alpha_min="1.0,0.6", epochs=100, batch_size=256, base_lr=2e-4, warmup_epochs=2,
+                  ema_decay=0.9999, sample_steps=32, fd_samples=10000, ref_epochs=15, eval_every=10,
+                  ckpt_every=5, log_every=50),
+}
+
+
+def knob_help():
+    """The comment after each Config field, so `--help` and the code share one description."""
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, comment = line.partition("#")
+        if ":" in name and "=" in name and comment:
+            helps[name.split(":")[0].strip()] = comment.strip()
+    return helps
+
+
+def parse_config(argv=None):
+    """Defaults < preset < command line. Returns a Config."""
+    parser = argparse.ArgumentParser(description="Diffusion transformer (flow) with decayed identity shortcuts "
+                                                 "and long skips (arXiv 2404.10947).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="a set of defaults")
+    helps = knob_help()
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(field.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=helps.get(field.name))
+    args = parser.parse_args(argv)
+    values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    cfg = Config(**values)
+    check_config(cfg)
+    return cfg
+
+
+def parse_floats(text, flag):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be a comma-separated list of numbers, got '{text}'.") from None
+    if not values:
+        raise UserError(f"{flag} is empty: give at least one number, e.g. {flag} 1.0,0.4.")
+    return values
+
+
+def check_config(cfg):
+    """Every bad value a user can type ends here with one sentence naming the fix."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+    need(cfg.img_size > 0 and cfg.patch_size > 0 and cfg.img_size % cfg.patch_size == 0,
+         f"--img-size ({cfg.img_size}) must be a positive multiple of --patch-size ({cfg.patch_size}).")
+    need(cfg.embed_dim % 4 == 0, "--embed-dim must be a multiple of 4 (2D sin-cos position embeddings).")
+    need(cfg.embed_dim % cfg.num_heads == 0, f"--embed-dim ({cfg.embed_dim}) must be divisible by --num-heads ({cfg.num_heads}).")
+    need(cfg.depth >= 2 and cfg.depth % 2 == 0,
+         f"--depth must be even and at least 2 (an encoder half and a decoder half), got {cfg.depth}.")
+    skip_settings(cfg)
+    need(cfg.time_dist in ("logit-normal", "uniform"), f"--time-dist must be logit-normal or uniform, got '{cfg.time_dist}'.")
+    need(0.0 <= cfg.class_dropout < 1.0, f"--class-dropout must be in [0, 1), got {cfg.class_dropout}.")
+    need(cfg.cfg_scale >= 0, f"--cfg-scale cannot be negative, got {cfg.cfg_scale}.")
+    need(cfg.cfg_scale == 1.0 or cfg.class_cond, "--cfg-scale other than 1 needs a class-conditional model: add --class-cond.")
+    need(cfg.cfg_scale == 1.0 or cfg.class_dropout > 0,
+         "--cfg-scale other than 1 needs an unconditional model too: set --class-dropout above 0.")
+    need(0.0 <= cfg.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}.")
+    need(cfg.sampler in ("euler", "heun"), f"--sampler must be euler or heun, got '{cfg.sampler}'.")
+    need(cfg.sample_steps >= 1, "--sample-steps must be at least 1.")
+    need(cfg.fd_samples >= 2 and cfg.ref_epochs >= 1, "--fd-samples must be at least 2 and --ref-epochs at least 1.")
+    need(cfg.epochs >= 1 and cfg.batch_size >= 1, "--epochs and --batch-size must be at least 1.")
+    need(cfg.max_steps >= 0 and cfg.train_limit >= 0, "--max-steps and --train-limit cannot be negative.")
+    need(cfg.base_lr > 0 and cfg.probe_lr > 0, "--base-lr and --probe-lr must be positive.")
+    need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs={cfg.epochs}].")
+    need(all(0.0 <= t < 1.0 for t in noise_levels(cfg)), f"every --feature-t must be in [0, 1), got '{cfg.feature_t}'.")
+    need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
+    need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+    need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0,
+         "--log-every and --ckpt-every must be at least 1, --eval-every at least 0.")
+    alphas = alpha_settings(cfg)
+    need(all(0.0 < a <= 1.0 for a in alphas), f"every alpha_min must be in (0, 1], got {alphas}.")
+    parse_seeds(cfg.seeds)
+
+
+def parse_seeds(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()] or [0]
+    except ValueError:
+        raise UserError(f"--seeds must be a comma-separated list of integers, got '{text}'.") from None
+
+
+def alpha_settings(cfg):
+    """The list of alpha_min values this invocation compares (from --alpha-eff when given)."""
+    if cfg.alpha_eff:
+        targets = parse_floats(cfg.alpha_eff, "--alpha-eff")
+        if not all(0.0 < t <= 1.0 for t in targets):
+            raise UserError(f"every --alpha-eff must be in (0, 1], got {targets}.")
+        return [alpha_min_for(t, cfg.depth) for t in targets]
+    return parse_floats(cfg.alpha_min, "--alpha-min")
+
+
+def skip_settings(cfg):
+    """The --skips values this invocation compares, as booleans."""
+    values = [v.strip() for v in cfg.skips.split(",") if v.strip()]
+    if not values or any(v not in ("on", "off") for v in values):
+        raise UserError(f"--skips must be a comma list of on and off (e.g. off,on), got '{cfg.skips}'.")
+    return [v == "on" for v in dict.fromkeys(values)]
+
+
+def noise_levels(cfg):
+    return parse_floats(cfg.feature_t, "--feature-t")
+
+
+def comparison(cfg):
+    """Every (skips, alpha_min) pair this invocation trains, in table order."""
+    return [(skips, alpha_min) for skips in skip_settings(cfg) for alpha_min in alpha_settings(cfg)]
+
+
+def setting_name(skips, alpha_min):
+    return f"skips {'on' if skips else 'off'}, alpha_min {alpha_min:.4g}"
+
+
+# =============================================================================================
+# Data: every dataset becomes uint8 tensors (N, C, H, W) + int64 labels, held on the device
+# =============================================================================================
+
+DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
+             "or run once with network access")
+
+CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 "cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+IDX = {  # official IDX files (LeCun et al. 1998; Xiao et al. 2017) and their published md5
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}  # Debian's dataset-fashion-mnist
+
+
+def md5sum(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url, dest, md5):
+    """Fetch url to dest, keeping it only if its md5 matches: nothing unverified is ever opened."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = dest + ".part"
+    print(f"downloading {url}")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({e}); {DATA_HELP}.") from None
+    if md5sum(tmp) != md5:
+        os.remove(tmp)
+        raise UserError(f"the download of {url} failed its checksum (corrupt or tampered); delete nothing, just run again.")
+    os.replace(tmp, dest)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    ## The CIFAR batches are Python pickles, and unpickling can run arbitrary code. Downloads are
+    ## checksum-verified first; files already on disk are read with this unpickler, which refuses
+    ## every global except the few that rebuild a numpy array.
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("copyreg", "_reconstructor"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path, label_key):
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(f, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except Exception as e:  # truncated, not a pickle, wrong keys or shapes
+        raise UserError(f"{path} is not a valid CIFAR python batch ({type(e).__name__}: {e}); delete it and download again.") from None
+    if len(images) != len(labels):
+        raise UserError(f"{path} holds {len(images)} images but {len(labels)} labels; delete it and download again.")
+    return images, labels
+
+
+def load_cifar(name, data_dir, allow_download):
+    url, md5, folder, train_files, test_files, label_key = CIFAR[name]
+    root = os.path.join(data_dir, folder)
+    if not os.path.isdir(root):
+        archive = os.path.join(data_dir, url.rsplit("/", 1)[1])
+        if not os.path.exists(archive):
+            if not allow_download:
+                raise UserError(f"{name} not found: no {root}/ and no {archive}; {DATA_HELP}.")
+            download(url, archive, md5)
+        elif md5sum(archive) != md5:
+            raise UserError(f"{archive} does not match the official md5 (corrupt or partial); delete it and run again.")
+        with tarfile.open(archive) as tar:
+            tar.extractall(data_dir, filter="data")
+    parts = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        missing = [f for f in files if not os.path.exists(os.path.join(root, f))]
+        if missing:
+            raise UserError(f"{root} lacks {', '.join(missing)}; delete the folder and run again to re-extract it.")
+        arrays = [read_cifar_batch(os.path.join(root, f), label_key) for f in files]
+        parts[split] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+    return parts
+
+
+def read_idx(path, expected_ndim):
+    """An IDX file (gzip): magic 0x0000 08 ndim, big-endian int32 sizes, then uint8 values."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path} is not a readable .gz file ({e}); delete it and download again.") from None
+    if len(raw) < 4 + 4 * expected_ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != expected_ndim:
+        raise UserError(f"{path} is not an IDX file of {expected_ndim} dimensions; delete it and download again.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_ndim))
+    body = raw[4 + 4 * expected_ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: header says {shape}, body has {len(body)} bytes; delete it and download again.")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def load_idx(name, data_dir, allow_download):
+    base_url, files = IDX[name]
+    candidates = [os.path.join(data_dir, name), data_dir] + SYSTEM_DIRS.get(name, [])
+    root = next((d for d in candidates if all(os.path.exists(os.path.join(d, f)) for f in files)), None)
+    if root is None:
+        if not allow_download:
+            raise UserError(f"{name} not found in {', '.join(candidates)}; {DATA_HELP}.")
+        root = os.path.join(data_dir, name)
+        for f, md5 in files.items():
+            if not os.path.exists(os.path.join(root, f)):
+                download(base_url + f, os.path.join(root, f), md5)
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), 3)
+        labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), 1)
+        if len(images) != len(labels):
+            raise UserError(f"{root}: {split} has {len(images)} images but {len(labels)} labels; the files do not belong together.")
+        parts[split] = (images[:, None], labels.astype(np.int64))
+    return parts
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".JPEG", ".JPG", ".PNG")
+
+
+def load_image_resized(path, size):
+    from PIL import Image  # Pillow ships with matplotlib
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = size / min(im.size)  # shorter side -> size, then centre crop
+        w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_folder(root, size):
+    """train/<class>/* and val/<class>/* resized once (shorter side, centre crop) and cached."""
+    cache = os.path.join(root, f"cache_{size}px.pt")
+    if os.path.exists(cache):
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return {s: (blob[f"{s}_x"].numpy(), blob[f"{s}_y"].numpy()) for s in ("train", "test")}
+        except Exception as e:
+            raise UserError(f"the cache {cache} is unreadable ({type(e).__name__}); delete it to rebuild it.") from None
+    train_dir = os.path.join(root, "train")
+    test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(train_dir) or test_dir is None:
+        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
+    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    parts = {}
+    for split, folder in (("train", train_dir), ("test", test_dir)):
+        paths, labels = [], []
+        for label, cls in enumerate(classes):
+            cls_dir = os.path.join(folder, cls)
+            names = sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []
+            paths += [os.path.join(cls_dir, n) for n in names if n.endswith(IMAGE_EXTENSIONS)]
+            labels += [label] * (len(paths) - len(labels))
+        if not paths:
+            raise UserError(f"{folder} holds no images in class folders named like those of {train_dir}.")
+        print(f"{folder}: resizing {len(paths)} images to {size}px once (cached in {cache})")
+        try:
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+                images = list(tqdm(pool.map(lambda p: load_image_resized(p, size), paths), total=len(paths)))
+        except Exception as e:
+            raise UserError(f"an image under {folder} could not be read ({type(e).__name__}: {e}); remove or fix it.") from None
+        parts[split] = (np.stack(images), np.asarray(labels, dtype=np.int64))
+    blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
+    atomic_save(blob, cache)
+    return parts
+
+
+## The built-in dataset. Natural images put most pixel variance in things a label does not care
+## about (background, colour, lighting) and the class in a small amount of structure; that is the
+## situation where reconstruction-trained features go wrong (Balestriero & LeCun 2024) and where
+## the paper claims decay helps. "shapes" copies it: the class is the SHAPE of a small object,
+## while background colour, a background gradient, object colour, position, size, a small rotation
+## and global brightness are all random and carry most of the pixel variance.
+SHAPE_NAMES = ["disk", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "dumbbell", "half-disk"]
+
+
+def shape_signed_distance(label, u, v):
+    """Positive inside the shape, in units of its radius; (u, v) are object-centred coordinates."""
+    radius = torch.sqrt(u ** 2 + v ** 2)
+    box = torch.maximum(u.abs(), v.abs())
+    if label == 0:
+        return 1 - radius
+    if label == 1:
+        return 0.8 - box
+    if label == 2:  # equilateral triangle pointing up (image rows grow downward)
+        edges = [u * math.cos(a) + v * math.sin(a) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        return 0.5 - torch.stack(edges).amax(0)
+    if label == 3:
+        return 1 - (u.abs() + v.abs())
+    if label in (4, 5):
+        if label == 5:
+            u, v = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)
+        arm_h = torch.minimum(0.25 - v.abs(), 1 - u.abs())
+        arm_v = torch.minimum(0.25 - u.abs(), 1 - v.abs())
+        return torch.maximum(arm_h, arm_v)
+    if label == 6:
+        return 0.2 - (radius - 0.7).abs()
+    if label == 7:
+        return 0.18 - (box - 0.65).abs()
+    if label == 8:
+        return 0.4 - torch.minimum(torch.sqrt((u - 0.5) ** 2 + v ** 2), torch.sqrt((u + 0.5) ** 2 + v ** 2))
+    return torch.minimum(1 - radius, v + 0.1)  # half-disk
+
+
+def make_shapes(n, size, seed):
+    """n images (n, 3, size, size) uint8 and labels, a pure function of (n, size, seed)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return low + (high - low) * torch.rand(*shape, generator=gen)
+
+    labels = torch.randint(0, len(SHAPE_NAMES), (n,), generator=gen)
+    coords = (torch.arange(size) + 0.5) / size * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (S, S) in [-1, 1]
+    # nuisance 1: a background colour plus a linear gradient of random direction and strength
+    bg_colour = uniform(n, 3, 1, 1)
+    angle = uniform(n, 1, 1, high=2 * math.pi)
+    ramp = (torch.cos(angle) * xx + torch.sin(angle) * yy).unsqueeze(1)  # (n, 1, S, S)
+    background = bg_colour + uniform(n, 3, 1, 1, low=-0.35, high=0.35) * ramp
+    # the object: class = shape; position, size, rotation and colour are nuisance
+    cx, cy = uniform(n, 1, 1, low=-0.35, high=0.35), uniform(n, 1, 1, low=-0.35, high=0.35)
+    r = uniform(n, 1, 1, low=0.35, high=0.55)
+    rot = uniform(n, 1, 1, low=-0.3, high=0.3)
+    u = ((xx - cx) * torch.cos(rot) + (yy - cy) * torch.sin(rot)) / r
+    v = (-(xx - cx) * torch.sin(rot) + (yy - cy) * torch.cos(rot)) / r
+    signed = torch.empty(n, size, size)
+    for label in range(len(SHAPE_NAMES)):  # a loop over classes, not samples
+        sel = labels == label
+        signed[sel] = shape_signed_distance(label, u[sel], v[sel])
+    coverage = (signed / (2 / size / r) + 0.5).clamp(0, 1).unsqueeze(1)  # anti-aliased edge, one pixel wide
+    fg_colour = (bg_colour + uniform(n, 3, 1, 1, low=0.3, high=0.7)) % 1.0  # always visible against the background
+    # nuisance 2: global brightness, and a little sensor noise
+    image = uniform(n, 1, 1, 1, low=0.6, high=1.2) * ((1 - coverage) * background + coverage * fg_colour)
+    image = image + 0.02 * torch.randn(image.shape, generator=gen)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), labels.numpy()
+
+
+def load_dataset(name, data_dir, size=32, allow_download=True):
+    """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
+    if name == "shapes":
+        parts = {"train": make_shapes(10000, size, seed=0), "test": make_shapes(2000, size, seed=1)}
+        parts["classes"] = SHAPE_NAMES
+    elif name in CIFAR:
+        parts = load_cifar(name, data_dir, allow_download)
+    elif name in IDX:
+        parts = load_idx(name, data_dir, allow_download)
+    elif name.startswith("folder:"):
+        parts = load_folder(name[len("folder:"):], size)
+    else:
+        raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+    num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
+    parts.setdefault("classes", [str(i) for i in range(num_classes)])
+    return parts
+
+
+def to_device(parts, device, train_limit=0):
+    """uint8 tensors on the device (4x smaller than float; CIFAR-10 train is 150 MB) and float stats."""
+    train_x, train_y = parts["train"]
+    if train_limit:
+        train_x, train_y = train_x[:train_limit], train_y[:train_limit]
+    # torch.tensor copies: the IDX reader's arrays are read-only views of the file's bytes
+    data = {"train_x": torch.tensor(train_x).to(device), "train_y": torch.tensor(train_y).to(device),
+            "test_x": torch.tensor(parts["test"][0]).to(device), "test_y": torch.tensor(parts["test"][1]).to(device),
+            "classes": parts["classes"]}
+    # per-channel mean / std of the training pixels, for input normalisation
+    pixels = data["train_x"][:10000].float().div_(255).transpose(0, 1).flatten(1)
+    data["mean"], data["std"] = pixels.mean(1).view(1, -1, 1, 1), pixels.std(1).clamp_min(1e-3).view(1, -1, 1, 1)
+    return data
+
+
+def center_view(images, out_size, mean, std):
+    """The evaluation view: the whole image, resized if needed, no randomness."""
+    x = images.float().div_(255)
+    if x.shape[-1] != out_size or x.shape[-2] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - mean) / std
+
+
+## The model sees pixels in [-1, 1] (DiT / SiT convention), not per-channel standardised ones:
+## generated images then map back to uint8 the same way for every dataset.
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
+
+
+def training_batch(images, out_size, gen, flip):
+    """uint8 (B, C, H, W) -> float (B, C, S, S) in [-1, 1], each image mirrored left-right with
+    probability 1/2 when `flip`. The coins come from the CPU generator `gen` (exact resume; the same
+    batch on every device). Diffusion models are trained without crops, so flips are all there is."""
+    x = center_view(images, out_size, PIXEL_MEAN, PIXEL_STD)
+    if flip:
+        mirror = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def to_uint8(x):
+    """[-1, 1] floats -> uint8 images, the inverse of the model's input scaling."""
+    return ((x.float() * PIXEL_STD + PIXEL_MEAN).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a file behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# Frozen-feature evaluation (the protocols of spec/evaluation.md). These three functions are
+# deliberate copies of probe.py's; tests/ checks that the copies give the same numbers.
+# =============================================================================================
+
+@torch.no_grad()
+def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
+    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
+    features, the k nearest training samples each vote for their label with weight exp(sim / T).
+    `k` may be an int or a list of ints (one prediction per k from one top-k search).
+    Queries go in fixed chunks, so any number of them works (1 or 10^6).
+    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
+    single = isinstance(k, numbers.Integral)
+    ks = [int(k)] if single else [int(kk) for kk in k]
+    train_y = train_y.long()
+    if max(ks) > len(train_x):
+        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_x = F.normalize(train_x.float(), dim=1)
+    predictions = {kk: [] for kk in ks}
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
+        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
+        weights, labels = (sims / temperature).exp(), train_y[idx]
+        for kk in ks:
+            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
+            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
+            predictions[kk].append(votes.argmax(1))
+    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
+    return predictions[ks[0]] if single else predictions
+
+
+def linear_probe(train_x, train_y, test_x, test_y, epochs=100, lr=1e-3, batch_size=1024, seed=0, num_classes=None):
+    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
+    affine), one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    device = train_x.device
+    train_y, test_y = train_y.long(), test_y.long()
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    head = nn.Linear(train_z.shape[1], num_classes).to(device)
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        bound = 1 / math.sqrt(train_z.shape[1])
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_z), generator=gen).to(device)
+        for start in range(0, len(train_z), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        return (head(test_z).argmax(1) == test_y).float().mean().item()
+
+
+def effective_rank(z, center=False, eps=1e-7):
+    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
+    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
+    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
+    z = torch.as_tensor(z).double()
+    if center:
+        z = z - z.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(eps)
+    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
+
+
+# =============================================================================================
+# Model: a DiT whose adaLN-Zero blocks have decayed shortcuts, with U-ViT long skips
+# =============================================================================================
+
+def decay_schedule(depth, alpha_min):
+    """The 2*depth shortcut weights, one per residual sub-layer: first exactly 1.0, last exactly
+    alpha_min, linear in between."""
+    ## The authors' code: alphas = 1 - linspace(0, 1, 2*depth) * (1 - alpha_min), reshaped (depth, 2):
+    ## block i scales its attention shortcut by alphas[2i] and its MLP shortcut by alphas[2i+1].
+    ## The paper writes alpha_l = 1 - delta*l with delta = (1 - alpha_min)/L, which is off by one
+    ## against that code; we follow the code. Written as a lerp so both ends are exact floats.
+    n = 2 * depth
+    return [(1 - i / (n - 1)) * 1.0 + (i / (n - 1)) * alpha_min for i in range(n)]
+
+
+def alpha_min_for(alpha_eff, depth):
+    """The alpha_min whose schedule has prod(alphas) == alpha_eff (bisection; the product grows with
+    alpha_min). The paper's rule of thumb: pick alpha_min so that alpha_eff lies in [1e-3, 1e-2)."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if math.prod(decay_schedule(depth, mid)) < alpha_eff else (low, mid)
+    return (low + high) / 2
+
+
+def sincos_pos_embed(dim, grid_size):
+    """Fixed 2D sin-cos position embeddings (MAE): (1 + grid_size**2, dim), row 0 (cls) is zero.
+    Half the channels encode the row, half the column, each as sin/cos at dim/4 frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+
+    def encode(pos):  # (L,) -> (L, dim/2)
+        angles = pos.flatten().double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+def patchify(imgs, p):
+    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, (p, p, C) inside a patch (MAE's layout)."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, channels):
+    """(B, L, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
+    B, L, _ = x.shape
+    side = math.isqrt(L)
+    x = x.reshape(B, side, side, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, side * p, side * p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def modulate(x, shift, scale):  # (B, T, D), (B, D), (B, D) -> (B, T, D)
+    ## adaLN (DiT, Peebles & Xie 2023): LayerNorm without affine, then a per-sample scale and shift
+    ## regressed from the conditioning vector c = embed(t) + embed(y).
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """(B,) continuous times in [0, 1] -> (B, dim) sinusoidal features (cos half, then sin half)."""
+    ## The sinusoid of DiT / GLIDE expects integer steps 0..999; a continuous t in [0, 1] at max period
+    ## 10000 would give nearly constant features (spec section 4), so t is scaled by 1000 first.
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, frequency_dim=256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # (B,) -> (B, D)
+        return self.mlp(timestep_embedding(t, self.frequency_dim))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block with one shortcut weight per residual sub-layer, and (decoder
+    half, --skips on) a long-skip input."""
+
+    def __init__(self, dim, heads, mlp_ratio, alpha_attn=1.0, alpha_mlp=1.0, long_skip=False):
+        super().__init__()
+        self.alpha_attn, self.alpha_mlp = alpha_attn, alpha_mlp  # plain floats: nothing learnable
+        self.norm1, self.attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.skip_proj = nn.Linear(dim, dim) if long_skip else None
+
+    def forward(self, x, c, skip=None):  # x (B, T, D), c (B, D), skip (B, T, D) or None
+        if skip is not None:
+            ## U-ViT long skip as the authors' SiT code: x = x + Linear(encoder-half output).
+            x = x + self.skip_proj(skip)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        ## The paper's rule inside adaLN-Zero (spec section 4):
+        ##   x = alpha_a * x + gate_msa * attn(modulate(norm1(x), shift_msa, scale_msa))
+        ##   x = alpha_m * x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))
+        ## With alpha = 1 this is the DiT block; the gates start at zero, so at initialisation the block
+        ## is exactly alpha_a * alpha_m * x.
+        x = self.alpha_attn * x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = self.alpha_mlp * x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN, then a Linear to p*p*C values per token (the velocity of that patch)."""
+
+    def __init__(self, dim, patch_size, out_chans):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_chans)
+
+    def forward(self, x, c):  # (B, T, D), (B, D) -> (B, T, p*p*C)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Pixel-space DiT predicting the flow velocity. Blocks 0..depth/2-1 form the encoder half,
+    the rest the decoder half; decayed shortcuts in ALL blocks (the authors' SiT)."""
+
+    def __init__(self, img_size=16, patch_size=4, in_chans=3, embed_dim=96, depth=6, num_heads=4,
+                 mlp_ratio=4.0, alpha_min=1.0, skips=True, num_classes=0):
+        super().__init__()
+        self.patch_size, self.in_chans, self.skips, self.num_classes = patch_size, in_chans, skips, num_classes
+        self.half = depth // 2
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        grid = img_size // patch_size
+        ## DiT has no cls token: drop the zero cls row of the MAE table.
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid)[1:][None], persistent=False)  # (1, L, D)
+        self.t_embedder = TimestepEmbedder(embed_dim)
+        ## Class embedding with one extra row, index num_classes = the null class. Classifier-free
+        ## guidance (Ho & Salimans 2022) trains on null labels with probability --class-dropout.
+        self.y_embedder = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None
+        ## One alpha per residual sub-layer over ALL blocks: block i uses alphas[2i], alphas[2i+1].
+        self.alphas = decay_schedule(depth, alpha_min)
+        self.blocks = nn.ModuleList(
+            DiTBlock(embed_dim, num_heads, mlp_ratio, self.alphas[2 * i], self.alphas[2 * i + 1],
+                     long_skip=skips and i >= self.half) for i in range(depth))
+        self.final_layer = FinalLayer(embed_dim, patch_size, in_chans)
+        init_weights(self)
+
+    def skip_sources(self):
+        """0-indexed encoder-half block feeding each decoder-half block (--skips on): the first
+        decoder block gets the last encoder block, the last decoder block the first (a stack)."""
+        return list(range(self.half - 1, -1, -1))
+
+    def condition(self, t, y=None):  # (B,), (B,) int or None -> (B, D)
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            if y is None:  # unconditional: the null class
+                y = torch.full((len(t),), self.num_classes, dtype=torch.long, device=t.device)
+            c = c + self.y_embedder(y)
+        return c
+
+    def encode(self, x, t, y=None):
+        """x (B, C, H, W), t (B,) -> (outputs of the encoder-half blocks, each (B, L, D); c (B, D))."""
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, D)
+        c = self.condition(t, y)
+        outputs = []
+        for block in self.blocks[:self.half]:
+            tokens = block(tokens, c)
+            outputs.append(tokens)
+        return outputs, c
+
+    def forward(self, x, t, y=None):
+        """x_t (B, C, H, W) at times t (B,), labels y (B,) or None -> velocity (B, C, H, W)."""
+        outputs, c = self.encode(x, t, y)
+        tokens = outputs[-1]
+        stack = list(outputs)
+        for block in self.blocks[self.half:]:
+            tokens = block(tokens, c, stack.pop() if self.skips else None)  # (B, L, D)
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_chans)
+
+    def features(self, x, t):
+        """Tokens at the end of the encoder half (the U-ViT bottleneck), null class: (B, L, D)."""
+        return self.encode(x, t)[0][-1]
+
+
+def init_weights(model):
+    """Every initialisation in one place (as the authors' SiT code):
+    * Linear: xavier-uniform weight, zero bias (long-skip Linears included: they are NOT zeroed);
+      the patch-embedding Conv2d likewise, seen as a Linear;
+    * timestep MLP: normal(0, 0.02); class embedding: normal(0, 0.02);
+    * ZERO (adaLN-Zero): the modulation Linear of every block and of the final layer, and the final
+      Linear, so every gate starts at 0, every block is exactly the alpha-scaled identity and the
+      network predicts velocity 0;
+    * LayerNorms have no parameters; position embeddings are fixed."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    w = model.patch_embed.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    if model.y_embedder is not None:
+        nn.init.normal_(model.y_embedder.weight, std=0.02)
+    for block in list(model.blocks) + [model.final_layer]:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+
+
+def build_model(cfg, alpha_min, skips, in_chans, num_classes):
+    return DiT(cfg.img_size, cfg.patch_size, in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
+               alpha_min, skips, num_classes if cfg.class_cond else 0)
+
+
+def dit_flops_per_image(cfg, skips=True, in_chans=3):
+    """Training FLOPs per image (forward x3 for forward + backward), counted explicitly: 2 FLOPs per
+    multiply-add in every Linear (per token, or once per image for the conditioning), plus 4*T^2*D
+    per attention layer (QK^T and AV)."""
+    T, D, r, p = (cfg.img_size // cfg.patch_size) ** 2, cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size
+    per_token = cfg.depth * (4 + 2 * r) * D * D + (cfg.depth // 2) * D * D * skips + D * p * p * in_chans  # blocks, skips, final
+    per_token += p * p * in_chans * D  # patch embedding
+    per_image = 256 * D + D * D + cfg.depth * 6 * D * D + 2 * D * D  # timestep MLP, block and final modulation
+    return 3 * (2 * T * per_token + 2 * per_image + cfg.depth * 4 * T * T * D)
+
+
+# =============================================================================================
+# Flow matching (the linear interpolant of SiT) and the ODE sampler
+# =============================================================================================
+
+def sample_time(n, gen, time_dist):
+    """Training times t in (0, 1): logit-normal (sigmoid of a standard normal; SD3, Esser et al.
+    2024, which puts more steps at middle noise levels) or uniform (SiT's default)."""
+    if time_dist == "logit-normal":
+        return torch.sigmoid(torch.randn(n, generator=gen))
+    return torch.rand(n, generator=gen)
+
+
+def interpolate(x0, noise, t):
+    """The linear path of SiT (spec section 4): x_t = (1 - t) x_0 + t * noise; t (B,) broadcast."""
+    t = t.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+    return (1 - t) * x0 + t * noise
+
+
+def flow_loss(model, x0, noise, t, y=None):
+    """Mean squared error between the predicted and the true velocity of the path,
+    d x_t / dt = noise - x_0 (SiT's velocity objective). model(x_t, t, y) -> velocity."""
+    target = noise - x0
+    prediction = model(interpolate(x0, noise, t), t, y)
+    return ((prediction.float() - target.float()) ** 2).mean()
+
+
+@torch.no_grad()
+def sample_ode(velocity, noise, steps, method="heun"):
+    """Deterministic sampler: integrate dx/dt = velocity(x, t) from t = 1 (pure noise) to t = 0
+    (data) on a uniform grid of `steps` steps. Euler: x <- x + h v(x, t). Heun (explicit trapezoid,
+    2nd order; EDM, Karras et al. 2022): x <- x + h/2 (v(x, t) + v(x + h v(x, t), t + h)).
+    velocity(x (B, ...), t (B,)) -> (B, ...); h = -1/steps < 0."""
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    x = noise
+    for t, t_next in zip(times[:-1], times[1:]):
+        h = t_next - t
+        t_batch = torch.full((len(x),), t, device=x.device)
+        v = velocity(x, t_batch)
+        x_euler = x + h * v
+        if method == "heun":
+            v_next = velocity(x_euler, torch.full((len(x),), t_next, device=x.device))
+            x = x + 0.5 * h * (v + v_next)
+        else:
+            x = x_euler
+    return x
+
+
+def guided_velocity(model, y=None, cfg_scale=1.0):
+    """The velocity function the sampler integrates. With labels y and cfg_scale != 1:
+    classifier-free guidance on ALL channels, v = v(x, t, null) + s (v(x, t, y) - v(x, t, null))
+    (the authors' SiT applies it to the first 3 of 4 latent channels by default; we do not)."""
+    def velocity(x, t):
+        if y is None or cfg_scale == 1.0:  # s = 1 is exactly the conditional model: skip the null pass
+            return model(x, t, y).float()
+        null = torch.full_like(y, model.num_classes)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()  # (2B, C, H, W)
+        conditional, unconditional = both.chunk(2)
+        return unconditional + cfg_scale * (conditional - unconditional)
+    return velocity
+
+
+@torch.no_grad()
+def generate(model, n, cfg, device, seed, in_chans, num_classes=0, batch_size=500):
+    """n uint8 images (n, C, S, S) from fixed noise (seeded), labels i % num_classes when the model
+    is class-conditional. The model is put in eval mode."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        noise = torch.randn(count, in_chans, cfg.img_size, cfg.img_size, generator=gen).to(device)
+        y = (torch.arange(start, start + count) % num_classes).to(device) if num_classes else None
+        with autocast(device):
+            x = sample_ode(guided_velocity(model, y, cfg.cfg_scale), noise, cfg.sample_steps, cfg.sampler)
+        images.append(to_uint8(x))
+    model.train(was_training)
+    return torch.cat(images)
+
+
+# =============================================================================================
+# Training
+# =============================================================================================
+
+## Keys that change what a run computes: a checkpoint resumes only under identical values.
+TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "embed_dim", "depth", "num_heads",
+                   "mlp_ratio", "class_cond", "class_dropout", "time_dist", "epochs", "batch_size", "base_lr", "min_lr",
+                   "warmup_epochs", "weight_decay", "beta2", "ema_decay")
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this PyTorch has no MPS backend; use --device cpu or auto.")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no loss scaling needed); full fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def get_lr(step, total_steps, warmup_steps, peak_lr, min_lr):
+    """Linear warm-up, then half-cycle cosine to min_lr, per optimizer step (MAE's schedule)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW, betas (0.9, beta2); no weight decay on biases, norms and tokens (timm's rule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 or name.endswith("token") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+
+
+## Every random number of a step comes from a generator seeded by (seed, step), and the data order
+## from one seeded by (seed, epoch). Nothing depends on history, so --resume continues exactly, and
+## runs on CPU and GPU draw the same crops, flips and masks.
+def step_generator(seed, step):
+    return torch.Generator().manual_seed(1_000_003 * seed + step)
+
+
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1.0 - decay)
+
+
+def ema_decay_at(step, decay):
+    ## A short EMA warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): the average
+    ## does not drag the random initialisation along for thousands of steps on a short run.
+    return min(decay, (1 + step) / (10 + step))
+
+
+def save_checkpoint(path, model, ema, optimizer, state, cfg, setting, seed):
+    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "state": state, "config": dataclasses.asdict(cfg), "skips": setting[0], "alpha_min": setting[1],
+                 "seed": seed, "rng": torch.get_rng_state()}, path)
+
+
+def load_checkpoint(path, model, ema, optimizer, cfg, setting, seed):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
+    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
+    if changed or (ckpt["skips"], ckpt["alpha_min"]) != setting or ckpt["seed"] != seed:
+        raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'skips/alpha_min/seed'}); "
+                        f"resume with the same flags or use another --out-dir.")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["state"]
+
+
+def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
+    """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples)."""
+    torch.manual_seed(seed)
+    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
+    model = build_model(cfg, alpha_min, skips, in_chans, num_classes).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)  ## the EMA weights are what gets evaluated and sampled
+    optimizer = make_optimizer(model, cfg, device)
+    n_train, batch = len(data["train_x"]), cfg.batch_size
+    if batch > n_train:
+        raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
+    steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.base_lr * batch / 256
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    name = setting_name(skips, alpha_min)
+
+    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0}
+    if os.path.exists(ckpt_path):
+        if not cfg.resume:
+            raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
+        state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, (skips, alpha_min), seed)
+        print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
+
+    def evaluate_curve(epoch):
+        state["evals"].append({"epoch": epoch, "step": state["step"],
+                               **evaluate_cheap(ema, cfg, data, reference, device, seed)[0]})
+        e = state["evals"][-1]
+        tqdm.write(f"{name} seed={seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{cfg.knn_k} {e['knn']:.4f} "
+                   f"(5k/1k subset), effective rank {e['effective_rank']:.1f}")
+
+    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
+        evaluate_curve(0)
+    compiled = torch.compile(model) if cfg.compile else model
+    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
+    progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0)
+    last_time, last_step = time.perf_counter(), state["step"]
+
+    def flush():
+        nonlocal pending, last_time, last_step
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        pending = []
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} ({name}); "
+                            f"lower --base-lr or raise --alpha-min.")
+        state["losses"] += values
+        now = time.perf_counter()
+        state["seconds"] += now - last_time
+        progress.update(len(values))
+        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * batch / (now - last_time):.0f}")
+        last_time, last_step = now, last_step + len(values)
+
+    model.train()
+    for step in range(state["step"], stop_step):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == state["step"]:
+            order = epoch_order(seed, epoch, n_train).to(device)
+        idx = order[i * batch:(i + 1) * batch]
+        gen = step_generator(seed, step)
+        x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip)  # (B, C, S, S) in [-1, 1]
+        t = sample_time(batch, gen, cfg.time_dist).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
+        y = None
+        if cfg.class_cond:
+            drop = (torch.rand(batch, generator=gen) < cfg.class_dropout).to(device)
+            y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
+        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            try:
+                loss = flow_loss(compiled, x0, noise, t, y)
+            except Exception as e:  # torch.compile fails lazily, at the first call
+                if compiled is model:
+                    raise
+                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+                compiled = model
+                loss = flow_loss(model, x0, noise, t, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
+        pending.append(loss.detach())
+        state["step"] = step + 1
+        end_of_epoch = i == steps_per_epoch - 1
+        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step:
+            flush()
+        if end_of_epoch:
+            done = epoch + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and step + 1 < stop_step:  # the last point: finish_run
+                evaluate_curve(done)
+                last_time = time.perf_counter()  # evaluation time is not training time
+            if done % cfg.ckpt_every == 0 or done == cfg.epochs:
+                save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
+                last_time = time.perf_counter()
+    progress.close()
+    if state["step"] < total_steps:  # stopped early by --max-steps: keep the state so --resume continues
+        save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
+    return finish_run(ema, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch)
+
+
+# =============================================================================================
+# Evaluation: generation quality (FD-smallcnn) and representation quality (k-NN, probe, rank)
+# =============================================================================================
+
+def feature_stats(features):
+    """(N, D) -> mean (D,) and unbiased covariance (D, D), float64."""
+    f = features.double()
+    mean = f.mean(0)
+    centred = f - mean
+    return mean, centred.T @ centred / (len(f) - 1)
+
+
+def frechet_distance(mean1, cov1, mean2, cov2):
+    """Frechet distance between N(mean1, cov1) and N(mean2, cov2) (Dowson & Landau 1982; FID,
+    Heusel et al. 2017): |m1 - m2|^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2). Both square
+    roots are of symmetric PSD matrices, by eigendecomposition in float64 (no scipy)."""
+    def sqrt_psd(m):
+        values, vectors = torch.linalg.eigh((m + m.T) / 2)
+        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    mean1, cov1, mean2, cov2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mean1, cov1, mean2, cov2))
+    root1 = sqrt_psd(cov1)
+    cross = sqrt_psd(root1 @ cov2 @ root1)
+    return float(((mean1 - mean2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * cross.trace())
+
+
+class ReferenceCNN(nn.Module):
+    """The small classifier whose penultimate features (global-average-pooled, 4*width) define
+    FD-smallcnn. Trained once per dataset and image size on the real training images."""
+
+    def __init__(self, in_chans, num_classes, width=32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.GELU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.BatchNorm2d(4 * width), nn.GELU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, 4*width)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):  # (B, C, S, S) in [-1, 1] -> logits (B, classes)
+        return self.head(self.body(x))
+
+
+@torch.no_grad()
+def reference_features(net, images, img_size, batch_size=500):
+    """uint8 images (N, C, H, W) -> (N, 4*width) penultimate features of the reference CNN."""
+    net.eval()
+    return torch.cat([net.body(center_view(images[s:s + batch_size], img_size, PIXEL_MEAN, PIXEL_STD)).float()
+                      for s in range(0, len(images), batch_size)])
+
+
+def reference_network(cfg, data, device, batch_size=256, lr=2e-3):
+    """The FD reference: load it from --out-dir, or train it (AdamW, cosine, flips, seed 0) and cache it.
+    Returns dict(net, test_stats, accuracy, sanity) with the real-vs-real and noise-vs-real FDs."""
+    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
+    key = {"dataset": cfg.dataset, "img_size": cfg.img_size, "train_limit": cfg.train_limit, "ref_epochs": cfg.ref_epochs,
+           "in_chans": in_chans, "num_classes": num_classes}
+    slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in cfg.dataset)
+    path = os.path.join(cfg.out_dir, f"fd_reference_{slug}_{cfg.img_size}px.pt")
+    torch.manual_seed(0)
+    net = ReferenceCNN(in_chans, num_classes).to(device)
+    cached = None
+    if os.path.exists(path):
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"the cached reference {path} is unreadable ({type(e).__name__}); delete it to retrain it.") from None
+    if cached is not None and cached["key"] == key:
+        net.load_state_dict(cached["model"])
+        accuracy, seconds = cached["accuracy"], cached["seconds"]
+    else:
+        started = time.perf_counter()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+        n = len(data["train_x"])
+        steps_per_epoch = max(1, n // batch_size)
+        total = cfg.ref_epochs * steps_per_epoch
+        net.train()
+        for step in tqdm(range(total), desc="reference CNN for FD", dynamic_ncols=True, mininterval=1.0):
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0:
+                order = epoch_order(10_007, epoch, n).to(device)
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            x = training_batch(data["train_x"][idx], cfg.img_size, step_generator(10_007, step), True)
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, total, steps_per_epoch // 2, lr, 0.0)
+            with autocast(device):
+                loss = F.cross_entropy(net(x).float(), data["train_y"][idx])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        net.eval()
+        with torch.no_grad():
+            logits = torch.cat([net(center_view(data["test_x"][s:s + 500], cfg.img_size, PIXEL_MEAN, PIXEL_STD)).float()
+                                for s in range(0, len(data["test_x"]), 500)])
+        accuracy, seconds = (logits.argmax(1) == data["test_y"]).float().mean().item(), time.perf_counter() - started
+        atomic_save({"key": key, "model": net.state_dict(), "accuracy": accuracy, "seconds": seconds}, path)
+    test_stats = feature_stats(reference_features(net, data["test_x"], cfg.img_size))
+    n = cfg.fd_samples
+    noise_images = torch.randint(0, 256, (n, in_chans, cfg.img_size, cfg.img_size), dtype=torch.uint8,
+                                 generator=torch.Generator().manual_seed(0)).to(device)
+    sanity = {"real_vs_real": frechet_distance(*feature_stats(reference_features(net, data["train_x"][:n], cfg.img_size)), *test_stats),
+              "noise_vs_real": frechet_distance(*feature_stats(reference_features(net, noise_images, cfg.img_size)), *test_stats)}
+    print(f"FD reference: small CNN ({sum(p.numel() for p in net.parameters())} parameters, cached in {path}), "
+          f"test accuracy {accuracy:.4f}, trained in {seconds:.0f} s; FD-smallcnn of {min(n, len(data['train_x']))} "
+          f"real training images vs the test set {sanity['real_vs_real']:.2f} (floor), of {n} uniform-noise images "
+          f"{sanity['noise_vs_real']:.2f}")
+    return {"net": net, "test_stats": test_stats, "accuracy": accuracy, "sanity": sanity}
+
+
+def generation_fd(model, cfg, data, reference, device, seed):
+    """FD-smallcnn of --fd-samples generated images against the real test set, and the images."""
+    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"]) if cfg.class_cond else 0
+    images = generate(model, cfg.fd_samples, cfg, device, seed=1_000 + seed, in_chans=in_chans, num_classes=num_classes)
+    stats = feature_stats(reference_features(reference["net"], images, cfg.img_size))
+    return frechet_distance(*stats, *reference["test_stats"]), images
+
+
+@torch.no_grad()
+def extract_features(model, images, cfg, noise_level, device, batch_size=512):
+    """Frozen features (eval mode, no grad) of the whole, un-augmented image, optionally noised along
+    the flow path to time t = noise_level with fixed noise: tokens at the end of the encoder half,
+    mean-pooled over all tokens, null class. Returns (N, D) float32."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(0)  # the same noise for every model
+    features = []
+    for start in range(0, len(images), batch_size):
+        x = center_view(images[start:start + batch_size], cfg.img_size, PIXEL_MEAN, PIXEL_STD)
+        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        t = torch.full((len(x),), float(noise_level), device=x.device)
+        with autocast(device):
+            tokens = model.features(interpolate(x, noise, t), t)  # (B, L, D)
+        features.append(tokens.mean(1).float())
+    model.train(was_training)
+    return torch.cat(features)
+
+
+def describe_feature(cfg, noise_level):
+    return (f"encoder-half output (block {cfg.depth // 2}/{cfg.depth}) of the EMA model, mean over all tokens, "
+            f"input x_t at t={noise_level:g}, null class")
+
+
+def evaluate_cheap(model, cfg, data, reference, device, seed):
+    """The curve point: FD-smallcnn (the full protocol), and a k-NN on 5000 train / 1000 test features
+    plus their effective rank, at the headline noise level. Returns (point, generated images)."""
+    fd, images = generation_fd(model, cfg, data, reference, device, seed)
+    level = noise_levels(cfg)[0]
+    feats = {s: extract_features(model, data[f"{s}_x"][:n], cfg, level, device) for s, n in (("train", 5000), ("test", 1000))}
+    pred = knn_predict(feats["train"], data["train_y"][:5000], feats["test"], min(cfg.knn_k, len(feats["train"])),
+                       cfg.knn_t, num_classes=len(data["classes"]))
+    return {"fd": fd, "knn": (pred == data["test_y"][:len(feats["test"])]).float().mean().item(),
+            "effective_rank": effective_rank(feats["train"])}, images
+
+
+def save_features(path, train_features, train_labels, test_features, test_labels, meta):
+    """The features file probe.py reads (.npz): train_features (N, D) float32, train_labels (N,)
+    int64, test_features (M, D) float32, test_labels (M,) int64, plus metadata: config (JSON text),
+    feature (what the vectors are), alpha_min, seed, classes."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+        np.savez(f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
+                 test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
+                 **{k: np.asarray(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def image_grid(images, rows=8):
+    """(N, C, H, W) uint8 -> (rows*H + rows-1, cols*W + cols-1, C) numpy, one pixel of white between images."""
+    n, c, h, w = images.shape
+    cols = math.ceil(n / rows)
+    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images.cpu().numpy()):
+        r, col = divmod(i, cols)
+        grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = image.transpose(1, 2, 0)
+    return grid
+
+
+def save_png(array, path):
+    """(H, W, C) uint8 -> PNG (written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    plt.imsave(tmp, array.squeeze(-1) if array.shape[-1] == 1 else array, cmap="gray" if array.shape[-1] == 1 else None)
+    os.replace(tmp, path)
+
+
+def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch):
+    """Final evaluation of the EMA model: FD-smallcnn (also the last curve point), the full k-NN /
+    probe / effective rank at every --feature-t, the features file and the sample grid."""
+    started = time.perf_counter()
+    num_classes = len(data["classes"])
+    epochs_done = state["step"] / steps_per_epoch
+    last, images = evaluate_cheap(model, cfg, data, reference, device, seed)  # the final point of the curves
+    fd = last["fd"]
+    state["evals"].append({"epoch": epochs_done, "step": state["step"], **last})
+    by_level = []
+    for j, level in enumerate(noise_levels(cfg)):
+        train_f = extract_features(model, data["train_x"], cfg, level, device)
+        test_f = extract_features(model, data["test_x"], cfg, level, device)
+        ks = [k for k in sorted({10, 20, 100, 200, cfg.knn_k}) if k <= len(train_f)]
+        preds = knn_predict(train_f, data["train_y"], test_f, ks, cfg.knn_t, num_classes=num_classes)
+        probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                             seed=seed, num_classes=num_classes)
+        ## Effective rank on at most 25,600 training features (RankMe's sample size), not centred.
+        by_level.append({"t": level, "knn": {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()},
+                         "linear_probe": probe, "effective_rank": effective_rank(train_f[:25600])})
+        file = "features.npz" if j == 0 else f"features_t{level:g}.npz"
+        save_features(os.path.join(run_dir, file), train_f, data["train_y"], test_f, data["test_y"],
+                      {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg, level),
+                       "alpha_min": alpha_min, "skips": skips, "seed": seed, "noise_level": level,
+                       "classes": np.asarray(data["classes"])})
+    grid = image_grid(images[:64])
+    if cfg.plots:
+        save_png(grid, os.path.join(run_dir, "samples.png"))
+    losses = state["losses"]
+    whole_epochs = len(losses) // steps_per_epoch
+    run_config = {**dataclasses.asdict(cfg), "skips": "on" if skips else "off", "alpha_min": alpha_min, "alpha_eff": "", "seeds": str(seed)}
+    return {"skips": skips, "alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
+            "fd": fd, "fd_real_vs_real": reference["sanity"]["real_vs_real"], "fd_noise_vs_real": reference["sanity"]["noise_vs_real"],
+            "knn": by_level[0]["knn"], "knn_k": cfg.knn_k, "linear_probe": by_level[0]["linear_probe"],
+            "effective_rank": by_level[0]["effective_rank"], "by_noise_level": by_level,
+            "final_loss": losses[-1] if losses else float("nan"),
+            "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
+            "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
+            "epoch_losses": [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(whole_epochs)],
+            "losses": losses, "evals": state["evals"], "feature": describe_feature(cfg, by_level[0]["t"]),
+            "config": run_config, "samples": grid}
+
+
+# =============================================================================================
+# The comparison: table and plots
+# =============================================================================================
+
+def mean_std(values):
+    values = np.asarray(values, dtype=np.float64)
+    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f}+-{values.std(ddof=1):.4f}"
+
+
+def results_table(results):
+    """One row per (skips, alpha_min), mean +- std over seeds (sample std) when there are several."""
+    k = results[0]["knn_k"]
+    header = f"{'skips':>5} {'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {'FD-smallcnn':>13} {f'k-NN@{k}':>15} " \
+             f"{'linear probe':>15} {'eff. rank':>15} {'loss (last ep)':>15} {'train s':>8}"
+    rows = [header, "-" * len(header)]
+    for skips, alpha in dict.fromkeys((r["skips"], r["alpha_min"]) for r in results):
+        group = [r for r in results if (r["skips"], r["alpha_min"]) == (skips, alpha)]
+        rows.append(f"{'on' if skips else 'off':>5} {alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
+                    f"{mean_std([r['fd'] for r in group]):>13} {mean_std([r['knn'][k] for r in group]):>15} "
+                    f"{mean_std([r['linear_probe'] for r in group]):>15} {mean_std([r['effective_rank'] for r in group]):>15} "
+                    f"{mean_std([r['last_epoch_loss'] for r in group]):>15} {np.mean([r['seconds'] for r in group]):>8.0f}")
+    return "\n".join(rows)
+
+
+def save_plots(results, out_dir):
+    """curves.png (loss, FD-smallcnn and k-NN over training) and samples.png (grids side by side)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = list(dict.fromkeys((r["skips"], r["alpha_min"]) for r in results))
+    colour = {s: plt.cm.viridis(i / max(1, len(settings) - 1)) for i, s in enumerate(settings)}
+    first_seed = [next(r for r in results if (r["skips"], r["alpha_min"]) == s) for s in settings]
+
+    def save(fig, name):
+        tmp = os.path.join(out_dir, f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in results:
+        setting = (r["skips"], r["alpha_min"])
+        label = f"{setting_name(*setting)} seed={r['seed']}"
+        axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[setting], label=label)
+        epochs = [e["epoch"] for e in r["evals"]]
+        axes[1].plot(epochs, [e["fd"] for e in r["evals"]], "o-", color=colour[setting], label=label)
+        axes[2].plot(epochs, [e["knn"] for e in r["evals"]], "o-", color=colour[setting], label=label)
+    axes[1].axhline(results[0]["fd_real_vs_real"], color="grey", ls="--", label="real vs real")
+    for ax, title in zip(axes, ["flow loss (epoch mean)", "FD-smallcnn of EMA samples (lower is better)",
+                                f"k-NN@{results[0]['knn_k']} accuracy (5k train / 1k test)"]):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    save(fig, "curves.png")
+
+    fig, axes = plt.subplots(1, len(first_seed), figsize=(3.2 * len(first_seed), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], first_seed):
+        grid = r["samples"]
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
+                  interpolation="nearest")
+        ax.set_title(f"{setting_name(r['skips'], r['alpha_min'])}\nFD-smallcnn {r['fd']:.2f}", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    save(fig, "samples.png")
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# Benchmark
+# =============================================================================================
+
+## Peak dense bf16 tensor throughput, FLOP/s, by device name; MFU is printed only for these.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
+    """Times the full training step (batch, flips, times, noise, forward, backward, AdamW, EMA) on
+    random uint8 data after warm-up (which includes compilation), with a device sync around it."""
+    skips, alpha_min = comparison(cfg)[-1]
+    torch.manual_seed(0)
+    model = build_model(cfg, alpha_min, skips, 3, 10).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = make_optimizer(model, cfg, device)
+    compiled = torch.compile(model) if cfg.compile else model
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (cfg.batch_size,), device=device) if cfg.class_cond else None
+
+    def train_step(step):
+        gen = step_generator(0, step)
+        x0 = training_batch(images, cfg.img_size, gen, cfg.flip)
+        t = sample_time(cfg.batch_size, gen, cfg.time_dist).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
+        with autocast(device):
+            loss = flow_loss(compiled, x0, noise, t, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.ema_decay)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else (lambda: None)
+    for step in range(warmup_steps):
+        train_step(step)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for step in range(timed_steps):
+        train_step(warmup_steps + step)
+    sync()
+    ms = (time.perf_counter() - started) / timed_steps * 1000
+    img_s = cfg.batch_size / ms * 1000
+    flops = dit_flops_per_image(cfg, skips)
+    if device.type == "cuda":
+        name, memory = torch.cuda.get_device_name(), f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (peak allocated)"
+    else:
+        import resource
+        name = f"{device.type} ({os.cpu_count()} cores)"
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
+    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
+          f"{cfg.img_size}px/{cfg.patch_size}, DiT {cfg.embed_dim}x{cfg.depth}, {setting_name(skips, alpha_min)}")
+    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  "
+          f"MFU {mfu}  memory {memory}")
+    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    device = pick_device(cfg.device)
+    if cfg.benchmark:
+        return run_benchmark(cfg, device)
+    settings, seeds = comparison(cfg), parse_seeds(cfg.seeds)
+    parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)
+    data = to_device(parts, device, cfg.train_limit)
+    print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
+          f"{tuple(data['train_x'].shape[1:])} (model sees {cfg.img_size}px), {len(data['classes'])} classes; device {device}; "
+          f"settings: {'; '.join(setting_name(*s) for s in settings)}; seeds {seeds}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    reference = reference_network(cfg, data, device)
+    results = []
+    for skips, alpha_min in settings:
+        for seed in seeds:
+            run_dir = os.path.join(cfg.out_dir, f"skips{'on' if skips else 'off'}_alpha{alpha_min:.4g}_seed{seed}")
+            results.append(train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device))
+    sanity = reference["sanity"]
+    print(f"\n{cfg.dataset}, {cfg.img_size}px; generation: FD-smallcnn of {cfg.fd_samples} EMA samples ({cfg.sampler}, "
+          f"{cfg.sample_steps} steps{f', CFG {cfg.cfg_scale:g}' if cfg.class_cond else ''}) vs the test set "
+          f"(real vs real {sanity['real_vs_real']:.2f}, noise vs real {sanity['noise_vs_real']:.2f}); "
+          f"features: {results[0]['feature']}; k-NN: DINO protocol, T={cfg.knn_t}; linear probe: final epoch of "
+          f"{cfg.probe_epochs}\n{results_table(results)}")
+    summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
+               "fd_reference": {"test_accuracy": reference["accuracy"], **sanity},
+               "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}
+    write_json(os.path.join(cfg.out_dir, "results.json"), summary)
+    if cfg.json:
+        write_json(cfg.json, summary)
+    if cfg.plots:
+        save_plots(results, cfg.out_dir)
+        print(f"plots: {cfg.out_dir}/curves.png, samples.png (one samples.png per run folder too)")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

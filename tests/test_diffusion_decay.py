@@ -1,0 +1,343 @@
+"""Tests for diffusion_decay.py: each checks a property against an independent reference (the
+authors' formula, a closed form for Gaussian data, a second implementation in mae_decay.py /
+probe.py, an uninterrupted run)."""
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny models: one thread is as fast as two and does not fight other work
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import diffusion_decay as d  # noqa: E402
+import mae_decay  # noqa: E402
+import probe  # noqa: E402
+
+CPU = torch.device("cpu")
+TINY = ["--img-size", "8", "--patch-size", "2", "--embed-dim", "32", "--depth", "4", "--num-heads", "2",
+        "--batch-size", "32", "--base-lr", "4e-3", "--warmup-epochs", "0.5", "--probe-epochs", "3", "--eval-every", "0",
+        "--fd-samples", "48", "--ref-epochs", "1", "--sample-steps", "2", "--feature-t", "0", "--no-plots",
+        "--device", "cpu", "--log-every", "1"]
+
+
+def tiny_cfg(*extra):
+    return d.parse_config(TINY + list(extra))
+
+
+def tiny_data(n_train=256, n_test=64, size=8):
+    parts = {"train": d.make_shapes(n_train, size, seed=0), "test": d.make_shapes(n_test, size, seed=1),
+             "classes": d.SHAPE_NAMES}
+    return d.to_device(parts, CPU)
+
+
+def tiny_model(alpha_min=0.3, skips=True, num_classes=0, depth=4):
+    torch.manual_seed(0)
+    return d.DiT(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=depth, num_heads=2, alpha_min=alpha_min,
+                 skips=skips, num_classes=num_classes)
+
+
+def randomise_gates(model, seed=1):
+    """Give the zero-initialised adaLN / final Linears random weights, so the network is not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+# --------------------------------------------------------------------------- decay schedule, model
+
+@pytest.mark.parametrize("depth,alpha_min", [(2, 0.5), (6, 0.3), (12, 0.6), (28, 0.8), (4, 1.0)])
+def test_alphas_over_all_blocks_follow_the_authors_schedule(depth, alpha_min):
+    model = d.DiT(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=depth, num_heads=2, alpha_min=alpha_min)
+    reference = 1 - np.linspace(0, 1, 2 * depth) * (1 - alpha_min)  # the authors' SiT: np.linspace(1, min_sigma, 2*depth)
+    got = [a for block in model.blocks for a in (block.alpha_attn, block.alpha_mlp)]
+    assert len(got) == 2 * depth  # encoder AND decoder half
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-15)
+    assert got[0] == 1.0 and got[-1] == alpha_min
+    assert d.decay_schedule(depth, alpha_min) == mae_decay.decay_schedule(depth, alpha_min)
+    assert d.alpha_min_for(3e-3, depth) == mae_decay.alpha_min_for(3e-3, depth)
+
+
+def test_alpha_eff_flag_sets_alpha_min_over_all_blocks():
+    cfg = d.parse_config(["--alpha-eff", "1,2.4e-3", "--depth", "28", "--skips", "on"])
+    assert d.comparison(cfg)[0] == (True, pytest.approx(1.0, abs=1e-12))
+    assert d.comparison(cfg)[1][1] == pytest.approx(0.8, abs=0.01)  # SiT-XL/2's setting (spec section 1)
+
+
+def test_every_block_at_init_is_the_alpha_scaled_identity_and_output_is_zero():
+    model = tiny_model(alpha_min=0.3, skips=True, num_classes=10)
+    gen = torch.Generator().manual_seed(0)
+    x, skip = torch.randn(3, 16, 32, generator=gen), torch.randn(3, 16, 32, generator=gen)
+    c = model.condition(torch.rand(3, generator=gen), torch.tensor([0, 4, 10]))
+    for i, block in enumerate(model.blocks):
+        scale = model.alphas[2 * i] * model.alphas[2 * i + 1]
+        if block.skip_proj is None:
+            torch.testing.assert_close(block(x, c), scale * x, rtol=1e-6, atol=1e-7)
+        else:  # decoder half: the long skip is live from the start (the authors do not zero it)
+            torch.testing.assert_close(block(x, c, skip), scale * (x + block.skip_proj(skip)), rtol=1e-6, atol=1e-6)
+    out = model(torch.randn(3, 3, 8, 8, generator=gen), torch.rand(3, generator=gen))
+    assert out.shape == (3, 3, 8, 8) and out.abs().max() == 0  # adaLN-Zero: velocity 0 at init
+    # with skips off the whole network is a chain of alpha-scaled identities: features = prod(alphas) * tokens
+    plain = tiny_model(alpha_min=0.3, skips=False)
+    images, t = torch.randn(2, 3, 8, 8, generator=gen), torch.rand(2, generator=gen)
+    tokens = plain.patch_embed(images).flatten(2).transpose(1, 2) + plain.pos_embed
+    torch.testing.assert_close(plain.features(images, t), math.prod(plain.alphas[:4]) * tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_long_skips_wire_the_documented_blocks():
+    model = randomise_gates(tiny_model(depth=6))
+    assert model.skip_sources() == [2, 1, 0]  # decoder blocks 3, 4, 5 get encoder blocks 2, 1, 0
+    encoder_out, skip_in = {}, {}
+    for i, block in enumerate(model.blocks):
+        if i < 3:
+            assert block.skip_proj is None
+            block.register_forward_hook(lambda mod, inp, out, i=i: encoder_out.__setitem__(i, out.detach()))
+        else:
+            block.skip_proj.register_forward_hook(lambda mod, inp, out, i=i: skip_in.__setitem__(i, inp[0].detach()))
+    model(torch.randn(2, 3, 8, 8), torch.rand(2))
+    for j, source in enumerate(model.skip_sources()):
+        assert torch.equal(skip_in[3 + j], encoder_out[source])
+    assert torch.equal(skip_in[3], encoder_out[2])  # first decoder block <- last encoder block
+    off = tiny_model(depth=6, skips=False)
+    assert all(block.skip_proj is None for block in off.blocks)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in off.parameters()) == 3 * (32 * 32 + 32)
+
+
+def test_timestep_embedding_scales_continuous_time():
+    t = torch.tensor([0.0, 0.001, 0.5])
+    emb = d.timestep_embedding(t, 256)
+    torch.testing.assert_close(emb[:, 0], torch.cos(1000 * t))  # the highest frequency sees 1000 t
+    torch.testing.assert_close(emb[:, 128], torch.sin(1000 * t))
+    assert (emb[1] - emb[0]).abs().max() > 0.5  # t = 0 and t = 0.001 are told apart
+
+
+def test_flop_count_matches_a_direct_count():
+    cfg = tiny_cfg("--class-cond")
+    model = d.build_model(cfg, 1.0, True, 3, 10)
+    T = 16
+    per_token = sum(p.numel() for n, p in model.named_parameters()
+                    if p.ndim == 2 and "adaLN" not in n and "embedder" not in n)  # blocks, skips, final Linear
+    per_token += model.patch_embed.weight.numel()
+    per_image = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and ("adaLN" in n or "t_embedder" in n))
+    attention = 4 * T ** 2 * 32 * 4
+    assert d.dit_flops_per_image(cfg, True) == pytest.approx(3 * (2 * T * per_token + 2 * per_image + attention), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- flow and sampler, Gaussian data
+
+MU, SIGMA = 1.0, 0.5  # data x_0 ~ N(MU, SIGMA^2) per coordinate, noise ~ N(0, 1)
+
+
+def exact_velocity(x, t, y=None):
+    """E[noise - x_0 | x_t] for Gaussian data: x_t ~ N((1-t) MU, V_t), V_t = (1-t)^2 SIGMA^2 + t^2,
+    Cov(noise - x_0, x_t) = t - (1-t) SIGMA^2."""
+    t = t.view(-1, *[1] * (x.ndim - 1)).double()
+    variance = (1 - t) ** 2 * SIGMA ** 2 + t ** 2
+    return (-MU + (t - (1 - t) * SIGMA ** 2) / variance * (x.double() - (1 - t) * MU)).to(x.dtype)
+
+
+def test_flow_loss_of_the_exact_velocity_is_the_closed_form_minimum():
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    x0 = MU + SIGMA * torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    noise = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    for t_value in (0.2, 0.5, 0.9):
+        t = torch.full((n,), t_value, dtype=torch.float64)
+        variance = (1 - t_value) ** 2 * SIGMA ** 2 + t_value ** 2
+        minimum = 1 + SIGMA ** 2 - (t_value - (1 - t_value) * SIGMA ** 2) ** 2 / variance  # Var(noise - x_0 | x_t)
+        loss = d.flow_loss(exact_velocity, x0, noise, t)
+        assert loss.item() == pytest.approx(minimum, rel=0.01)
+        shifted = d.flow_loss(lambda x, tt, y=None: exact_velocity(x, tt) + 0.1, x0, noise, t)
+        assert shifted.item() == pytest.approx(minimum + 0.01, rel=0.01)  # any other field costs its squared error
+    # the interpolant itself: t = 0 is the data, t = 1 the noise
+    assert torch.equal(d.interpolate(x0, noise, torch.zeros(n, dtype=torch.float64)), x0)
+    assert torch.equal(d.interpolate(x0, noise, torch.ones(n, dtype=torch.float64)), noise)
+
+
+def test_ode_sampler_converges_to_the_exact_transport_heun_faster_than_euler():
+    z = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = MU + SIGMA * z  # the flow of a Gaussian is affine: x_t = (1-t) MU + sqrt(V_t) z
+    errors = {method: [(d.sample_ode(exact_velocity, z, steps, method) - exact).abs().max().item() for steps in (4, 8, 16, 32)]
+              for method in ("euler", "heun")}
+    for method, order in (("euler", 1), ("heun", 2)):
+        e = errors[method]
+        assert all(a > b for a, b in zip(e, e[1:])), errors
+        assert e[-2] / e[-1] == pytest.approx(2 ** order, rel=0.25), errors  # first / second order convergence
+    assert errors["heun"][1] < errors["euler"][-1], errors  # Heun with 8 steps beats Euler with 32
+
+
+# --------------------------------------------------------------------------- classifier-free guidance
+
+def test_cfg_scale_one_is_the_conditional_model_and_other_scales_extrapolate():
+    model = randomise_gates(tiny_model(num_classes=10)).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(5, 3, 8, 8, generator=gen), torch.rand(5, generator=gen), torch.tensor([0, 3, 3, 9, 1])
+    null = torch.full_like(y, 10)
+    with torch.no_grad():
+        conditional, unconditional = model(x, t, y), model(x, t, null)
+        assert (conditional - unconditional).abs().max() > 1e-3  # the label matters
+        torch.testing.assert_close(d.guided_velocity(model, y, 1.0)(x, t), conditional)
+        torch.testing.assert_close(d.guided_velocity(model, y, 0.0)(x, t), unconditional, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d.guided_velocity(model, y, 3.0)(x, t), unconditional + 3 * (conditional - unconditional),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x, t), unconditional)  # no label = the null class
+
+
+# --------------------------------------------------------------------------- Frechet distance
+
+def test_frechet_distance_against_closed_forms():
+    gen = torch.Generator().manual_seed(0)
+    mean1, mean2 = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    var1, var2 = torch.rand(6, generator=gen, dtype=torch.float64) + 0.1, torch.rand(6, generator=gen, dtype=torch.float64) + 0.1
+    # diagonal covariances: |m1 - m2|^2 + sum (sqrt(a) - sqrt(b))^2
+    closed = float(((mean1 - mean2) ** 2).sum() + ((var1.sqrt() - var2.sqrt()) ** 2).sum())
+    assert d.frechet_distance(mean1, torch.diag(var1), mean2, torch.diag(var2)) == pytest.approx(closed, rel=1e-10)
+    # invariant under a common rotation, which makes both covariances full (non-commuting path)
+    rotation = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))[0]
+    rotated = d.frechet_distance(rotation @ mean1, rotation @ torch.diag(var1) @ rotation.T,
+                                 rotation @ mean2, rotation @ torch.diag(var2) @ rotation.T)
+    assert rotated == pytest.approx(closed, rel=1e-8)
+    # identical sets -> 0; statistics are mean and unbiased covariance
+    features = torch.randn(300, 8, generator=gen)
+    stats = d.feature_stats(features)
+    np.testing.assert_allclose(stats[1].numpy(), np.cov(features.double().numpy().T), rtol=1e-10, atol=1e-12)
+    assert abs(d.frechet_distance(*stats, *stats)) < 1e-9
+    # samples of two Gaussians approach the closed form
+    a = mean1 + var1.sqrt() * torch.randn(200_000, 6, generator=gen, dtype=torch.float64)
+    b = mean2 + var2.sqrt() * torch.randn(200_000, 6, generator=gen, dtype=torch.float64)
+    assert d.frechet_distance(*d.feature_stats(a), *d.feature_stats(b)) == pytest.approx(closed, rel=0.02)
+
+
+# --------------------------------------------------------------------------- copies agree with the other scripts
+
+def test_evaluation_copies_agree_with_mae_decay_and_probe():
+    gen = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(400, 12, generator=gen), torch.randn(37, 12, generator=gen)
+    train_y, test_y = torch.randint(0, 4, (400,), generator=gen), torch.randint(0, 4, (37,), generator=gen)
+    for other in (mae_decay, probe):
+        for k in (5, [1, 20]):
+            ours, theirs = d.knn_predict(train_x, train_y, test_x, k=k, chunk=10), other.knn_predict(train_x, train_y, test_x, k=k, chunk=10)
+            assert (ours == theirs).all() if isinstance(k, int) else all(torch.equal(ours[kk], theirs[kk]) for kk in k)
+        assert d.linear_probe(train_x, train_y, test_x, test_y, epochs=3, seed=1) == \
+            other.linear_probe(train_x, train_y, test_x, test_y, epochs=3, seed=1)
+        assert d.effective_rank(train_x) == other.effective_rank(train_x)
+        assert d.effective_rank(train_x, center=True) == other.effective_rank(train_x, center=True)
+    for name in ("decay_schedule", "alpha_min_for", "sincos_pos_embed", "patchify", "unpatchify", "get_lr", "make_shapes",
+                 "knn_predict", "linear_probe", "effective_rank", "step_generator", "epoch_order", "center_view", "to_device",
+                 "load_dataset", "atomic_save", "save_features", "write_json", "mean_std", "pick_device", "autocast",
+                 "Attention", "MLP", "UserError", "knob_help", "parse_floats", "parse_seeds", "alpha_settings"):
+        assert inspect.getsource(getattr(d, name)) == inspect.getsource(getattr(mae_decay, name)), name
+
+
+def test_training_batch_is_seeded_and_flips_only():
+    data = tiny_data(n_train=64)
+    images = data["train_x"][:16]
+    plain = d.center_view(images, 8, 0.5, 0.5)
+    assert torch.equal(d.training_batch(images, 8, torch.Generator().manual_seed(0), flip=False), plain)
+    a = d.training_batch(images, 8, torch.Generator().manual_seed(3), flip=True)
+    assert torch.equal(a, d.training_batch(images, 8, torch.Generator().manual_seed(3), flip=True))
+    mirrored = torch.tensor([torch.equal(a[i], plain[i].flip(-1)) and not torch.equal(a[i], plain[i]) for i in range(16)])
+    assert all(torch.equal(a[i], plain[i]) or mirrored[i] for i in range(16)) and 0 < mirrored.sum() < 16
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(d.to_uint8(plain), images)  # [-1, 1] -> uint8 inverts the scaling exactly
+
+
+# --------------------------------------------------------------------------- training
+
+def run_training(tmp_path, name, *extra):
+    cfg = tiny_cfg("--out-dir", str(tmp_path / name), *extra)
+    data = tiny_data()
+    reference = d.reference_network(cfg, data, CPU)
+    skips, alpha_min = d.comparison(cfg)[-1]
+    return d.train_run(cfg, data, reference, skips, alpha_min, 0, str(tmp_path / name / "run"), CPU)
+
+
+def test_resume_continues_exactly_and_the_loss_falls(tmp_path):
+    flags = ["--epochs", "6", "--skips", "on", "--alpha-min", "0.5", "--class-cond", "--base-lr", "2e-2"]
+    full = run_training(tmp_path, "full", *flags)
+    part = run_training(tmp_path, "part", *flags, "--max-steps", "13")
+    assert part["steps"] == 13 and part["losses"] == full["losses"][:13] and part["final_loss"] == full["losses"][12]
+    resumed = run_training(tmp_path, "part", *flags, "--resume")
+    assert resumed["losses"] == full["losses"]  # bit-identical continuation (data order, flips, t, noise, label drops)
+    assert resumed["fd"] == full["fd"] and resumed["knn"] == full["knn"] and resumed["linear_probe"] == full["linear_probe"]
+    assert np.mean(full["losses"][-8:]) < 0.85 * np.mean(full["losses"][:8]), full["losses"]  # zero-init starts at E|noise - x0|^2
+    with np.load(tmp_path / "full" / "run" / "features.npz") as f:
+        assert f["train_features"].shape == (256, 32) and f["test_labels"].shape == (64,)
+        assert "encoder-half output (block 2/4)" in str(f["feature"]) and float(f["alpha_min"]) == 0.5
+    with pytest.raises(d.UserError, match="already exists"):
+        run_training(tmp_path, "part", *flags)
+    with pytest.raises(d.UserError, match="other settings"):
+        run_training(tmp_path, "part", *flags[:-3], "--resume")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(d.UserError, match="loss became"):
+        run_training(tmp_path, "nan", "--epochs", "1", "--base-lr", "1e30")
+
+
+# --------------------------------------------------------------------------- command line
+
+@pytest.mark.parametrize("flags,message", [
+    (["--img-size", "30"], "multiple of --patch-size"),
+    (["--depth", "5"], "must be even"),
+    (["--skips", "yes"], "--skips must be a comma list"),
+    (["--alpha-min", "1.0,abc"], "comma-separated list"),
+    (["--alpha-min", "1.5"], "must be in (0, 1]"),
+    (["--alpha-eff", "0"], "must be in (0, 1]"),
+    (["--sampler", "rk4"], "--sampler"),
+    (["--time-dist", "beta"], "--time-dist"),
+    (["--cfg-scale", "2"], "add --class-cond"),
+    (["--feature-t", "1.0"], "--feature-t"),
+    (["--ema-decay", "1"], "--ema-decay"),
+    (["--device", "tpu"], "--device"),
+    (["--seeds", "0.5"], "--seeds"),
+])
+def test_bad_flags_give_one_clear_sentence(flags, message):
+    with pytest.raises(d.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        d.parse_config(flags)
+
+
+def test_command_line_errors_have_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "diffusion_decay.py"), "--depth", "5"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "even" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_main_writes_table_json_features_samples_and_plots(tmp_path, capsys):
+    out = tmp_path / "out"
+    results = d.main(TINY[:-5] + ["--plots", "--eval-every", "1", "--epochs", "2", "--skips", "off,on", "--alpha-min", "1.0",
+                                  "--train-limit", "128", "--feature-t", "0,0.2", "--out-dir", str(out),
+                                  "--json", str(tmp_path / "r.json"), "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "FD-smallcnn" in text and "k-NN@20" in text and "real vs real" in text and len(results) == 2
+    summary = json.loads((tmp_path / "r.json").read_text())
+    run = summary["runs"][1]
+    for key in ("fd", "knn", "linear_probe", "effective_rank", "final_loss", "seconds", "config"):
+        assert key in run, key
+    assert run["skips"] is True and run["alpha_min"] == 1.0 and set(run["knn"]) == {"10", "20", "100"}
+    assert run["config"]["skips"] == "on" and summary["config"]["skips"] == "off,on"
+    assert [e["epoch"] for e in run["evals"]] == [0, 1, 2] and run["evals"][-1]["fd"] == run["fd"]
+    assert [level["t"] for level in run["by_noise_level"]] == [0.0, 0.2]
+    assert summary["fd_reference"]["noise_vs_real"] > summary["fd_reference"]["real_vs_real"]
+    for name in ("curves.png", "samples.png", "results.json", "config.json", "fd_reference_shapes_8px.pt"):
+        assert (out / name).exists(), name
+    for folder in ("skipsoff_alpha1_seed0", "skipson_alpha1_seed0"):
+        for name in ("features.npz", "features_t0.2.npz", "samples.png", "ckpt.pt"):
+            assert (out / folder / name).exists(), (folder, name)
+    arrays, metadata = probe.read_features_file(str(out / "skipson_alpha1_seed0" / "features.npz"))  # probe.py reads it
+    assert arrays["train_features"].shape[0] == 128
+
+
+def test_benchmark_reports_throughput(capsys):
+    result = d.main(TINY + ["--benchmark"])
+    assert result["img_per_s"] > 0 and "ms/step" in capsys.readouterr().out
