@@ -27,6 +27,14 @@ Run (each command prints what it does; `--help` lists every knob):
     python diffusion_decay.py --preset cifar --benchmark --compile        # img/s, ms/step, memory, MFU
     python diffusion_decay.py --alpha-eff 1,3e-3 --skips on               # choose alpha_min by prod(alphas)
 
+Several GPUs (PyTorch DDP: one process per GPU; --batch-size stays the GLOBAL batch, split evenly,
+and the run follows the one-process trajectory; only rank 0 prints and writes files):
+
+    torchrun --standalone --nproc_per_node=8 diffusion_decay.py --preset cifar --compile
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 diffusion_decay.py ...
+    torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 diffusion_decay.py ...
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 diffusion_decay.py --device cpu   # CPU, gloo
+
 Outputs go to --out-dir (default runs/diffusion): config.json, the cached reference classifier
 (fd_reference_*.pt), one folder per (skips, alpha_min, seed) with ckpt.pt (model, EMA, optimizer,
 RNG, step, config), samples.png and features.npz (the format probe.py reads), results.json, and
@@ -73,6 +81,7 @@ stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 import argparse
 import copy
 import dataclasses
+import datetime
 import gzip
 import hashlib
 import inspect
@@ -90,8 +99,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 
@@ -158,6 +169,8 @@ class Config:
     json: str = ""                # also write every run's final numbers to this file
     plots: bool = True            # write the PNG plots and sample grids
     benchmark: bool = False       # only time the training step and print img/s, ms/step, memory, MFU
+    dist_backend: str = "auto"    # under torchrun: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    dist_timeout: float = 30.0    # under torchrun: minutes a process waits for the others before failing
 
 
 PRESETS = {
@@ -246,6 +259,8 @@ def check_config(cfg):
     need(all(0.0 <= t < 1.0 for t in noise_levels(cfg)), f"every --feature-t must be in [0, 1), got '{cfg.feature_t}'.")
     need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+    need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
+    need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
     need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0,
          "--log-every and --ckpt-every must be at least 1, --eval-every at least 0.")
     alphas = alpha_settings(cfg)
@@ -596,13 +611,15 @@ def center_view(images, out_size, mean, std):
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 
 
-def training_batch(images, out_size, gen, flip):
+def training_batch(images, out_size, gen, flip, rank=0, world_size=1):
     """uint8 (B, C, H, W) -> float (B, C, S, S) in [-1, 1], each image mirrored left-right with
     probability 1/2 when `flip`. The coins come from the CPU generator `gen` (exact resume; the same
-    batch on every device). Diffusion models are trained without crops, so flips are all there is."""
+    batch on every device). Diffusion models are trained without crops, so flips are all there is.
+    Under torchrun `images` is slice `rank` of a global batch world_size times larger: the coins
+    are tossed for the global batch, then sliced."""
     x = center_view(images, out_size, PIXEL_MEAN, PIXEL_STD)
     if flip:
-        mirror = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
+        mirror = shard(torch.rand(len(x) * world_size, generator=gen) < 0.5, rank, world_size).to(x.device)
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -1008,20 +1025,25 @@ def guided_velocity(model, y=None, cfg_scale=1.0):
 @torch.no_grad()
 def generate(model, n, cfg, device, seed, in_chans, num_classes=0, batch_size=500):
     """n uint8 images (n, C, S, S) from fixed noise (seeded), labels i % num_classes when the model
-    is class-conditional. The model is put in eval mode."""
+    is class-conditional. The model is put in eval mode. Under torchrun each process samples a
+    contiguous run of batches and all get every image, in order."""
+    rank, world_size = rank_and_world()
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    images = []
+    mine = block_starts(n, batch_size, rank, world_size)
+    images = [torch.zeros(0, in_chans, cfg.img_size, cfg.img_size, dtype=torch.uint8, device=device)]
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        noise = torch.randn(count, in_chans, cfg.img_size, cfg.img_size, generator=gen).to(device)
+        noise = torch.randn(count, in_chans, cfg.img_size, cfg.img_size, generator=gen)  # every process draws every batch's noise
+        if start not in mine:
+            continue
         y = (torch.arange(start, start + count) % num_classes).to(device) if num_classes else None
         with autocast(device):
-            x = sample_ode(guided_velocity(model, y, cfg.cfg_scale), noise, cfg.sample_steps, cfg.sampler)
+            x = sample_ode(guided_velocity(model, y, cfg.cfg_scale), noise.to(device), cfg.sample_steps, cfg.sampler)
         images.append(to_uint8(x))
     model.train(was_training)
-    return torch.cat(images)
+    return all_gather_rows(torch.cat(images), world_size)
 
 
 # =============================================================================================
@@ -1080,6 +1102,117 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
 
 
+# ---------------------------------------------------------------------------------------------
+# Multi-GPU: torchrun + DistributedDataParallel (the few lines of nanoGPT's train.py)
+# ---------------------------------------------------------------------------------------------
+## `torchrun --nproc_per_node=N` starts N copies of this file and gives each RANK, LOCAL_RANK and
+## WORLD_SIZE in its environment; plain `python` sets none of them, and then no process group is
+## made and everything below reduces to the one-process code. Each process holds a full replica
+## of the model; DDP averages the gradients over processes during backward, so every replica
+## takes the same AdamW step and the replicas stay identical.
+
+def setup_distributed(cfg):
+    """The device of this process. Under torchrun: checks the batch, takes cuda:LOCAL_RANK (or the
+    CPU) and starts the process group (NCCL on CUDA, gloo otherwise) with a timeout."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return pick_device(cfg.device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if cfg.benchmark:
+        raise UserError("--benchmark times one process: run it with python, not torchrun.")
+    check_world_size(cfg.batch_size, world_size)
+    device = pick_device(cfg.device)
+    if device.type == "mps":
+        raise UserError("torchrun needs CUDA GPUs or the CPU (no process-group backend runs on MPS); add --device cpu.")
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU of its own (this machine has {torch.cuda.device_count()}); "
+                            f"start at most that many processes per node.")
+        device = torch.device("cuda", local_rank)  # one GPU per process: cuda:LOCAL_RANK
+        torch.cuda.set_device(device)
+    backend = cfg.dist_backend if cfg.dist_backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError(f"--dist-backend nccl needs CUDA GPUs but this run is on {device.type}; "
+                        f"use --dist-backend gloo (or auto).")
+    ## The timeout turns a missing or dead peer into an error instead of a silent hang.
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout),
+                                device_id=device if backend == "nccl" else None)
+    except Exception as e:
+        raise UserError(f"rank {rank} of {world_size} could not start the {backend} process group "
+                        f"({type(e).__name__}: {str(e)[:200]}); check the rendezvous address and port, and that every "
+                        f"node runs the same torchrun command.") from None
+    return device
+
+
+def check_world_size(batch_size, world_size):
+    """--batch-size is the GLOBAL batch: each of the world_size processes takes batch_size / world_size."""
+    if world_size > batch_size:
+        raise UserError(f"{world_size} processes need at least one image each but --batch-size is {batch_size}; "
+                        f"raise --batch-size or start fewer processes.")
+    if batch_size % world_size:
+        raise UserError(f"--batch-size {batch_size} (the global batch) is not divisible by the {world_size} processes; "
+                        f"use a multiple of {world_size}.")
+
+
+def rank_and_world():
+    """(rank, world_size) of this process: (0, 1) unless torchrun started it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(batch, rank, world_size):
+    """Rows [rank * B/W, (rank + 1) * B/W) of a global batch (B, ...): this process's contiguous slice."""
+    size = len(batch) // world_size
+    return batch[rank * size:(rank + 1) * size]
+
+
+def block_starts(n, block, rank, world_size):
+    """The starts (0, block, 2*block, ...) of the blocks of n items that this process evaluates: a
+    contiguous run of WHOLE blocks, so every block is computed exactly as in a one-process run."""
+    starts = list(range(0, n, block))
+    return starts[len(starts) * rank // world_size:len(starts) * (rank + 1) // world_size]
+
+
+def all_gather_rows(rows, world_size):
+    """Every process's (n_r, ...) tensor, concatenated in rank order (n_r may differ): all_gather
+    needs equal shapes, so each pads to the largest n_r, and the padding is cut off again."""
+    if world_size == 1:
+        return rows
+    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[:len(rows)] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+
+def mean_over_ranks(values, world_size):
+    """The average of a tensor over all processes (gloo has no AVG reduction: sum, then divide)."""
+    if world_size == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size
+
+
+def load_dataset_once_per_node(cfg):
+    """load_dataset, but under torchrun the first process of each machine (LOCAL_RANK 0) loads
+    first, so a download or an image-folder cache is made once, while the others wait at a barrier
+    and then read what it wrote."""
+    distributed = rank_and_world()[1] > 1
+    waits = distributed and int(os.environ.get("LOCAL_RANK", "0")) != 0
+    if waits:
+        dist.barrier()
+    parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)
+    if distributed and not waits:
+        dist.barrier()
+    return parts
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
@@ -1117,7 +1250,8 @@ def load_checkpoint(path, model, ema, optimizer, cfg, setting, seed):
 
 def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples)."""
-    torch.manual_seed(seed)
+    rank, world_size = rank_and_world()
+    torch.manual_seed(seed)  # the same initial weights in every process
     in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
     model = build_model(cfg, alpha_min, skips, in_chans, num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  ## the EMA weights are what gets evaluated and sampled
@@ -1125,6 +1259,7 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     n_train, batch = len(data["train_x"]), cfg.batch_size
     if batch > n_train:
         raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
+    check_world_size(batch, world_size)
     steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -1137,31 +1272,39 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     if os.path.exists(ckpt_path):
         if not cfg.resume:
             raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
-        state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, (skips, alpha_min), seed)
-        print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
+        state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, (skips, alpha_min), seed)  # every process loads it
+        if rank == 0:
+            print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
 
     def evaluate_curve(epoch):
         state["evals"].append({"epoch": epoch, "step": state["step"],
                                **evaluate_cheap(ema, cfg, data, reference, device, seed)[0]})
         e = state["evals"][-1]
-        tqdm.write(f"{name} seed={seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{cfg.knn_k} {e['knn']:.4f} "
-                   f"(5k/1k subset), effective rank {e['effective_rank']:.1f}")
+        if rank == 0:
+            tqdm.write(f"{name} seed={seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{cfg.knn_k} {e['knn']:.4f} "
+                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f}")
 
     if cfg.eval_every and state["step"] == 0 and not state["evals"]:
         evaluate_curve(0)
-    compiled = torch.compile(model) if cfg.compile else model
+    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
+    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
+    ## module that the EMA follows and checkpoints save, so they resume with any number of processes.
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
+    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
     pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
-    progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
+                    disable=rank != 0)
     last_time, last_step = time.perf_counter(), state["step"]
 
     def flush():
         nonlocal pending, last_time, last_step
         if not pending:
             return
-        values = torch.stack(pending).tolist()
+        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
+        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
         pending = []
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:
+        if bad is not None:  # every process sees the same values, so all stop together
             raise UserError(f"the loss became {values[bad]} at step {last_step + bad} ({name}); "
                             f"lower --base-lr or raise --alpha-min.")
         state["losses"] += values
@@ -1176,14 +1319,19 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
         epoch, i = divmod(step, steps_per_epoch)
         if i == 0 or step == state["step"]:
             order = epoch_order(seed, epoch, n_train).to(device)
-        idx = order[i * batch:(i + 1) * batch]
+        ## Same trajectory for any number of processes: every process draws the data order, the flips,
+        ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
+        ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
+        ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
+        ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
+        idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
         gen = step_generator(seed, step)
-        x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip)  # (B, C, S, S) in [-1, 1]
-        t = sample_time(batch, gen, cfg.time_dist).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
+        x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
+        t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
+        noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
         y = None
         if cfg.class_cond:
-            drop = (torch.rand(batch, generator=gen) < cfg.class_dropout).to(device)
+            drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
             y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
         lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
         for group in optimizer.param_groups:
@@ -1194,13 +1342,14 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
             except Exception as e:  # torch.compile fails lazily, at the first call
                 if compiled is model:
                     raise
-                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
-                compiled = model
-                loss = flow_loss(model, x0, noise, t, y)
+                if rank == 0:
+                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+                compiled = ddp_model
+                loss = flow_loss(ddp_model, x0, noise, t, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
+        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))  # identical in every process: so are the parameters
         pending.append(loss.detach())
         state["step"] = step + 1
         end_of_epoch = i == steps_per_epoch - 1
@@ -1211,11 +1360,11 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
             if cfg.eval_every and done % cfg.eval_every == 0 and step + 1 < stop_step:  # the last point: finish_run
                 evaluate_curve(done)
                 last_time = time.perf_counter()  # evaluation time is not training time
-            if done % cfg.ckpt_every == 0 or done == cfg.epochs:
+            if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
                 save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
                 last_time = time.perf_counter()
     progress.close()
-    if state["step"] < total_steps:  # stopped early by --max-steps: keep the state so --resume continues
+    if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
         save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
     return finish_run(ema, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch)
 
@@ -1296,7 +1445,10 @@ def reference_network(cfg, data, device, batch_size=256, lr=2e-3):
         steps_per_epoch = max(1, n // batch_size)
         total = cfg.ref_epochs * steps_per_epoch
         net.train()
-        for step in tqdm(range(total), desc="reference CNN for FD", dynamic_ncols=True, mininterval=1.0):
+        ## Under torchrun every process trains the same reference (seeded, on its own device) at the
+        ## same time; only the first one writes the cache.
+        for step in tqdm(range(total), desc="reference CNN for FD", dynamic_ncols=True, mininterval=1.0,
+                         disable=rank_and_world()[0] != 0):
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0:
                 order = epoch_order(10_007, epoch, n).to(device)
@@ -1314,17 +1466,19 @@ def reference_network(cfg, data, device, batch_size=256, lr=2e-3):
             logits = torch.cat([net(center_view(data["test_x"][s:s + 500], cfg.img_size, PIXEL_MEAN, PIXEL_STD)).float()
                                 for s in range(0, len(data["test_x"]), 500)])
         accuracy, seconds = (logits.argmax(1) == data["test_y"]).float().mean().item(), time.perf_counter() - started
-        atomic_save({"key": key, "model": net.state_dict(), "accuracy": accuracy, "seconds": seconds}, path)
+        if rank_and_world()[0] == 0:
+            atomic_save({"key": key, "model": net.state_dict(), "accuracy": accuracy, "seconds": seconds}, path)
     test_stats = feature_stats(reference_features(net, data["test_x"], cfg.img_size))
     n = cfg.fd_samples
     noise_images = torch.randint(0, 256, (n, in_chans, cfg.img_size, cfg.img_size), dtype=torch.uint8,
                                  generator=torch.Generator().manual_seed(0)).to(device)
     sanity = {"real_vs_real": frechet_distance(*feature_stats(reference_features(net, data["train_x"][:n], cfg.img_size)), *test_stats),
               "noise_vs_real": frechet_distance(*feature_stats(reference_features(net, noise_images, cfg.img_size)), *test_stats)}
-    print(f"FD reference: small CNN ({sum(p.numel() for p in net.parameters())} parameters, cached in {path}), "
-          f"test accuracy {accuracy:.4f}, trained in {seconds:.0f} s; FD-smallcnn of {min(n, len(data['train_x']))} "
-          f"real training images vs the test set {sanity['real_vs_real']:.2f} (floor), of {n} uniform-noise images "
-          f"{sanity['noise_vs_real']:.2f}")
+    if rank_and_world()[0] == 0:
+        print(f"FD reference: small CNN ({sum(p.numel() for p in net.parameters())} parameters, cached in {path}), "
+              f"test accuracy {accuracy:.4f}, trained in {seconds:.0f} s; FD-smallcnn of {min(n, len(data['train_x']))} "
+              f"real training images vs the test set {sanity['real_vs_real']:.2f} (floor), of {n} uniform-noise images "
+              f"{sanity['noise_vs_real']:.2f}")
     return {"net": net, "test_stats": test_stats, "accuracy": accuracy, "sanity": sanity}
 
 
@@ -1340,20 +1494,27 @@ def generation_fd(model, cfg, data, reference, device, seed):
 def extract_features(model, images, cfg, noise_level, device, batch_size=512):
     """Frozen features (eval mode, no grad) of the whole, un-augmented image, optionally noised along
     the flow path to time t = noise_level with fixed noise: tokens at the end of the encoder half,
-    mean-pooled over all tokens, null class. Returns (N, D) float32."""
+    mean-pooled over all tokens, null class. Returns (N, D) float32. Under torchrun each process
+    extracts a contiguous run of batches and all get every feature, in order."""
+    rank, world_size = rank_and_world()
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(0)  # the same noise for every model
-    features = []
+    mine = block_starts(len(images), batch_size, rank, world_size)
+    features = [torch.zeros(0, cfg.embed_dim, device=images.device)]  # (0, D): a process may get no batch
     for start in range(0, len(images), batch_size):
+        count = min(batch_size, len(images) - start)
+        noise = torch.randn(count, images.shape[1], cfg.img_size, cfg.img_size, generator=gen)  # every process draws every batch's noise
+        if start not in mine:
+            continue
         x = center_view(images[start:start + batch_size], cfg.img_size, PIXEL_MEAN, PIXEL_STD)
-        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        noise = noise.to(x.device)
         t = torch.full((len(x),), float(noise_level), device=x.device)
         with autocast(device):
             tokens = model.features(interpolate(x, noise, t), t)  # (B, L, D)
         features.append(tokens.mean(1).float())
     model.train(was_training)
-    return torch.cat(features)
+    return all_gather_rows(torch.cat(features), world_size)
 
 
 def describe_feature(cfg, noise_level):
@@ -1409,6 +1570,7 @@ def save_png(array, path):
 def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch):
     """Final evaluation of the EMA model: FD-smallcnn (also the last curve point), the full k-NN /
     probe / effective rank at every --feature-t, the features file and the sample grid."""
+    rank = rank_and_world()[0]
     started = time.perf_counter()
     num_classes = len(data["classes"])
     epochs_done = state["step"] / steps_per_epoch
@@ -1427,12 +1589,13 @@ def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_d
         by_level.append({"t": level, "knn": {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()},
                          "linear_probe": probe, "effective_rank": effective_rank(train_f[:25600])})
         file = "features.npz" if j == 0 else f"features_t{level:g}.npz"
-        save_features(os.path.join(run_dir, file), train_f, data["train_y"], test_f, data["test_y"],
-                      {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg, level),
-                       "alpha_min": alpha_min, "skips": skips, "seed": seed, "noise_level": level,
-                       "classes": np.asarray(data["classes"])})
+        if rank == 0:  # every process evaluated the gathered features; one writes them
+            save_features(os.path.join(run_dir, file), train_f, data["train_y"], test_f, data["test_y"],
+                          {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg, level),
+                           "alpha_min": alpha_min, "skips": skips, "seed": seed, "noise_level": level,
+                           "classes": np.asarray(data["classes"])})
     grid = image_grid(images[:64])
-    if cfg.plots:
+    if cfg.plots and rank == 0:
         save_png(grid, os.path.join(run_dir, "samples.png"))
     losses = state["losses"]
     whole_epochs = len(losses) // steps_per_epoch
@@ -1590,38 +1753,46 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    device = pick_device(cfg.device)
+    device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
     if cfg.benchmark:
         return run_benchmark(cfg, device)
+    rank, world_size = rank_and_world()
     settings, seeds = comparison(cfg), parse_seeds(cfg.seeds)
-    parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)
+    parts = load_dataset_once_per_node(cfg)
+    ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
+    ## CIFAR-size data, and each process still works only on its own slice of each batch).
     data = to_device(parts, device, cfg.train_limit)
-    print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
-          f"{tuple(data['train_x'].shape[1:])} (model sees {cfg.img_size}px), {len(data['classes'])} classes; device {device}; "
-          f"settings: {'; '.join(setting_name(*s) for s in settings)}; seeds {seeds}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    if rank == 0:  # only the first process prints and writes files
+        print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
+              f"{tuple(data['train_x'].shape[1:])} (model sees {cfg.img_size}px), {len(data['classes'])} classes; device {device}"
+              f"{f' x {world_size} processes' if world_size > 1 else ''}; "
+              f"settings: {'; '.join(setting_name(*s) for s in settings)}; seeds {seeds}")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     reference = reference_network(cfg, data, device)
     results = []
     for skips, alpha_min in settings:
         for seed in seeds:
             run_dir = os.path.join(cfg.out_dir, f"skips{'on' if skips else 'off'}_alpha{alpha_min:.4g}_seed{seed}")
             results.append(train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device))
-    sanity = reference["sanity"]
-    print(f"\n{cfg.dataset}, {cfg.img_size}px; generation: FD-smallcnn of {cfg.fd_samples} EMA samples ({cfg.sampler}, "
-          f"{cfg.sample_steps} steps{f', CFG {cfg.cfg_scale:g}' if cfg.class_cond else ''}) vs the test set "
-          f"(real vs real {sanity['real_vs_real']:.2f}, noise vs real {sanity['noise_vs_real']:.2f}); "
-          f"features: {results[0]['feature']}; k-NN: DINO protocol, T={cfg.knn_t}; linear probe: final epoch of "
-          f"{cfg.probe_epochs}\n{results_table(results)}")
-    summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
-               "fd_reference": {"test_accuracy": reference["accuracy"], **sanity},
-               "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}
-    write_json(os.path.join(cfg.out_dir, "results.json"), summary)
-    if cfg.json:
-        write_json(cfg.json, summary)
-    if cfg.plots:
-        save_plots(results, cfg.out_dir)
-        print(f"plots: {cfg.out_dir}/curves.png, samples.png (one samples.png per run folder too)")
+    if rank == 0:
+        sanity = reference["sanity"]
+        print(f"\n{cfg.dataset}, {cfg.img_size}px; generation: FD-smallcnn of {cfg.fd_samples} EMA samples ({cfg.sampler}, "
+              f"{cfg.sample_steps} steps{f', CFG {cfg.cfg_scale:g}' if cfg.class_cond else ''}) vs the test set "
+              f"(real vs real {sanity['real_vs_real']:.2f}, noise vs real {sanity['noise_vs_real']:.2f}); "
+              f"features: {results[0]['feature']}; k-NN: DINO protocol, T={cfg.knn_t}; linear probe: final epoch of "
+              f"{cfg.probe_epochs}\n{results_table(results)}")
+        summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "processes": world_size,
+                   "fd_reference": {"test_accuracy": reference["accuracy"], **sanity},
+                   "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}
+        write_json(os.path.join(cfg.out_dir, "results.json"), summary)
+        if cfg.json:
+            write_json(cfg.json, summary)
+        if cfg.plots:
+            save_plots(results, cfg.out_dir)
+            print(f"plots: {cfg.out_dir}/curves.png, samples.png (one samples.png per run folder too)")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return results
 
 

@@ -21,6 +21,14 @@ Run (each command prints what it does; `--help` lists every knob):
     python mae_decay.py --preset cifar --benchmark --compile                # img/s, ms/step, memory, MFU
     python mae_decay.py --alpha-eff 1,1e-2 --seeds 0,1,2   # choose alpha_min by the product of all alphas
 
+Several GPUs (PyTorch DDP: one process per GPU; --batch-size stays the GLOBAL batch, split evenly,
+and the run follows the one-process trajectory; only rank 0 prints and writes files):
+
+    torchrun --standalone --nproc_per_node=8 mae_decay.py --preset base --dataset folder:/data/imagenet100
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 mae_decay.py ...
+    torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 mae_decay.py ...
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 mae_decay.py --device cpu   # CPU, gloo
+
 Outputs go to --out-dir (default runs/mae): config.json, one folder per (alpha_min, seed) with
 ckpt.pt and features.npz (the format probe.py reads, see save_features), results.json, and the
 plots curves.png, recon.png, pca.png, feature_norms.png.
@@ -41,6 +49,7 @@ stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
 import argparse
 import dataclasses
+import datetime
 import gzip
 import hashlib
 import inspect
@@ -54,12 +63,15 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 
@@ -123,6 +135,8 @@ class Config:
     json: str = ""                # also write every run's final numbers to this file
     plots: bool = True            # write the PNG plots
     benchmark: bool = False       # only time the training step and print img/s, ms/step, memory, MFU
+    dist_backend: str = "auto"    # under torchrun: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    dist_timeout: float = 30.0    # under torchrun: minutes a process waits for the others before failing
 
 
 PRESETS = {
@@ -210,6 +224,8 @@ def check_config(cfg):
     need(0 <= cfg.feature_block <= cfg.depth, f"--feature-block must be in [0, --depth={cfg.depth}] (0 = last).")
     need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+    need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
+    need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
     need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0,
          "--log-every and --ckpt-every must be at least 1, --eval-every at least 0.")
     alphas = alpha_settings(cfg)
@@ -526,11 +542,12 @@ def to_device(parts, device, train_limit=0):
     return data
 
 
-def augment(images, out_size, gen, crop_min, mean, std):
+def augment(images, out_size, gen, crop_min, mean, std, rank=0, world_size=1):
     """Random resized crop (area in [crop_min, 1], aspect in [3/4, 4/3]) + horizontal flip, the whole
     batch at once on the device. All random numbers come from the CPU generator `gen`, so a run is
-    the same on every device and can be resumed exactly."""
-    n = images.shape[0]
+    the same on every device and can be resumed exactly. Under torchrun `images` is slice `rank` of
+    a global batch world_size times larger: the crops are drawn for the global batch, then sliced."""
+    n = images.shape[0] * world_size
     area = crop_min + (1 - crop_min) * torch.rand(n, generator=gen)
     log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=gen)
     w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1)  # crop width, fraction of the image
@@ -540,8 +557,8 @@ def augment(images, out_size, gen, crop_min, mean, std):
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    theta = theta.to(images.device, non_blocking=True)
-    grid = F.affine_grid(theta, (n, images.shape[1], out_size, out_size), align_corners=False)
+    theta = shard(theta, rank, world_size).to(images.device, non_blocking=True)
+    grid = F.affine_grid(theta, (len(theta), images.shape[1], out_size, out_size), align_corners=False)
     x = F.grid_sample(images.float().div_(255), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return (x - mean) / std
 
@@ -978,6 +995,117 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
 
 
+# ---------------------------------------------------------------------------------------------
+# Multi-GPU: torchrun + DistributedDataParallel (the few lines of nanoGPT's train.py)
+# ---------------------------------------------------------------------------------------------
+## `torchrun --nproc_per_node=N` starts N copies of this file and gives each RANK, LOCAL_RANK and
+## WORLD_SIZE in its environment; plain `python` sets none of them, and then no process group is
+## made and everything below reduces to the one-process code. Each process holds a full replica
+## of the model; DDP averages the gradients over processes during backward, so every replica
+## takes the same AdamW step and the replicas stay identical.
+
+def setup_distributed(cfg):
+    """The device of this process. Under torchrun: checks the batch, takes cuda:LOCAL_RANK (or the
+    CPU) and starts the process group (NCCL on CUDA, gloo otherwise) with a timeout."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return pick_device(cfg.device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if cfg.benchmark:
+        raise UserError("--benchmark times one process: run it with python, not torchrun.")
+    check_world_size(cfg.batch_size, world_size)
+    device = pick_device(cfg.device)
+    if device.type == "mps":
+        raise UserError("torchrun needs CUDA GPUs or the CPU (no process-group backend runs on MPS); add --device cpu.")
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU of its own (this machine has {torch.cuda.device_count()}); "
+                            f"start at most that many processes per node.")
+        device = torch.device("cuda", local_rank)  # one GPU per process: cuda:LOCAL_RANK
+        torch.cuda.set_device(device)
+    backend = cfg.dist_backend if cfg.dist_backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError(f"--dist-backend nccl needs CUDA GPUs but this run is on {device.type}; "
+                        f"use --dist-backend gloo (or auto).")
+    ## The timeout turns a missing or dead peer into an error instead of a silent hang.
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout),
+                                device_id=device if backend == "nccl" else None)
+    except Exception as e:
+        raise UserError(f"rank {rank} of {world_size} could not start the {backend} process group "
+                        f"({type(e).__name__}: {str(e)[:200]}); check the rendezvous address and port, and that every "
+                        f"node runs the same torchrun command.") from None
+    return device
+
+
+def check_world_size(batch_size, world_size):
+    """--batch-size is the GLOBAL batch: each of the world_size processes takes batch_size / world_size."""
+    if world_size > batch_size:
+        raise UserError(f"{world_size} processes need at least one image each but --batch-size is {batch_size}; "
+                        f"raise --batch-size or start fewer processes.")
+    if batch_size % world_size:
+        raise UserError(f"--batch-size {batch_size} (the global batch) is not divisible by the {world_size} processes; "
+                        f"use a multiple of {world_size}.")
+
+
+def rank_and_world():
+    """(rank, world_size) of this process: (0, 1) unless torchrun started it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(batch, rank, world_size):
+    """Rows [rank * B/W, (rank + 1) * B/W) of a global batch (B, ...): this process's contiguous slice."""
+    size = len(batch) // world_size
+    return batch[rank * size:(rank + 1) * size]
+
+
+def block_starts(n, block, rank, world_size):
+    """The starts (0, block, 2*block, ...) of the blocks of n items that this process evaluates: a
+    contiguous run of WHOLE blocks, so every block is computed exactly as in a one-process run."""
+    starts = list(range(0, n, block))
+    return starts[len(starts) * rank // world_size:len(starts) * (rank + 1) // world_size]
+
+
+def all_gather_rows(rows, world_size):
+    """Every process's (n_r, ...) tensor, concatenated in rank order (n_r may differ): all_gather
+    needs equal shapes, so each pads to the largest n_r, and the padding is cut off again."""
+    if world_size == 1:
+        return rows
+    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[:len(rows)] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+
+def mean_over_ranks(values, world_size):
+    """The average of a tensor over all processes (gloo has no AVG reduction: sum, then divide)."""
+    if world_size == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size
+
+
+def load_dataset_once_per_node(cfg):
+    """load_dataset, but under torchrun the first process of each machine (LOCAL_RANK 0) loads
+    first, so a download or an image-folder cache is made once, while the others wait at a barrier
+    and then read what it wrote."""
+    distributed = rank_and_world()[1] > 1
+    waits = distributed and int(os.environ.get("LOCAL_RANK", "0")) != 0
+    if waits:
+        dist.barrier()
+    parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)
+    if distributed and not waits:
+        dist.barrier()
+    return parts
+
+
 def save_checkpoint(path, model, optimizer, state, cfg, alpha_min, seed):
     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                  "config": dataclasses.asdict(cfg), "alpha_min": alpha_min, "seed": seed,
@@ -1001,13 +1129,15 @@ def load_checkpoint(path, model, optimizer, cfg, alpha_min, seed):
 
 def train_run(cfg, data, alpha_min, seed, run_dir, device):
     """Train one MAE (one alpha_min, one seed); returns its result dict (numbers, curves, images)."""
-    torch.manual_seed(seed)
+    rank, world_size = rank_and_world()
+    torch.manual_seed(seed)  # the same initial weights in every process
     in_chans = data["train_x"].shape[1]
     model = build_model(cfg, alpha_min, in_chans).to(device)
     optimizer = make_optimizer(model, cfg, device)
     n_train, batch = len(data["train_x"]), cfg.batch_size
     if batch > n_train:
         raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
+    check_world_size(batch, world_size)
     steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -1020,8 +1150,9 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
     if os.path.exists(ckpt_path):
         if not cfg.resume:
             raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
-        state = load_checkpoint(ckpt_path, model, optimizer, cfg, alpha_min, seed)
-        print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
+        state = load_checkpoint(ckpt_path, model, optimizer, cfg, alpha_min, seed)  # every process loads it
+        if rank == 0:
+            print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
     probe_imgs = center_view(data["test_x"][:256], cfg.img_size, data["mean"], data["std"])
     if state["init_norms"] is None:
         state["init_norms"] = block_norms(model, probe_imgs)
@@ -1035,25 +1166,33 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
                            num_classes=len(data["classes"]))
         state["evals"].append({"epoch": epoch, "knn": (pred == data["test_y"][:n_test]).float().mean().item(),
                                "effective_rank": effective_rank(feats["train"])})
-        tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {state['evals'][-1]['knn']:.4f} "
-                   f"(5k/1k subset), effective rank {state['evals'][-1]['effective_rank']:.1f}")
+        if rank == 0:
+            tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {state['evals'][-1]['knn']:.4f} "
+                       f"(5k/1k subset), effective rank {state['evals'][-1]['effective_rank']:.1f}")
 
     if cfg.eval_every and state["step"] == 0 and not state["evals"]:
         evaluate_cheap(0)
-    compiled = torch.compile(model) if cfg.compile else model
+    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
+    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
+    ## module that evaluation uses and checkpoints save, so they resume with any number of processes.
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
+    # the (1, 1, D) tokens' gradients differ from DDP's buckets only in the strides of size-1 dims: harmless
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
     pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
     progress = tqdm(total=stop_step, initial=state["step"], desc=f"alpha_min={alpha_min:g} seed={seed}",
-                    dynamic_ncols=True, mininterval=1.0)
+                    dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
     last_time, last_step = time.perf_counter(), state["step"]
 
     def flush():
         nonlocal pending, last_time, last_step
         if not pending:
             return
-        values = torch.stack(pending).tolist()
+        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
+        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
         pending = []
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:
+        if bad is not None:  # every process sees the same values, so all stop together
             raise UserError(f"the loss became {values[bad]} at step {last_step + bad} (alpha_min={alpha_min:g}); "
                             f"lower --base-lr or raise --alpha-min (the paper finds alpha_min <= 0.4 unstable for ViT-B).")
         state["losses"] += values
@@ -1069,10 +1208,15 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
         epoch, i = divmod(step, steps_per_epoch)
         if i == 0 or step == state["step"]:
             order = epoch_order(seed, epoch, n_train).to(device)
+        ## Same trajectory for any number of processes: every process draws the data order, the crops,
+        ## the flips and the masking noise for the WHOLE global batch from the same seeded generators,
+        ## then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together are exactly
+        ## the one-process batch, and since every image hides the same number of patches, the mean of
+        ## the W per-process losses (what DDP's gradient average differentiates) is the global loss.
         gen = step_generator(seed, step)
-        imgs = augment(data["train_x"][order[i * batch:(i + 1) * batch]], cfg.img_size, gen, cfg.crop_min,
-                       data["mean"], data["std"])
-        noise = torch.rand(batch, num_patches, generator=gen).to(device, non_blocking=True)
+        idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
+        imgs = augment(data["train_x"][idx], cfg.img_size, gen, cfg.crop_min, data["mean"], data["std"], rank, world_size)
+        noise = shard(torch.rand(batch, num_patches, generator=gen), rank, world_size).to(device, non_blocking=True)
         lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -1082,9 +1226,10 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
             except Exception as e:  # torch.compile fails lazily, at the first call
                 if compiled is model:
                     raise
-                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
-                compiled = model
-                loss = model(imgs, noise)[0]
+                if rank == 0:
+                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+                compiled = ddp_model
+                loss = ddp_model(imgs, noise)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1098,11 +1243,11 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
                 evaluate_cheap(done)
                 last_time = time.perf_counter()  # evaluation time is not training time
-            if done % cfg.ckpt_every == 0 or done == cfg.epochs:
+            if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
                 save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
                 last_time = time.perf_counter()
     progress.close()
-    if state["step"] < total_steps:  # stopped early by --max-steps: keep the state so --resume continues
+    if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
         save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
     return finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch)
 
@@ -1115,18 +1260,20 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
 def extract_features(model, images, cfg, data, device, batch_size=512):
     """Frozen features of the whole, unmasked, un-augmented image (eval mode, no grad).
     Default (the authors'): tokens of the last encoder block, no final norm, mean-pooled over ALL
-    tokens, cls included. --feature cls takes the cls token; --feature-block K takes block K."""
+    tokens, cls included. --feature cls takes the cls token; --feature-block K takes block K.
+    Under torchrun each process extracts a contiguous run of batches and all get every feature, in order."""
+    rank, world_size = rank_and_world()
     was_training = model.training
     model.eval()
     block = (cfg.feature_block or cfg.depth) - 1
-    features = []
-    for start in range(0, len(images), batch_size):
+    features = [torch.zeros(0, cfg.embed_dim, device=images.device)]  # (0, D): a process may get no batch
+    for start in block_starts(len(images), batch_size, rank, world_size):
         x = center_view(images[start:start + batch_size], cfg.img_size, data["mean"], data["std"])
         with autocast(device):
             tokens = model.encode(x)[0][block]  # (B, 1+L, D)
         features.append((tokens.mean(1) if cfg.feature == "mean" else tokens[:, 0]).float())
     model.train(was_training)
-    return torch.cat(features)
+    return all_gather_rows(torch.cat(features), world_size)
 
 
 def describe_feature(cfg):
@@ -1195,9 +1342,10 @@ def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_
                          seed=seed, num_classes=num_classes)
     ## Effective rank on at most 25,600 training features (RankMe's sample size), not centred.
     erank = effective_rank(train_f[:25600])
-    save_features(os.path.join(run_dir, "features.npz"), train_f, data["train_y"], test_f, data["test_y"],
-                  {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg),
-                   "alpha_min": alpha_min, "seed": seed, "classes": np.asarray(data["classes"])})
+    if rank_and_world()[0] == 0:  # every process evaluated the gathered features; one writes them
+        save_features(os.path.join(run_dir, "features.npz"), train_f, data["train_y"], test_f, data["test_y"],
+                      {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg),
+                       "alpha_min": alpha_min, "seed": seed, "classes": np.asarray(data["classes"])})
     losses = state["losses"]
     epochs_done = len(losses) // steps_per_epoch
     return {"alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
@@ -1361,32 +1509,41 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    device = pick_device(cfg.device)
+    device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
     if cfg.benchmark:
         return run_benchmark(cfg, device)
+    rank, world_size = rank_and_world()
     alphas, seeds = alpha_settings(cfg), parse_seeds(cfg.seeds)
-    parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)
+    parts = load_dataset_once_per_node(cfg)
+    ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
+    ## CIFAR-size data, and the crops are still computed only for its own slice of each batch).
     data = to_device(parts, device, cfg.train_limit)
-    print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
-          f"{tuple(data['train_x'].shape[1:])}, {len(data['classes'])} classes; device {device}; "
-          f"alpha_min {', '.join(f'{a:.4g}' for a in alphas)}; seeds {seeds}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    if rank == 0:  # only the first process prints and writes files
+        print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
+              f"{tuple(data['train_x'].shape[1:])}, {len(data['classes'])} classes; device {device}"
+              f"{f' x {world_size} processes' if world_size > 1 else ''}; "
+              f"alpha_min {', '.join(f'{a:.4g}' for a in alphas)}; seeds {seeds}")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     results = []
     for alpha_min in alphas:
         for seed in seeds:
             run_dir = os.path.join(cfg.out_dir, f"alpha{alpha_min:.4g}_seed{seed}")
             results.append(train_run(cfg, data, alpha_min, seed, run_dir, device))
-    print(f"\n{cfg.dataset}, {describe_feature(cfg)}; k-NN: DINO protocol, T={cfg.knn_t}; "
-          f"linear probe: final epoch of {cfg.probe_epochs}\n{results_table(results)}")
-    summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
-               "runs": [{k: v for k, v in r.items() if k not in ("recon", "pca")} for r in results]}
-    write_json(os.path.join(cfg.out_dir, "results.json"), summary)
-    if cfg.json:
-        write_json(cfg.json, summary)
-    if cfg.plots:
-        save_plots(results, cfg.out_dir)
-        print(f"plots: {cfg.out_dir}/curves.png, recon.png, pca.png, feature_norms.png")
+    if rank == 0:
+        print(f"\n{cfg.dataset}, {describe_feature(cfg)}; k-NN: DINO protocol, T={cfg.knn_t}; "
+              f"linear probe: final epoch of {cfg.probe_epochs}\n{results_table(results)}")
+        summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
+                   "processes": world_size,
+                   "runs": [{k: v for k, v in r.items() if k not in ("recon", "pca")} for r in results]}
+        write_json(os.path.join(cfg.out_dir, "results.json"), summary)
+        if cfg.json:
+            write_json(cfg.json, summary)
+        if cfg.plots:
+            save_plots(results, cfg.out_dir)
+            print(f"plots: {cfg.out_dir}/curves.png, recon.png, pca.png, feature_norms.png")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return results
 
 
