@@ -1102,6 +1102,12 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
 
 
+def fixed_subset(total, n, device):
+    """n of `total` indices, the same at every call (a seeded permutation, sorted): a subset that
+    stays representative when a dataset is stored class by class (image folders, some CIFAR copies)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-GPU: torchrun + DistributedDataParallel (the few lines of nanoGPT's train.py)
 # ---------------------------------------------------------------------------------------------
@@ -1523,14 +1529,15 @@ def describe_feature(cfg, noise_level):
 
 
 def evaluate_cheap(model, cfg, data, reference, device, seed):
-    """The curve point: FD-smallcnn (the full protocol), and a k-NN on 5000 train / 1000 test features
+    """The curve point: FD-smallcnn (the full protocol), and a k-NN on a fixed 5000 train / 1000 test subset
     plus their effective rank, at the headline noise level. Returns (point, generated images)."""
     fd, images = generation_fd(model, cfg, data, reference, device, seed)
     level = noise_levels(cfg)[0]
-    feats = {s: extract_features(model, data[f"{s}_x"][:n], cfg, level, device) for s, n in (("train", 5000), ("test", 1000))}
-    pred = knn_predict(feats["train"], data["train_y"][:5000], feats["test"], min(cfg.knn_k, len(feats["train"])),
+    subset = {s: fixed_subset(len(data[f"{s}_x"]), n, device) for s, n in (("train", 5000), ("test", 1000))}
+    feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, level, device) for s, idx in subset.items()}
+    pred = knn_predict(feats["train"], data["train_y"][subset["train"]], feats["test"], min(cfg.knn_k, len(feats["train"])),
                        cfg.knn_t, num_classes=len(data["classes"]))
-    return {"fd": fd, "knn": (pred == data["test_y"][:len(feats["test"])]).float().mean().item(),
+    return {"fd": fd, "knn": (pred == data["test_y"][subset["test"]]).float().mean().item(),
             "effective_rank": effective_rank(feats["train"])}, images
 
 

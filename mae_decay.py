@@ -995,6 +995,12 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
 
 
+def fixed_subset(total, n, device):
+    """n of `total` indices, the same at every call (a seeded permutation, sorted): a subset that
+    stays representative when a dataset is stored class by class (image folders, some CIFAR copies)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-GPU: torchrun + DistributedDataParallel (the few lines of nanoGPT's train.py)
 # ---------------------------------------------------------------------------------------------
@@ -1153,18 +1159,18 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
         state = load_checkpoint(ckpt_path, model, optimizer, cfg, alpha_min, seed)  # every process loads it
         if rank == 0:
             print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
-    probe_imgs = center_view(data["test_x"][:256], cfg.img_size, data["mean"], data["std"])
+    probe_imgs = center_view(data["test_x"][fixed_subset(len(data["test_x"]), 256, device)], cfg.img_size,
+                             data["mean"], data["std"])
     if state["init_norms"] is None:
         state["init_norms"] = block_norms(model, probe_imgs)
 
     def evaluate_cheap(epoch):
-        ## A cheap k-NN (5000 train / 1000 test images) + effective rank, to draw the curves.
-        feats = {s: extract_features(model, data[f"{s}_x"][:n], cfg, data, device)
-                 for s, n in (("train", 5000), ("test", 1000))}
-        n_test = len(feats["test"])
-        pred = knn_predict(feats["train"], data["train_y"][:5000], feats["test"], min(cfg.knn_k, len(feats["train"])), cfg.knn_t,
-                           num_classes=len(data["classes"]))
-        state["evals"].append({"epoch": epoch, "knn": (pred == data["test_y"][:n_test]).float().mean().item(),
+        ## A cheap k-NN (a fixed 5000 train / 1000 test subset) + effective rank, to draw the curves.
+        subset = {s: fixed_subset(len(data[f"{s}_x"]), n, device) for s, n in (("train", 5000), ("test", 1000))}
+        feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, data, device) for s, idx in subset.items()}
+        pred = knn_predict(feats["train"], data["train_y"][subset["train"]], feats["test"], min(cfg.knn_k, len(feats["train"])),
+                           cfg.knn_t, num_classes=len(data["classes"]))
+        state["evals"].append({"epoch": epoch, "knn": (pred == data["test_y"][subset["test"]]).float().mean().item(),
                                "effective_rank": effective_rank(feats["train"])})
         if rank == 0:
             tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {state['evals'][-1]['knn']:.4f} "
@@ -1414,18 +1420,24 @@ def save_plots(results, out_dir):
     axes[1].legend(fontsize=7)
     save(fig, "curves.png")
 
+    def show(ax, image, label=None):
+        ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        if label:
+            ax.set_ylabel(label, fontsize=7)
+
     for name, key in (("recon.png", "recon"), ("pca.png", "pca")):
-        rows = 3 if key == "recon" else 1
-        fig, axes = plt.subplots(rows * len(first_seed), 6, figsize=(9, 1.6 * rows * len(first_seed)), squeeze=False)
+        rows, top = (3, 0) if key == "recon" else (1, 1)  # pca.png starts with a row of the images themselves
+        fig, axes = plt.subplots(top + rows * len(first_seed), 6, figsize=(9, 1.6 * (top + rows * len(first_seed))),
+                                 squeeze=False)
+        for col in range(6 if top else 0):
+            show(axes[0, col], first_seed[0]["recon"][0, col].transpose(1, 2, 0), "image" if col == 0 else None)
         for a, r in enumerate(first_seed):
             for row in range(rows):
-                for col in range(6):
-                    ax = axes[a * rows + row, col]
-                    image = r[key][row, col].transpose(1, 2, 0) if key == "recon" else r[key][col]
-                    ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, interpolation="nearest")
-                    ax.set_xticks([]), ax.set_yticks([])
                 label = ["original", "masked", "reconstruction"][row] if key == "recon" else "PCA of patch tokens"
-                axes[a * rows + row, 0].set_ylabel(f"a_min={r['alpha_min']:g}\n{label}", fontsize=7)
+                for col in range(6):
+                    image = r[key][row, col].transpose(1, 2, 0) if key == "recon" else r[key][col]
+                    show(axes[top + a * rows + row, col], image, f"a_min={r['alpha_min']:g}\n{label}" if col == 0 else None)
         save(fig, name)
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -234,7 +234,8 @@ def test_evaluation_copies_agree_with_mae_decay_and_probe():
     for name in ("decay_schedule", "alpha_min_for", "sincos_pos_embed", "patchify", "unpatchify", "get_lr", "make_shapes",
                  "knn_predict", "linear_probe", "effective_rank", "step_generator", "epoch_order", "center_view", "to_device",
                  "load_dataset", "atomic_save", "save_features", "write_json", "mean_std", "pick_device", "autocast",
-                 "Attention", "MLP", "UserError", "knob_help", "parse_floats", "parse_seeds", "alpha_settings"):
+                 "Attention", "MLP", "UserError", "knob_help", "parse_floats", "parse_seeds", "alpha_settings",
+                 "fixed_subset"):
         assert inspect.getsource(getattr(d, name)) == inspect.getsource(getattr(mae_decay, name)), name
 
 

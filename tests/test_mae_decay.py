@@ -527,3 +527,11 @@ def test_main_writes_table_json_plots_and_features(tmp_path, capsys):
     assert [e["epoch"] for e in run["evals"]] == [0, 1, 2]
     for name in ("curves.png", "recon.png", "pca.png", "feature_norms.png", "results.json", "config.json"):
         assert (tmp_path / "out" / name).exists(), name
+
+
+def test_fixed_subset_is_stable_and_spans_a_class_sorted_dataset():
+    a, b = m.fixed_subset(10000, 1000, "cpu"), m.fixed_subset(10000, 1000, "cpu")
+    assert torch.equal(a, b) and len(set(a.tolist())) == 1000 and a.max() < 10000
+    labels_sorted_by_class = torch.arange(10000) // 1000  # as an image folder is stored
+    assert torch.bincount(labels_sorted_by_class[a], minlength=10).min() > 60
+    assert len(m.fixed_subset(50, 1000, "cpu")) == 50
