@@ -347,14 +347,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".JPEG", "
 
 
 def load_image_resized(path, size):
-    from PIL import Image  # Pillow ships with matplotlib
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = size / min(im.size)  # shorter side -> size, then centre crop
-        w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
-        im = im.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1)
+    """One image file -> (3, size, size) uint8: shorter side resized to `size` (bicubic, antialiased),
+    then the centre crop. Decoding goes through matplotlib (PNG natively, other formats through
+    the Pillow it depends on), so the scripts need no image package of their own."""
+    import matplotlib.image
+    image = torch.as_tensor(np.array(matplotlib.image.imread(path)))  # (H, W[, C]): uint8, or float in [0, 1] (PNG)
+    image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+    image = image[:, :, None] if image.ndim == 2 else image
+    image = image[:, :, :3].expand(-1, -1, 3).permute(2, 0, 1)[None]  # grey -> RGB, alpha dropped; (1, 3, H, W)
+    scale = size / min(image.shape[-2:])
+    h, w = max(size, round(image.shape[-2] * scale)), max(size, round(image.shape[-1] * scale))
+    image = F.interpolate(image, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (h - size) // 2, (w - size) // 2
+    crop = image[0, :, top:top + size, left:left + size]
+    return (crop.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def load_folder(root, size):
@@ -383,7 +389,7 @@ def load_folder(root, size):
             raise UserError(f"{folder} holds no images in class folders named like those of {train_dir}.")
         print(f"{folder}: resizing {len(paths)} images to {size}px once (cached in {cache})")
         try:
-            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
                 images = list(tqdm(pool.map(lambda p: load_image_resized(p, size), paths), total=len(paths)))
         except Exception as e:
             raise UserError(f"an image under {folder} could not be read ({type(e).__name__}: {e}); remove or fix it.") from None

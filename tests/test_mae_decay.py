@@ -410,15 +410,16 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
 
 
 def test_image_folder_resized_once_and_cached(tmp_path):
-    from PIL import Image
+    import matplotlib.image
     rng = np.random.default_rng(0)
     for split, n in (("train", 3), ("val", 2)):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                matplotlib.image.imsave(tmp_path / split / cls / f"{i}.png", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     parts = m.load_dataset(f"folder:{tmp_path}", "unused", size=16)
     assert parts["train"][0].shape == (6, 3, 16, 16) and parts["test"][0].shape == (4, 3, 16, 16)
+    assert parts["train"][0].dtype == np.uint8 and parts["train"][0].std() > 30  # real content, not a constant
     assert parts["train"][1].tolist() == [0, 0, 0, 1, 1, 1]
     assert (tmp_path / "cache_16px.pt").exists()
     (tmp_path / "train" / "cat" / "0.png").unlink()  # the cache is used from now on
@@ -535,3 +536,14 @@ def test_fixed_subset_is_stable_and_spans_a_class_sorted_dataset():
     labels_sorted_by_class = torch.arange(10000) // 1000  # as an image folder is stored
     assert torch.bincount(labels_sorted_by_class[a], minlength=10).min() > 60
     assert len(m.fixed_subset(50, 1000, "cpu")) == 50
+
+
+def test_image_resize_keeps_content_and_handles_grey_and_alpha(tmp_path):
+    import matplotlib.image
+    ramp = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (20, 1))  # (20, 40) grey, brightening to the right
+    matplotlib.image.imsave(tmp_path / "grey.png", ramp, cmap="gray", vmin=0, vmax=255)
+    out = m.load_image_resized(tmp_path / "grey.png", 10)  # 20x40 -> 10x20 -> centre crop 10x10
+    assert out.shape == (3, 10, 10) and out.dtype == np.uint8
+    assert (out[0] == out[1]).all() and (out[1] == out[2]).all()  # grey stays grey, alpha dropped
+    row = out[0, 5].astype(int)
+    assert (np.diff(row) > 0).all() and abs(row.mean() - 127.5) < 8  # the centre of the ramp, increasing
