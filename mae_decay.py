@@ -40,7 +40,7 @@ Known-good numbers produced by this file (README.md has every table with its com
     1.0        1          0.128+-0.014   0.133+-0.029   13.7+-5.4
     0.3        2.6e-3     0.125+-0.004   0.128+-0.014    1.3+-0.2
 
-  At this CPU scale neither model learns the shapes (raw pixels reach k-NN 0.217): a negative
+  At this CPU scale neither model learns the shapes (raw 16px pixels reach k-NN 0.223): a negative
   result for the paper's claim, which needs long training; decay's effect on the effective rank
   (the paper's Figure 4) and on the per-block feature norms is already plain.
 
