@@ -261,3 +261,15 @@ def test_help_lists_every_knob(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all("--" + field.name.replace("_", "-") in out for field in lt.dataclasses.fields(lt.Config))
+
+
+def test_data_loaders_are_identical_copies_of_mae_decays():
+    # linear_theory.py carries its own copy of the data section (no script imports another):
+    # every shared piece must stay identical to mae_decay.py's, or the datasets would differ
+    import inspect
+    import mae_decay
+    for name in ("UserError", "md5sum", "download", "_ArraysOnly", "read_cifar_batch", "load_cifar", "read_idx",
+                 "load_idx", "load_image_resized", "load_folder", "shape_signed_distance", "make_shapes", "load_dataset"):
+        assert inspect.getsource(getattr(lt, name)) == inspect.getsource(getattr(mae_decay, name)), name
+    for name in ("CIFAR", "IDX", "SYSTEM_DIRS", "DATA_HELP", "SHAPE_NAMES", "IMAGE_EXTENSIONS"):
+        assert getattr(lt, name) == getattr(mae_decay, name), name
