@@ -182,7 +182,7 @@ PRESETS = {
     ## DiT-S/2 (width 384, depth 12, 6 heads) on 32x32 CIFAR-10: 256 tokens. At depth 12 the rule of
     ## thumb asks for alpha_min 0.53-0.66; SiT's 0.8 at depth 28 gives prod(alphas) 2.4e-3.
     "cifar": dict(dataset="cifar10", img_size=32, patch_size=2, embed_dim=384, depth=12, num_heads=6,
-                  skips="off,on", alpha_min="1.0,0.6", epochs=100, batch_size=256, base_lr=2e-4, warmup_epochs=2,
+                  skips="off,on", alpha_min="1.0,0.8", epochs=100, batch_size=256, base_lr=2e-4, warmup_epochs=2,
                   ema_decay=0.9999, sample_steps=32, fd_samples=10000, ref_epochs=15, eval_every=10,
                   ckpt_every=5, log_every=50),
 }

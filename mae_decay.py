@@ -118,7 +118,9 @@ class Config:
     beta2: float = 0.95           # AdamW beta2 (MAE: 0.95)
     seeds: str = "0"              # comma list of seeds; several give mean +- std in the table
     # --- evaluation ---
-    eval_every: int = 2           # cheap k-NN + effective rank every N epochs (0 = only at the end)
+    eval_every: int = 2           # k-NN, linear probe and effective ranks every N epochs (0 = only at the end)
+    eval_train: int = 5000        # training images that periodic evaluation uses (a fixed random subset; 0 = all)
+    eval_test: int = 1000         # test images that periodic evaluation uses (0 = all)
     knn_k: int = 20               # neighbours for the headline k-NN number (DINO protocol)
     knn_t: float = 0.07           # k-NN temperature
     feature: str = "mean"         # mean (all tokens of the block, the authors') | cls
@@ -147,11 +149,12 @@ PRESETS = {
     ## ViT-S/4 on 32x32 images (CIFAR-10/100): 64 patches, 16 visible.
     "cifar": dict(dataset="cifar10", img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
                   decoder_dim=256, decoder_depth=6, decoder_heads=8, epochs=200, warmup_epochs=10,
-                  batch_size=512, base_lr=5e-4, alpha_min="1.0,0.6", eval_every=20, ckpt_every=10, log_every=50),
+                  batch_size=512, base_lr=5e-4, alpha_min="1.0,0.7", eval_every=10, eval_train=0, eval_test=0,
+                  ckpt_every=10, log_every=50),
     ## ViT-B/16 at 224 with the authors' decoder (512 wide, 8 blocks) and schedule (800 epochs, 40 warm-up).
     "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512,
                  decoder_depth=8, decoder_heads=16, epochs=800, warmup_epochs=40, batch_size=256, base_lr=1.5e-4,
-                 alpha_min="1.0,0.6", eval_every=50, ckpt_every=5, log_every=50),
+                 alpha_min="1.0,0.7", eval_every=50, ckpt_every=5, log_every=50),
 }
 
 
@@ -1170,20 +1173,28 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
     if state["init_norms"] is None:
         state["init_norms"] = block_norms(model, probe_imgs)
 
-    def evaluate_cheap(epoch):
-        ## A cheap k-NN (a fixed 5000 train / 1000 test subset) + effective rank, to draw the curves.
-        subset = {s: fixed_subset(len(data[f"{s}_x"]), n, device) for s, n in (("train", 5000), ("test", 1000))}
+    def evaluate_periodic(epoch):
+        ## k-NN, linear probe and both effective ranks on fixed subsets (--eval-train / --eval-test
+        ## images; 0 = all), to draw the curves. The full evaluation runs once, at the end (finish_run).
+        subset = {s: fixed_subset(len(data[f"{s}_x"]), min(n or len(data[f"{s}_x"]), len(data[f"{s}_x"])), device)
+                  for s, n in (("train", cfg.eval_train), ("test", cfg.eval_test))}
         feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, data, device) for s, idx in subset.items()}
-        pred = knn_predict(feats["train"], data["train_y"][subset["train"]], feats["test"], min(cfg.knn_k, len(feats["train"])),
+        labels = {s: data[f"{s}_y"][idx] for s, idx in subset.items()}
+        pred = knn_predict(feats["train"], labels["train"], feats["test"], min(cfg.knn_k, len(feats["train"])),
                            cfg.knn_t, num_classes=len(data["classes"]))
-        state["evals"].append({"epoch": epoch, "knn": (pred == data["test_y"][subset["test"]]).float().mean().item(),
-                               "effective_rank": effective_rank(feats["train"])})
+        probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], epochs=cfg.probe_epochs,
+                             lr=cfg.probe_lr, seed=seed, num_classes=len(data["classes"]))
+        e = {"epoch": epoch, "knn": (pred == labels["test"]).float().mean().item(), "linear_probe": probe,
+             "effective_rank": effective_rank(feats["train"][:25600]),
+             "effective_rank_centered": effective_rank(feats["train"][:25600], center=True)}
+        state["evals"].append(e)
         if rank == 0:
-            tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {state['evals'][-1]['knn']:.4f} "
-                       f"(5k/1k subset), effective rank {state['evals'][-1]['effective_rank']:.1f}")
+            tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {e['knn']:.4f}, "
+                       f"probe {e['linear_probe']:.4f} ({len(feats['train'])} train / {len(feats['test'])} test), "
+                       f"effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
 
     if cfg.eval_every and state["step"] == 0 and not state["evals"]:
-        evaluate_cheap(0)
+        evaluate_periodic(0)
     ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
     ## so none can write the checkpoint before all have looked for it); `model` stays the plain
     ## module that evaluation uses and checkpoints save, so they resume with any number of processes.
@@ -1253,7 +1264,7 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
         if end_of_epoch:
             done = epoch + 1
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
-                evaluate_cheap(done)
+                evaluate_periodic(done)
                 last_time = time.perf_counter()  # evaluation time is not training time
             if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
                 save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
@@ -1352,8 +1363,11 @@ def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_
     knn = {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()}
     probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
                          seed=seed, num_classes=num_classes)
-    ## Effective rank on at most 25,600 training features (RankMe's sample size), not centred.
+    ## Effective rank on at most 25,600 training features (RankMe's sample size), uncentred (RankMe's
+    ## convention) and centred (the mean feature removed: a large shared mean alone makes the
+    ## uncentred spectrum look low-rank, whatever the features' spread).
     erank = effective_rank(train_f[:25600])
+    erank_centered = effective_rank(train_f[:25600], center=True)
     if rank_and_world()[0] == 0:  # every process evaluated the gathered features; one writes them
         save_features(os.path.join(run_dir, "features.npz"), train_f, data["train_y"], test_f, data["test_y"],
                       {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg),
@@ -1362,6 +1376,7 @@ def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_
     epochs_done = len(losses) // steps_per_epoch
     return {"alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
             "knn": knn, "knn_k": cfg.knn_k, "linear_probe": probe, "effective_rank": erank,
+            "effective_rank_centered": erank_centered,
             "final_loss": losses[-1] if losses else float("nan"),
             "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
             "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
@@ -1385,13 +1400,14 @@ def results_table(results):
     """One row per alpha_min, mean +- std over seeds (sample std) when there are several."""
     k = results[0]["knn_k"]
     header = f"{'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {f'k-NN@{k}':>15} {'linear probe':>15} " \
-             f"{'eff. rank':>15} {'loss (last ep)':>15} {'train s':>8}"
+             f"{'eff. rank':>15} {'eff. rank (c)':>15} {'loss (last ep)':>15} {'train s':>8}"
     rows = [header, "-" * len(header)]
     for alpha in dict.fromkeys(r["alpha_min"] for r in results):
         group = [r for r in results if r["alpha_min"] == alpha]
         rows.append(f"{alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
                     f"{mean_std([r['knn'].get(k, math.nan) for r in group]):>15} {mean_std([r['linear_probe'] for r in group]):>15} "
-                    f"{mean_std([r['effective_rank'] for r in group]):>15} {mean_std([r['last_epoch_loss'] for r in group]):>15} "
+                    f"{mean_std([r['effective_rank'] for r in group]):>15} {mean_std([r['effective_rank_centered'] for r in group]):>15} "
+                    f"{mean_std([r['last_epoch_loss'] for r in group]):>15} "
                     f"{np.mean([r['seconds'] for r in group]):>8.0f}")
     return "\n".join(rows)
 
@@ -1411,15 +1427,18 @@ def save_plots(results, out_dir):
         plt.close(fig)
         os.replace(tmp, os.path.join(out_dir, name))
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    curves = [("knn", f"k-NN@{results[0]['knn_k']} accuracy (periodic subset)"),
+              ("linear_probe", "linear probe accuracy (periodic subset)"),
+              ("effective_rank", "effective rank, uncentred (paper Fig. 4)"),
+              ("effective_rank_centered", "effective rank, centred")]
+    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(5 * (1 + len(curves)), 4))
     for r in results:
         label = f"alpha_min={r['alpha_min']:g} seed={r['seed']}"
         axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[r["alpha_min"]], label=label)
         epochs = [e["epoch"] for e in r["evals"]]
-        axes[1].plot(epochs, [e["knn"] for e in r["evals"]], "o-", color=colour[r["alpha_min"]], label=label)
-        axes[2].plot(epochs, [e["effective_rank"] for e in r["evals"]], "o-", color=colour[r["alpha_min"]], label=label)
-    for ax, title in zip(axes, ["training loss (epoch mean)", f"k-NN@{results[0]['knn_k']} accuracy (5k train / 1k test)",
-                                "effective rank of features (paper Fig. 4)"]):
+        for ax, (key, _) in zip(axes[1:], curves):
+            ax.plot(epochs, [e[key] for e in r["evals"]], "o-", color=colour[r["alpha_min"]], label=label)
+    for ax, title in zip(axes, ["training loss (epoch mean)"] + [title for _, title in curves]):
         ax.set_title(title)
         ax.set_xlabel("epoch")
     axes[0].set_yscale("log")
