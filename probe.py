@@ -606,15 +606,19 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
 
 
 @accepts_arrays
-def linear_probe(train_x, train_y, test_x, test_y, epochs=100, lr=1e-3, batch_size=1024, seed=0, num_classes=None):
+def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
+                 standardize=True):
     """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
-    affine), one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
+    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
     Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
     gen = torch.Generator().manual_seed(seed)
     device = train_x.device
     train_y, test_y = train_y.long(), test_y.long()
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    if not standardize:
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
     train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
     head = nn.Linear(train_z.shape[1], num_classes).to(device)
     with torch.no_grad():  # seeded init, independent of the global RNG
@@ -635,6 +639,11 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=100, lr=1e-3, batch_si
             schedule.step()
     with torch.no_grad():
         return (head(test_z).argmax(1) == test_y).float().mean().item()
+
+
+## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
+## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
+AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
 
 
 def effective_rank(z, center=False, eps=1e-7):

@@ -266,7 +266,7 @@ def test_mae_decay_copies_give_the_same_numbers():
     assert probe.effective_rank(train_x, center=True) == mae_decay.effective_rank(train_x, center=True)
 
 
-COPIED = ["knn_predict", "linear_probe", "effective_rank", "DATA_HELP", "CIFAR", "IDX", "SYSTEM_DIRS", "md5sum",
+COPIED = ["knn_predict", "linear_probe", "AUTHORS_PROBE", "effective_rank", "DATA_HELP", "CIFAR", "IDX", "SYSTEM_DIRS", "md5sum",
           "download", "_ArraysOnly", "read_cifar_batch", "load_cifar", "read_idx", "load_idx", "IMAGE_EXTENSIONS",
           "load_image_resized", "load_folder", "SHAPE_NAMES", "shape_signed_distance", "make_shapes",
           "load_dataset", "atomic_save"]
