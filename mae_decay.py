@@ -80,7 +80,8 @@ class UserError(Exception):
 
 
 # =============================================================================================
-# Config
+# Config: every knob of a run, with its default, and the presets
+# read first: the table of what can be changed
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -157,6 +158,831 @@ PRESETS = {
                  alpha_min="1.0,0.7", eval_every=50, ckpt_every=5, log_every=50),
 }
 
+
+# =============================================================================================
+# THE IDEA: a ViT masked autoencoder whose encoder has decayed identity shortcuts
+# read first: the decay schedule, the block that applies it, the MAE and the authors' UNet decoder
+# =============================================================================================
+
+def decay_schedule(depth, alpha_min):
+    """The 2*depth shortcut weights, one per residual sub-layer: first exactly 1.0, last exactly
+    alpha_min, linear in between."""
+    ## The authors' code: alphas = 1 - linspace(0, 1, 2*depth) * (1 - alpha_min), reshaped (depth, 2):
+    ## block i scales its attention shortcut by alphas[2i] and its MLP shortcut by alphas[2i+1].
+    ## The paper writes alpha_l = 1 - delta*l with delta = (1 - alpha_min)/L, which is off by one
+    ## against that code; we follow the code. Written as a lerp so both ends are exact floats.
+    n = 2 * depth
+    return [(1 - i / (n - 1)) * 1.0 + (i / (n - 1)) * alpha_min for i in range(n)]
+
+
+def alpha_min_for(alpha_eff, depth):
+    """The alpha_min whose schedule has prod(alphas) == alpha_eff (bisection; the product grows with
+    alpha_min). The paper's rule of thumb: pick alpha_min so that alpha_eff lies in [1e-3, 1e-2)."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if math.prod(decay_schedule(depth, mid)) < alpha_eff else (low, mid)
+    return (low + high) / 2
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with one shortcut weight per residual sub-layer."""
+
+    def __init__(self, dim, heads, mlp_ratio, alpha_attn=1.0, alpha_mlp=1.0):
+        super().__init__()
+        self.alpha_attn, self.alpha_mlp = alpha_attn, alpha_mlp  # plain floats: nothing learnable
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):  # (B, T, D)
+        ## The paper's rule, x_{k+1} = alpha_k * x_k + f_k(norm(x_k)). With alpha = 1 this is the
+        ## standard residual block; with alpha < 1 the identity path of the stack is attenuated
+        ## (its total weight is prod(alphas)), which pushes deep features toward low rank.
+        x = self.alpha_attn * x + self.attn(self.norm1(x))
+        x = self.alpha_mlp * x + self.mlp(self.norm2(x))
+        return x
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def sincos_pos_embed(dim, grid_size):
+    """Fixed 2D sin-cos position embeddings (MAE): (1 + grid_size**2, dim), row 0 (cls) is zero.
+    Half the channels encode the row, half the column, each as sin/cos at dim/4 frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+
+    def encode(pos):  # (L,) -> (L, dim/2)
+        angles = pos.flatten().double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+def patchify(imgs, p):
+    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, (p, p, C) inside a patch (MAE's layout)."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, channels):
+    """(B, L, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
+    B, L, _ = x.shape
+    side = math.isqrt(L)
+    x = x.reshape(B, side, side, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, side * p, side * p)
+
+
+def random_masking(x, mask_ratio, noise):
+    """MAE's per-sample random masking by argsort of uniform noise.
+    x: (B, L, D) patch tokens; noise: (B, L) in [0, 1).
+    Returns the int(L*(1-mask_ratio)) visible tokens (B, L_keep, D), the mask (B, L) with 1 = hidden
+    in the original patch order, and ids_restore (B, L) that puts a shuffled sequence back in order."""
+    B, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    ids_shuffle = noise.argsort(dim=1)  # small noise = kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    visible = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :keep] = 0
+    return visible, torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def unshuffle(tokens, mask_token, ids_restore):
+    """(B, 1 + L_keep, D) cls + visible tokens -> (B, 1 + L, D): hidden places filled with
+    mask_token, patches back in their original order, cls first."""
+    B, n_tokens, D = tokens.shape
+    L = ids_restore.shape[1]
+    patches = torch.cat([tokens[:, 1:], mask_token.to(tokens.dtype).expand(B, L + 1 - n_tokens, D)], dim=1)
+    patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, D))
+    return torch.cat([tokens[:, :1], patches], dim=1)
+
+
+class SkipMerge(nn.Module):
+    """The authors' "SkipLayer": merges one encoder block's tokens into the decoder stream."""
+
+    def __init__(self, decoder_dim, encoder_dim):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder_dim))  # one set per skip, encoder width
+        self.fc1 = nn.Linear(encoder_dim + decoder_dim, decoder_dim)
+        self.fc2 = nn.Linear(decoder_dim, decoder_dim)  # zero-initialised: the merge starts as a no-op
+
+    def forward(self, stream, encoder_tokens, ids_restore):  # (B, 1+L, Dd), (B, 1+L_keep, De)
+        full = unshuffle(encoder_tokens, self.mask_token, ids_restore)  # (B, 1+L, De)
+        return stream + self.fc2(F.silu(self.fc1(torch.cat([full, stream], dim=-1))))
+
+
+class MaskedAutoencoder(nn.Module):
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3,
+                 mlp_ratio=4.0, decoder="unet", decoder_dim=128, decoder_depth=3, decoder_heads=4,
+                 final_norm=False, mask_ratio=0.75, norm_pix=True, alpha_min=1.0):
+        super().__init__()
+        self.patch_size, self.in_chans, self.mask_ratio, self.norm_pix = patch_size, in_chans, mask_ratio, norm_pix
+        self.decoder_kind = decoder
+        grid = img_size // patch_size
+        # --- encoder: decayed shortcuts live here and only here ---
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid)[None], persistent=False)  # (1, 1+L, D)
+        self.alphas = decay_schedule(depth, alpha_min)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, self.alphas[2 * i], self.alphas[2 * i + 1])
+                                    for i in range(depth))
+        ## The authors' encoder has NO final LayerNorm: features are the raw last-block tokens.
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
+        # --- decoder: standard residual blocks (alpha = 1) ---
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_dim, grid)[None], persistent=False)
+        if decoder == "unet":
+            ## The authors' "UNet transformer" decoder (their Fig. 5): the decoder stream starts from a
+            ## learned cls token + the fixed position embeddings of ALL patches (not from the encoder
+            ## output); encoder blocks 2, 4, ..., depth reach it through SkipMerge, deepest first.
+            ## Their ImageNet-100 ablation: decay without these skips collapses (LP 61.5 vs 83.6).
+            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+            self.decoder_embed = nn.Linear(decoder_dim, decoder_dim)
+            self.skips = nn.ModuleList(SkipMerge(decoder_dim, embed_dim) for _ in range(depth // 2))
+        else:
+            self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * in_chans)
+        init_weights(self)
+
+    def encode(self, imgs, noise=None):
+        """imgs (B, C, H, W) -> (outputs, mask, ids_restore): outputs is the list of every encoder
+        block's tokens (B, 1 + L_visible, D), cls first. `noise` (B, L) selects the visible patches
+        (MAE masking); noise=None keeps every patch (feature extraction)."""
+        x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, L, D)
+        mask = ids_restore = None
+        if noise is not None:
+            x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)  # (B, L_keep, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        outputs[-1] = self.norm(outputs[-1])  # identity unless --final-norm
+        return outputs, mask, ids_restore
+
+    def skip_sources(self):
+        """0-indexed encoder blocks feeding decoder blocks 1, 2, ... (unet decoder): depth-1, depth-3, ..."""
+        return [i for i in range(len(self.blocks)) if i % 2 == 1][::-1]
+
+    def decode(self, outputs, ids_restore):  # -> (B, L, p*p*C) predicted patches
+        if self.decoder_kind == "unet":
+            start = torch.cat([self.decoder_cls_token, self.decoder_pos_embed[:, 1:]], dim=1)  # (1, 1+L, Dd)
+            x = self.decoder_embed(start).expand(outputs[0].shape[0], -1, -1)
+            sources = self.skip_sources()
+            for i, block in enumerate(self.decoder_blocks):
+                if i < len(sources):
+                    x = self.skips[i](x, outputs[sources[i]], ids_restore)
+                x = block(x)
+        else:
+            x = unshuffle(self.decoder_embed(outputs[-1]), self.mask_token, ids_restore) + self.decoder_pos_embed
+            for block in self.decoder_blocks:
+                x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop the cls position
+
+    def forward(self, imgs, noise):
+        """imgs (B, C, H, W) normalised; noise (B, L) uniform. Returns (loss, pred (B, L, p*p*C), mask (B, L))."""
+        outputs, mask, ids_restore = self.encode(imgs, noise)
+        pred = self.decode(outputs, ids_restore)
+        return masked_patch_loss(pred.float(), imgs.float(), mask, self.patch_size, self.norm_pix), pred, mask
+
+
+def masked_patch_loss(pred, imgs, mask, patch_size, norm_pix):
+    """Mean squared error on the HIDDEN patches only. With norm_pix each target patch is
+    standardised by its own mean and (unbiased) variance, as in the reference MAE code."""
+    target = patchify(imgs, patch_size)  # (B, L, p*p*C)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = ((pred - target) ** 2).mean(-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def init_weights(model):
+    """Every initialisation in one place (as the authors' code):
+    * Linear: xavier-uniform weight, zero bias; the patch-embedding Conv2d likewise, seen as a Linear;
+    * ZERO: each block's attention output projection and second MLP Linear (encoder and decoder),
+      each SkipMerge's last Linear, and the prediction head, so that at initialisation every block
+      is exactly the alpha-scaled identity and the decoder predicts 0;
+    * LayerNorm: weight 1, bias 0; cls / mask tokens: normal(0, 0.02); position embeddings: fixed."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    w = model.patch_embed.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    ## Zero-init of the branch outputs matters as much as the rule itself: the authors report feature
+    ## norms blowing up early in training for alpha_min <= 0.7 without it.
+    for block in list(model.blocks) + list(model.decoder_blocks):
+        nn.init.zeros_(block.attn.proj.weight)
+        nn.init.zeros_(block.mlp.fc2.weight)
+    for skip in getattr(model, "skips", []):
+        nn.init.zeros_(skip.fc2.weight)
+    nn.init.zeros_(model.decoder_pred.weight)
+    for name, param in model.named_parameters():
+        if name.endswith("token"):
+            nn.init.normal_(param, std=0.02)
+
+
+def build_model(cfg, alpha_min, in_chans):
+    return MaskedAutoencoder(cfg.img_size, cfg.patch_size, in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                             cfg.mlp_ratio, cfg.decoder, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+                             cfg.final_norm, cfg.mask_ratio, cfg.norm_pix, alpha_min)
+
+
+@torch.no_grad()
+def block_norms(model, imgs):
+    """Mean L2 norm of the tokens after each encoder block, on unmasked images: with alpha_min < 1
+    the identity path no longer accumulates, so the norms stop growing with depth."""
+    outputs, _, _ = model.encode(imgs)
+    return [float(o.float().norm(dim=-1).mean()) for o in outputs]
+
+
+def mae_flops_per_image(cfg, in_chans=3):
+    """Training FLOPs per image (forward x3 for forward + backward), counted explicitly: 2 FLOPs per
+    multiply-add in every Linear, plus 4*T^2*D per attention layer (QK^T and AV)."""
+    L = (cfg.img_size // cfg.patch_size) ** 2
+    T_enc, T_dec = 1 + int(L * (1 - cfg.mask_ratio)), 1 + L
+    D, Dd, r = cfg.embed_dim, cfg.decoder_dim, cfg.mlp_ratio
+
+    def blocks(n, T, d):
+        return n * (2 * T * (4 + 2 * r) * d * d + 4 * T * T * d)
+
+    flops = 2 * L * cfg.patch_size ** 2 * in_chans * D + blocks(cfg.depth, T_enc, D)
+    if cfg.decoder == "unet":
+        flops += 2 * T_dec * Dd * Dd + (cfg.depth // 2) * 2 * T_dec * ((D + Dd) * Dd + Dd * Dd)
+    else:
+        flops += 2 * T_enc * D * Dd
+    flops += blocks(cfg.decoder_depth, T_dec, Dd) + 2 * T_dec * Dd * cfg.patch_size ** 2 * in_chans
+    return 3 * flops
+
+
+# =============================================================================================
+# Training: optimizer, schedule, on-device augmentation, and the loop
+# read to see how a run is trained; the loop is train_run
+# =============================================================================================
+
+## Keys that change what a run computes: a checkpoint resumes only under identical values.
+TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "crop_min", "patch_size", "embed_dim", "depth", "num_heads",
+                   "mlp_ratio", "decoder", "decoder_dim", "decoder_depth", "decoder_heads", "final_norm", "mask_ratio",
+                   "norm_pix", "epochs", "batch_size", "base_lr", "min_lr", "warmup_epochs", "weight_decay", "beta2")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no loss scaling needed); full fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def get_lr(step, total_steps, warmup_steps, peak_lr, min_lr):
+    """Linear warm-up, then half-cycle cosine to min_lr, per optimizer step (MAE's schedule)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW, betas (0.9, beta2); no weight decay on biases, norms and tokens (timm's rule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 or name.endswith("token") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+
+
+## Every random number of a step comes from a generator seeded by (seed, step), and the data order
+## from one seeded by (seed, epoch). Nothing depends on history, so --resume continues exactly, and
+## runs on CPU and GPU draw the same crops, flips and masks.
+def step_generator(seed, step):
+    return torch.Generator().manual_seed(1_000_003 * seed + step)
+
+
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
+
+
+def fixed_subset(total, n, device):
+    """n of `total` indices, the same at every call (a seeded permutation, sorted): a subset that
+    stays representative when a dataset is stored class by class (image folders, some CIFAR copies)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(device)
+
+
+def augment(images, out_size, gen, crop_min, mean, std, rank=0, world_size=1):
+    """Random resized crop (area in [crop_min, 1], aspect in [3/4, 4/3]) + horizontal flip, the whole
+    batch at once on the device. All random numbers come from the CPU generator `gen`, so a run is
+    the same on every device and can be resumed exactly. Under torchrun `images` is slice `rank` of
+    a global batch world_size times larger: the crops are drawn for the global batch, then sliced."""
+    n = images.shape[0] * world_size
+    area = crop_min + (1 - crop_min) * torch.rand(n, generator=gen)
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=gen)
+    w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1)  # crop width, fraction of the image
+    h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1)
+    cx = (2 * torch.rand(n, generator=gen) - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
+    cy = (2 * torch.rand(n, generator=gen) - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    theta = shard(theta, rank, world_size).to(images.device, non_blocking=True)
+    grid = F.affine_grid(theta, (len(theta), images.shape[1], out_size, out_size), align_corners=False)
+    x = F.grid_sample(images.float().div_(255), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return (x - mean) / std
+
+
+def center_view(images, out_size, mean, std):
+    """The evaluation view: the whole image, resized if needed, no randomness."""
+    x = images.float().div_(255)
+    if x.shape[-1] != out_size or x.shape[-2] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - mean) / std
+
+
+def train_run(cfg, data, alpha_min, seed, run_dir, device):
+    """Train one MAE (one alpha_min, one seed); returns its result dict (numbers, curves, images)."""
+    rank, world_size = rank_and_world()
+    torch.manual_seed(seed)  # the same initial weights in every process
+    in_chans = data["train_x"].shape[1]
+    model = build_model(cfg, alpha_min, in_chans).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    n_train, batch = len(data["train_x"]), cfg.batch_size
+    if batch > n_train:
+        raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
+    check_world_size(batch, world_size)
+    steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.base_lr * batch / 256  ## MAE's linear scaling rule: lr = base_lr * batch / 256
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+
+    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0, "init_norms": None}
+    if os.path.exists(ckpt_path):
+        if not cfg.resume:
+            raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
+        state = load_checkpoint(ckpt_path, model, optimizer, cfg, alpha_min, seed)  # every process loads it
+        if rank == 0:
+            print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
+    probe_imgs = center_view(data["test_x"][fixed_subset(len(data["test_x"]), 256, device)], cfg.img_size,
+                             data["mean"], data["std"])
+    if state["init_norms"] is None:
+        state["init_norms"] = block_norms(model, probe_imgs)
+
+    def evaluate_periodic(epoch):
+        ## k-NN, linear probe and both effective ranks on fixed subsets (--eval-train / --eval-test
+        ## images; 0 = all), to draw the curves. The full evaluation runs once, at the end (finish_run).
+        subset = {s: fixed_subset(len(data[f"{s}_x"]), min(n or len(data[f"{s}_x"]), len(data[f"{s}_x"])), device)
+                  for s, n in (("train", cfg.eval_train), ("test", cfg.eval_test))}
+        feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, data, device) for s, idx in subset.items()}
+        labels = {s: data[f"{s}_y"][idx] for s, idx in subset.items()}
+        pred = knn_predict(feats["train"], labels["train"], feats["test"], min(cfg.knn_k, len(feats["train"])),
+                           cfg.knn_t, num_classes=len(data["classes"]))
+        probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], epochs=cfg.probe_epochs,
+                             lr=cfg.probe_lr, seed=seed, num_classes=len(data["classes"]))
+        e = {"epoch": epoch, "knn": (pred == labels["test"]).float().mean().item(), "linear_probe": probe,
+             "effective_rank": effective_rank(feats["train"][:25600]),
+             "effective_rank_centered": effective_rank(feats["train"][:25600], center=True)}
+        state["evals"].append(e)
+        if rank == 0:
+            tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {e['knn']:.4f}, "
+                       f"probe {e['linear_probe']:.4f} ({len(feats['train'])} train / {len(feats['test'])} test), "
+                       f"effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
+
+    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
+        evaluate_periodic(0)
+    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
+    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
+    ## module that evaluation uses and checkpoints save, so they resume with any number of processes.
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
+    # the (1, 1, D) tokens' gradients differ from DDP's buckets only in the strides of size-1 dims: harmless
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
+    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
+    progress = tqdm(total=stop_step, initial=state["step"], desc=f"alpha_min={alpha_min:g} seed={seed}",
+                    dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
+    last_time, last_step = time.perf_counter(), state["step"]
+
+    def flush():
+        nonlocal pending, last_time, last_step
+        if not pending:
+            return
+        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
+        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
+        pending = []
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:  # every process sees the same values, so all stop together
+            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} (alpha_min={alpha_min:g}); "
+                            f"lower --base-lr or raise --alpha-min (the paper finds alpha_min <= 0.4 unstable for ViT-B).")
+        state["losses"] += values
+        now = time.perf_counter()
+        state["seconds"] += now - last_time
+        steps_done = len(values)
+        progress.update(steps_done)
+        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{steps_done * batch / (now - last_time):.0f}")
+        last_time, last_step = now, last_step + steps_done
+
+    model.train()
+    for step in range(state["step"], stop_step):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == state["step"]:
+            order = epoch_order(seed, epoch, n_train).to(device)
+        ## Same trajectory for any number of processes: every process draws the data order, the crops,
+        ## the flips and the masking noise for the WHOLE global batch from the same seeded generators,
+        ## then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together are exactly
+        ## the one-process batch, and since every image hides the same number of patches, the mean of
+        ## the W per-process losses (what DDP's gradient average differentiates) is the global loss.
+        gen = step_generator(seed, step)
+        idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
+        imgs = augment(data["train_x"][idx], cfg.img_size, gen, cfg.crop_min, data["mean"], data["std"], rank, world_size)
+        noise = shard(torch.rand(batch, num_patches, generator=gen), rank, world_size).to(device, non_blocking=True)
+        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            try:
+                loss = compiled(imgs, noise)[0]
+            except Exception as e:  # torch.compile fails lazily, at the first call
+                if compiled is model:
+                    raise
+                if rank == 0:
+                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+                compiled = ddp_model
+                loss = ddp_model(imgs, noise)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pending.append(loss.detach())
+        state["step"] = step + 1
+        end_of_epoch = i == steps_per_epoch - 1
+        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step:
+            flush()
+        if end_of_epoch:
+            done = epoch + 1
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
+                evaluate_periodic(done)
+                last_time = time.perf_counter()  # evaluation time is not training time
+            if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
+                save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
+                last_time = time.perf_counter()
+    progress.close()
+    if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
+        save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
+    return finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch)
+
+
+# =============================================================================================
+# Evaluation: frozen features, k-NN, linear probe, effective rank
+# read to see what the numbers mean; knn_predict, linear_probe, AUTHORS_PROBE, effective_rank are copies of probe.py's
+# =============================================================================================
+
+@torch.no_grad()
+def extract_features(model, images, cfg, data, device, batch_size=512):
+    """Frozen features of the whole, unmasked, un-augmented image (eval mode, no grad).
+    Default (the authors'): tokens of the last encoder block, no final norm, mean-pooled over ALL
+    tokens, cls included. --feature cls takes the cls token; --feature-block K takes block K.
+    Under torchrun each process extracts a contiguous run of batches and all get every feature, in order."""
+    rank, world_size = rank_and_world()
+    was_training = model.training
+    model.eval()
+    block = (cfg.feature_block or cfg.depth) - 1
+    features = [torch.zeros(0, cfg.embed_dim, device=images.device)]  # (0, D): a process may get no batch
+    for start in block_starts(len(images), batch_size, rank, world_size):
+        x = center_view(images[start:start + batch_size], cfg.img_size, data["mean"], data["std"])
+        with autocast(device):
+            tokens = model.encode(x)[0][block]  # (B, 1+L, D)
+        features.append((tokens.mean(1) if cfg.feature == "mean" else tokens[:, 0]).float())
+    model.train(was_training)
+    return all_gather_rows(torch.cat(features), world_size)
+
+
+def describe_feature(cfg):
+    block = cfg.feature_block or cfg.depth
+    pooled = "mean over all tokens (cls included)" if cfg.feature == "mean" else "cls token"
+    return f"encoder block {block}/{cfg.depth} output, {pooled}" + (", after the final LayerNorm" if cfg.final_norm and block == cfg.depth else "")
+
+
+@torch.no_grad()
+def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
+    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
+    features, the k nearest training samples each vote for their label with weight exp(sim / T).
+    `k` may be an int or a list of ints (one prediction per k from one top-k search).
+    Queries go in fixed chunks, so any number of them works (1 or 10^6).
+    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
+    single = isinstance(k, numbers.Integral)
+    ks = [int(k)] if single else [int(kk) for kk in k]
+    train_y = train_y.long()
+    if max(ks) > len(train_x):
+        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_x = F.normalize(train_x.float(), dim=1)
+    predictions = {kk: [] for kk in ks}
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
+        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
+        weights, labels = (sims / temperature).exp(), train_y[idx]
+        for kk in ks:
+            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
+            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
+            predictions[kk].append(votes.argmax(1))
+    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
+    return predictions[ks[0]] if single else predictions
+
+
+def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
+                 standardize=True):
+    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
+    affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
+    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    device = train_x.device
+    train_y, test_y = train_y.long(), test_y.long()
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    if not standardize:
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    head = nn.Linear(train_z.shape[1], num_classes).to(device)
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        bound = 1 / math.sqrt(train_z.shape[1])
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_z), generator=gen).to(device)
+        for start in range(0, len(train_z), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        return (head(test_z).argmax(1) == test_y).float().mean().item()
+
+
+## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
+## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
+AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
+
+
+def effective_rank(z, center=False, eps=1e-7):
+    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
+    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
+    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
+    z = torch.as_tensor(z).double()
+    if center:
+        z = z - z.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(eps)
+    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
+
+
+@torch.no_grad()
+def reconstruction_examples(model, images, cfg, data, seed, n=6):
+    """(3, n, C, H, W) uint8: originals, masked inputs, reconstructions (visible patches pasted back)."""
+    model.eval()
+    x = center_view(images[:n], cfg.img_size, data["mean"], data["std"])
+    noise = torch.rand(len(x), (cfg.img_size // cfg.patch_size) ** 2, generator=torch.Generator().manual_seed(seed))
+    _, pred, mask = model(x, noise.to(x.device))
+    target = patchify(x, cfg.patch_size)
+    if cfg.norm_pix:  # undo the per-patch normalisation with the true patch statistics (display only)
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    hidden = mask[:, :, None]
+    recon = unpatchify(target * (1 - hidden) + pred * hidden, cfg.patch_size, x.shape[1])
+    masked = unpatchify(target * (1 - hidden), cfg.patch_size, x.shape[1])
+    model.train()
+    to_uint8 = lambda t: ((t * data["std"] + data["mean"]).clamp(0, 1) * 255).round().byte().cpu()
+    return torch.stack([to_uint8(x), to_uint8(masked), to_uint8(recon)]).numpy()
+
+
+@torch.no_grad()
+def pca_maps(model, images, cfg, data, n=6):
+    """(n, h, w, 3) floats in [0, 1]: the last block's patch tokens projected on their top-3
+    principal components, as RGB (the idea of the paper's Figure 3)."""
+    model.eval()
+    x = center_view(images[:n], cfg.img_size, data["mean"], data["std"])
+    tokens = model.encode(x)[0][-1][:, 1:].float()  # (n, L, D), cls dropped
+    model.train()
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    flat = flat - flat.mean(0)
+    components = torch.linalg.svd(flat, full_matrices=False)[2][:3]  # (3, D)
+    rgb = flat @ components.T
+    rgb = (rgb - rgb.min(0).values) / (rgb.max(0).values - rgb.min(0).values).clamp_min(1e-8)
+    side = math.isqrt(tokens.shape[1])
+    return rgb.reshape(n, side, side, 3).cpu().numpy()
+
+
+def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch):
+    """Full frozen-feature evaluation of a trained run, its features file and its plot material."""
+    started = time.perf_counter()
+    train_f = extract_features(model, data["train_x"], cfg, data, device)
+    test_f = extract_features(model, data["test_x"], cfg, data, device)
+    num_classes = len(data["classes"])
+    ks = [k for k in sorted({10, 20, 100, 200, cfg.knn_k}) if k <= len(train_f)]
+    preds = knn_predict(train_f, data["train_y"], test_f, ks, cfg.knn_t, num_classes=num_classes)
+    knn = {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()}
+    probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                         seed=seed, num_classes=num_classes)
+    ## Effective rank on at most 25,600 training features (RankMe's sample size), uncentred (RankMe's
+    ## convention) and centred (the mean feature removed: a large shared mean alone makes the
+    ## uncentred spectrum look low-rank, whatever the features' spread).
+    erank = effective_rank(train_f[:25600])
+    erank_centered = effective_rank(train_f[:25600], center=True)
+    if rank_and_world()[0] == 0:  # every process evaluated the gathered features; one writes them
+        save_features(os.path.join(run_dir, "features.npz"), train_f, data["train_y"], test_f, data["test_y"],
+                      {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg),
+                       "alpha_min": alpha_min, "seed": seed, "classes": np.asarray(data["classes"])})
+    losses = state["losses"]
+    epochs_done = len(losses) // steps_per_epoch
+    return {"alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
+            "knn": knn, "knn_k": cfg.knn_k, "linear_probe": probe, "effective_rank": erank,
+            "effective_rank_centered": erank_centered,
+            "final_loss": losses[-1] if losses else float("nan"),
+            "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
+            "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
+            "epoch_losses": [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(epochs_done)],
+            "losses": losses, "evals": state["evals"], "block_norms_init": state["init_norms"],
+            "block_norms": block_norms(model, probe_imgs), "feature": describe_feature(cfg),
+            "recon": reconstruction_examples(model, data["test_x"], cfg, data, seed),
+            "pca": pca_maps(model, data["test_x"], cfg, data)}
+
+
+# =============================================================================================
+# The experiment's report: the comparison table, plots and the benchmark
+# skip on a first read
+# =============================================================================================
+
+def mean_std(values):
+    values = np.asarray(values, dtype=np.float64)
+    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f}+-{values.std(ddof=1):.4f}"
+
+
+def results_table(results):
+    """One row per alpha_min, mean +- std over seeds (sample std) when there are several."""
+    k = results[0]["knn_k"]
+    header = f"{'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {f'k-NN@{k}':>15} {'linear probe':>15} " \
+             f"{'eff. rank':>15} {'eff. rank (c)':>15} {'loss (last ep)':>15} {'train s':>8}"
+    rows = [header, "-" * len(header)]
+    for alpha in dict.fromkeys(r["alpha_min"] for r in results):
+        group = [r for r in results if r["alpha_min"] == alpha]
+        rows.append(f"{alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
+                    f"{mean_std([r['knn'].get(k, math.nan) for r in group]):>15} {mean_std([r['linear_probe'] for r in group]):>15} "
+                    f"{mean_std([r['effective_rank'] for r in group]):>15} {mean_std([r['effective_rank_centered'] for r in group]):>15} "
+                    f"{mean_std([r['last_epoch_loss'] for r in group]):>15} "
+                    f"{np.mean([r['seconds'] for r in group]):>8.0f}")
+    return "\n".join(rows)
+
+
+def save_plots(results, out_dir):
+    """curves.png (loss, k-NN, effective rank over training), recon.png, pca.png, feature_norms.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    alphas = list(dict.fromkeys(r["alpha_min"] for r in results))
+    colour = {a: plt.cm.viridis(i / max(1, len(alphas) - 1)) for i, a in enumerate(alphas)}
+    first_seed = [next(r for r in results if r["alpha_min"] == a) for a in alphas]
+
+    def save(fig, name):
+        tmp = os.path.join(out_dir, f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+    curves = [("knn", f"k-NN@{results[0]['knn_k']} accuracy (periodic subset)"),
+              ("linear_probe", "linear probe accuracy (periodic subset)"),
+              ("effective_rank", "effective rank, uncentred (paper Fig. 4)"),
+              ("effective_rank_centered", "effective rank, centred")]
+    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(5 * (1 + len(curves)), 4))
+    for r in results:
+        label = f"alpha_min={r['alpha_min']:g} seed={r['seed']}"
+        axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[r["alpha_min"]], label=label)
+        epochs = [e["epoch"] for e in r["evals"]]
+        for ax, (key, _) in zip(axes[1:], curves):
+            ax.plot(epochs, [e[key] for e in r["evals"]], "o-", color=colour[r["alpha_min"]], label=label)
+    for ax, title in zip(axes, ["training loss (epoch mean)"] + [title for _, title in curves]):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    save(fig, "curves.png")
+
+    def show(ax, image, label=None):
+        ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        if label:
+            ax.set_ylabel(label, fontsize=7)
+
+    for name, key in (("recon.png", "recon"), ("pca.png", "pca")):
+        rows, top = (3, 0) if key == "recon" else (1, 1)  # pca.png starts with a row of the images themselves
+        fig, axes = plt.subplots(top + rows * len(first_seed), 6, figsize=(9, 1.6 * (top + rows * len(first_seed))),
+                                 squeeze=False)
+        for col in range(6 if top else 0):
+            show(axes[0, col], first_seed[0]["recon"][0, col].transpose(1, 2, 0), "image" if col == 0 else None)
+        for a, r in enumerate(first_seed):
+            for row in range(rows):
+                label = ["original", "masked", "reconstruction"][row] if key == "recon" else "PCA of patch tokens"
+                for col in range(6):
+                    image = r[key][row, col].transpose(1, 2, 0) if key == "recon" else r[key][col]
+                    show(axes[top + a * rows + row, col], image, f"a_min={r['alpha_min']:g}\n{label}" if col == 0 else None)
+        save(fig, name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in first_seed:
+        blocks = range(1, len(r["block_norms"]) + 1)
+        ax.plot(blocks, r["block_norms"], "o-", color=colour[r["alpha_min"]], label=f"alpha_min={r['alpha_min']:g} trained")
+        ax.plot(blocks, r["block_norms_init"], "x--", color=colour[r["alpha_min"]], alpha=0.5, label="at init")
+    ax.set(xlabel="encoder block", ylabel="mean token norm", yscale="log", title="feature norm per block")
+    ax.legend(fontsize=7)
+    save(fig, "feature_norms.png")
+
+
+## Peak dense bf16 tensor throughput, FLOP/s, by device name; MFU is printed only for these.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
+    """Times the full training step (augmentation, masking, forward, backward, AdamW) on random
+    uint8 data after warm-up (which includes compilation), with CUDA events on a GPU."""
+    alpha_min = alpha_settings(cfg)[-1]
+    torch.manual_seed(0)
+    model = build_model(cfg, alpha_min, 3).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    compiled = torch.compile(model) if cfg.compile else model
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
+    mean = torch.full((1, 3, 1, 1), 0.5, device=device)
+    L = (cfg.img_size // cfg.patch_size) ** 2
+
+    def train_step(step):
+        gen = step_generator(0, step)
+        x = augment(images, cfg.img_size, gen, cfg.crop_min, mean, mean)
+        with autocast(device):
+            loss = compiled(x, torch.rand(cfg.batch_size, L, generator=gen).to(device))[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else (lambda: None)
+    for step in range(warmup_steps):
+        train_step(step)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for step in range(timed_steps):
+        train_step(warmup_steps + step)
+    sync()
+    ms = (time.perf_counter() - started) / timed_steps * 1000
+    img_s = cfg.batch_size / ms * 1000
+    flops = mae_flops_per_image(cfg)
+    if device.type == "cuda":
+        name, memory = torch.cuda.get_device_name(), f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (peak allocated)"
+    else:
+        import resource
+        name = f"{device.type} ({os.cpu_count()} cores)"
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
+    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
+          f"{cfg.img_size}px/{cfg.patch_size}, ViT {cfg.embed_dim}x{cfg.depth}, decoder {cfg.decoder} {cfg.decoder_dim}x{cfg.decoder_depth}")
+    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3g} GFLOP/img  {flops * img_s / 1e12:.3g} TFLOP/s  "
+          f"MFU {mfu}  memory {memory}")
+    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
+
+
+# =============================================================================================
+# Plumbing: command line and its validation
+# skip on a first read; read only if you add a flag
+# =============================================================================================
 
 def knob_help():
     """The comment after each Config field, so `--help` and the code share one description."""
@@ -254,11 +1080,13 @@ def alpha_settings(cfg):
 
 
 # =============================================================================================
-# Data: every dataset becomes uint8 tensors (N, C, H, W) + int64 labels, held on the device
+# Plumbing: data loaders (uint8 tensors (N, C, H, W) + int64 labels, held on the device)
+# skip on a first read; read only if you change the data (copies of probe.py's, tested identical)
 # =============================================================================================
 
 DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
              "or run once with network access")
+
 
 CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
@@ -266,6 +1094,8 @@ CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
     "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
                  "cifar-100-python", ["train"], ["test"], b"fine_labels"),
 }
+
+
 IDX = {  # official IDX files (LeCun et al. 1998; Xiao et al. 2017) and their published md5
     "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
         "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -278,6 +1108,8 @@ IDX = {  # official IDX files (LeCun et al. 1998; Xiao et al. 2017) and their pu
         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
 }
+
+
 SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}  # Debian's dataset-fashion-mnist
 
 
@@ -551,34 +1383,10 @@ def to_device(parts, device, train_limit=0):
     return data
 
 
-def augment(images, out_size, gen, crop_min, mean, std, rank=0, world_size=1):
-    """Random resized crop (area in [crop_min, 1], aspect in [3/4, 4/3]) + horizontal flip, the whole
-    batch at once on the device. All random numbers come from the CPU generator `gen`, so a run is
-    the same on every device and can be resumed exactly. Under torchrun `images` is slice `rank` of
-    a global batch world_size times larger: the crops are drawn for the global batch, then sliced."""
-    n = images.shape[0] * world_size
-    area = crop_min + (1 - crop_min) * torch.rand(n, generator=gen)
-    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=gen)
-    w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1)  # crop width, fraction of the image
-    h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1)
-    cx = (2 * torch.rand(n, generator=gen) - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
-    cy = (2 * torch.rand(n, generator=gen) - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    theta = shard(theta, rank, world_size).to(images.device, non_blocking=True)
-    grid = F.affine_grid(theta, (len(theta), images.shape[1], out_size, out_size), align_corners=False)
-    x = F.grid_sample(images.float().div_(255), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return (x - mean) / std
-
-
-def center_view(images, out_size, mean, std):
-    """The evaluation view: the whole image, resized if needed, no randomness."""
-    x = images.float().div_(255)
-    if x.shape[-1] != out_size or x.shape[-2] != out_size:
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
-    return (x - mean) / std
-
+# =============================================================================================
+# Plumbing: files (checkpoints, features, JSON), devices and several GPUs (torchrun + DDP)
+# skip on a first read; read only if you change what is saved or how processes cooperate
+# =============================================================================================
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a file behind."""
@@ -588,383 +1396,45 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-# =============================================================================================
-# Frozen-feature evaluation (the protocols of spec/evaluation.md). These three functions are
-# deliberate copies of probe.py's; tests/ checks that the copies give the same numbers.
-# =============================================================================================
-
-@torch.no_grad()
-def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
-    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
-    features, the k nearest training samples each vote for their label with weight exp(sim / T).
-    `k` may be an int or a list of ints (one prediction per k from one top-k search).
-    Queries go in fixed chunks, so any number of them works (1 or 10^6).
-    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
-    single = isinstance(k, numbers.Integral)
-    ks = [int(k)] if single else [int(kk) for kk in k]
-    train_y = train_y.long()
-    if max(ks) > len(train_x):
-        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
-    num_classes = num_classes or int(train_y.max()) + 1
-    train_x = F.normalize(train_x.float(), dim=1)
-    predictions = {kk: [] for kk in ks}
-    for start in range(0, len(test_x), chunk):
-        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
-        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
-        weights, labels = (sims / temperature).exp(), train_y[idx]
-        for kk in ks:
-            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
-            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
-            predictions[kk].append(votes.argmax(1))
-    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
-    return predictions[ks[0]] if single else predictions
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
-def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
-                 standardize=True):
-    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
-    affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
-    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
-    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
-    gen = torch.Generator().manual_seed(seed)
-    device = train_x.device
-    train_y, test_y = train_y.long(), test_y.long()
-    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
-    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
-    if not standardize:
-        mean, std = torch.zeros_like(mean), torch.ones_like(std)
-    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
-    head = nn.Linear(train_z.shape[1], num_classes).to(device)
-    with torch.no_grad():  # seeded init, independent of the global RNG
-        bound = 1 / math.sqrt(train_z.shape[1])
-        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
-        head.bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_z) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_z), generator=gen).to(device)
-        for start in range(0, len(train_z), batch_size):
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    with torch.no_grad():
-        return (head(test_z).argmax(1) == test_y).float().mean().item()
+def save_features(path, train_features, train_labels, test_features, test_labels, meta):
+    """The features file probe.py reads (.npz): train_features (N, D) float32, train_labels (N,)
+    int64, test_features (M, D) float32, test_labels (M,) int64, plus metadata: config (JSON text),
+    feature (what the vectors are), alpha_min, seed, classes."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+        np.savez(f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
+                 test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
+                 **{k: np.asarray(v) for k, v in meta.items()})
+    os.replace(tmp, path)
 
 
-## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
-## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
-AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
+def save_checkpoint(path, model, optimizer, state, cfg, alpha_min, seed):
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                 "config": dataclasses.asdict(cfg), "alpha_min": alpha_min, "seed": seed,
+                 "rng": torch.get_rng_state()}, path)
 
 
-def effective_rank(z, center=False, eps=1e-7):
-    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
-    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
-    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
-    z = torch.as_tensor(z).double()
-    if center:
-        z = z - z.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(z)
-    p = s / s.sum().clamp_min(eps)
-    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
-
-
-# =============================================================================================
-# Model: ViT-MAE with decayed identity shortcuts in the encoder
-# =============================================================================================
-
-def decay_schedule(depth, alpha_min):
-    """The 2*depth shortcut weights, one per residual sub-layer: first exactly 1.0, last exactly
-    alpha_min, linear in between."""
-    ## The authors' code: alphas = 1 - linspace(0, 1, 2*depth) * (1 - alpha_min), reshaped (depth, 2):
-    ## block i scales its attention shortcut by alphas[2i] and its MLP shortcut by alphas[2i+1].
-    ## The paper writes alpha_l = 1 - delta*l with delta = (1 - alpha_min)/L, which is off by one
-    ## against that code; we follow the code. Written as a lerp so both ends are exact floats.
-    n = 2 * depth
-    return [(1 - i / (n - 1)) * 1.0 + (i / (n - 1)) * alpha_min for i in range(n)]
-
-
-def alpha_min_for(alpha_eff, depth):
-    """The alpha_min whose schedule has prod(alphas) == alpha_eff (bisection; the product grows with
-    alpha_min). The paper's rule of thumb: pick alpha_min so that alpha_eff lies in [1e-3, 1e-2)."""
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if math.prod(decay_schedule(depth, mid)) < alpha_eff else (low, mid)
-    return (low + high) / 2
-
-
-def sincos_pos_embed(dim, grid_size):
-    """Fixed 2D sin-cos position embeddings (MAE): (1 + grid_size**2, dim), row 0 (cls) is zero.
-    Half the channels encode the row, half the column, each as sin/cos at dim/4 frequencies."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-
-    def encode(pos):  # (L,) -> (L, dim/2)
-        angles = pos.flatten().double()[:, None] * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    table = torch.cat([encode(cols), encode(rows)], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
-
-
-def patchify(imgs, p):
-    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, (p, p, C) inside a patch (MAE's layout)."""
-    B, C, H, W = imgs.shape
-    x = imgs.reshape(B, C, H // p, p, W // p, p)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(x, p, channels):
-    """(B, L, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
-    B, L, _ = x.shape
-    side = math.isqrt(L)
-    x = x.reshape(B, side, side, p, p, channels)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, side * p, side * p)
-
-
-def random_masking(x, mask_ratio, noise):
-    """MAE's per-sample random masking by argsort of uniform noise.
-    x: (B, L, D) patch tokens; noise: (B, L) in [0, 1).
-    Returns the int(L*(1-mask_ratio)) visible tokens (B, L_keep, D), the mask (B, L) with 1 = hidden
-    in the original patch order, and ids_restore (B, L) that puts a shuffled sequence back in order."""
-    B, L, D = x.shape
-    keep = int(L * (1 - mask_ratio))
-    ids_shuffle = noise.argsort(dim=1)  # small noise = kept
-    ids_restore = ids_shuffle.argsort(dim=1)
-    visible = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
-    mask = torch.ones(B, L, device=x.device)
-    mask[:, :keep] = 0
-    return visible, torch.gather(mask, 1, ids_restore), ids_restore
-
-
-def unshuffle(tokens, mask_token, ids_restore):
-    """(B, 1 + L_keep, D) cls + visible tokens -> (B, 1 + L, D): hidden places filled with
-    mask_token, patches back in their original order, cls first."""
-    B, n_tokens, D = tokens.shape
-    L = ids_restore.shape[1]
-    patches = torch.cat([tokens[:, 1:], mask_token.to(tokens.dtype).expand(B, L + 1 - n_tokens, D)], dim=1)
-    patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, D))
-    return torch.cat([tokens[:, :1], patches], dim=1)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # (B, T, D)
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block with one shortcut weight per residual sub-layer."""
-
-    def __init__(self, dim, heads, mlp_ratio, alpha_attn=1.0, alpha_mlp=1.0):
-        super().__init__()
-        self.alpha_attn, self.alpha_mlp = alpha_attn, alpha_mlp  # plain floats: nothing learnable
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
-
-    def forward(self, x):  # (B, T, D)
-        ## The paper's rule, x_{k+1} = alpha_k * x_k + f_k(norm(x_k)). With alpha = 1 this is the
-        ## standard residual block; with alpha < 1 the identity path of the stack is attenuated
-        ## (its total weight is prod(alphas)), which pushes deep features toward low rank.
-        x = self.alpha_attn * x + self.attn(self.norm1(x))
-        x = self.alpha_mlp * x + self.mlp(self.norm2(x))
-        return x
-
-
-class SkipMerge(nn.Module):
-    """The authors' "SkipLayer": merges one encoder block's tokens into the decoder stream."""
-
-    def __init__(self, decoder_dim, encoder_dim):
-        super().__init__()
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder_dim))  # one set per skip, encoder width
-        self.fc1 = nn.Linear(encoder_dim + decoder_dim, decoder_dim)
-        self.fc2 = nn.Linear(decoder_dim, decoder_dim)  # zero-initialised: the merge starts as a no-op
-
-    def forward(self, stream, encoder_tokens, ids_restore):  # (B, 1+L, Dd), (B, 1+L_keep, De)
-        full = unshuffle(encoder_tokens, self.mask_token, ids_restore)  # (B, 1+L, De)
-        return stream + self.fc2(F.silu(self.fc1(torch.cat([full, stream], dim=-1))))
-
-
-class MaskedAutoencoder(nn.Module):
-    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3,
-                 mlp_ratio=4.0, decoder="unet", decoder_dim=128, decoder_depth=3, decoder_heads=4,
-                 final_norm=False, mask_ratio=0.75, norm_pix=True, alpha_min=1.0):
-        super().__init__()
-        self.patch_size, self.in_chans, self.mask_ratio, self.norm_pix = patch_size, in_chans, mask_ratio, norm_pix
-        self.decoder_kind = decoder
-        grid = img_size // patch_size
-        # --- encoder: decayed shortcuts live here and only here ---
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid)[None], persistent=False)  # (1, 1+L, D)
-        self.alphas = decay_schedule(depth, alpha_min)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, self.alphas[2 * i], self.alphas[2 * i + 1])
-                                    for i in range(depth))
-        ## The authors' encoder has NO final LayerNorm: features are the raw last-block tokens.
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
-        # --- decoder: standard residual blocks (alpha = 1) ---
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_dim, grid)[None], persistent=False)
-        if decoder == "unet":
-            ## The authors' "UNet transformer" decoder (their Fig. 5): the decoder stream starts from a
-            ## learned cls token + the fixed position embeddings of ALL patches (not from the encoder
-            ## output); encoder blocks 2, 4, ..., depth reach it through SkipMerge, deepest first.
-            ## Their ImageNet-100 ablation: decay without these skips collapses (LP 61.5 vs 83.6).
-            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-            self.decoder_embed = nn.Linear(decoder_dim, decoder_dim)
-            self.skips = nn.ModuleList(SkipMerge(decoder_dim, embed_dim) for _ in range(depth // 2))
-        else:
-            self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * in_chans)
-        init_weights(self)
-
-    def encode(self, imgs, noise=None):
-        """imgs (B, C, H, W) -> (outputs, mask, ids_restore): outputs is the list of every encoder
-        block's tokens (B, 1 + L_visible, D), cls first. `noise` (B, L) selects the visible patches
-        (MAE masking); noise=None keeps every patch (feature extraction)."""
-        x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, L, D)
-        mask = ids_restore = None
-        if noise is not None:
-            x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)  # (B, L_keep, D)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        outputs = []
-        for block in self.blocks:
-            x = block(x)
-            outputs.append(x)
-        outputs[-1] = self.norm(outputs[-1])  # identity unless --final-norm
-        return outputs, mask, ids_restore
-
-    def skip_sources(self):
-        """0-indexed encoder blocks feeding decoder blocks 1, 2, ... (unet decoder): depth-1, depth-3, ..."""
-        return [i for i in range(len(self.blocks)) if i % 2 == 1][::-1]
-
-    def decode(self, outputs, ids_restore):  # -> (B, L, p*p*C) predicted patches
-        if self.decoder_kind == "unet":
-            start = torch.cat([self.decoder_cls_token, self.decoder_pos_embed[:, 1:]], dim=1)  # (1, 1+L, Dd)
-            x = self.decoder_embed(start).expand(outputs[0].shape[0], -1, -1)
-            sources = self.skip_sources()
-            for i, block in enumerate(self.decoder_blocks):
-                if i < len(sources):
-                    x = self.skips[i](x, outputs[sources[i]], ids_restore)
-                x = block(x)
-        else:
-            x = unshuffle(self.decoder_embed(outputs[-1]), self.mask_token, ids_restore) + self.decoder_pos_embed
-            for block in self.decoder_blocks:
-                x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop the cls position
-
-    def forward(self, imgs, noise):
-        """imgs (B, C, H, W) normalised; noise (B, L) uniform. Returns (loss, pred (B, L, p*p*C), mask (B, L))."""
-        outputs, mask, ids_restore = self.encode(imgs, noise)
-        pred = self.decode(outputs, ids_restore)
-        return masked_patch_loss(pred.float(), imgs.float(), mask, self.patch_size, self.norm_pix), pred, mask
-
-
-def masked_patch_loss(pred, imgs, mask, patch_size, norm_pix):
-    """Mean squared error on the HIDDEN patches only. With norm_pix each target patch is
-    standardised by its own mean and (unbiased) variance, as in the reference MAE code."""
-    target = patchify(imgs, patch_size)  # (B, L, p*p*C)
-    if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    per_patch = ((pred - target) ** 2).mean(-1)  # (B, L)
-    return (per_patch * mask).sum() / mask.sum()
-
-
-def init_weights(model):
-    """Every initialisation in one place (as the authors' code):
-    * Linear: xavier-uniform weight, zero bias; the patch-embedding Conv2d likewise, seen as a Linear;
-    * ZERO: each block's attention output projection and second MLP Linear (encoder and decoder),
-      each SkipMerge's last Linear, and the prediction head, so that at initialisation every block
-      is exactly the alpha-scaled identity and the decoder predicts 0;
-    * LayerNorm: weight 1, bias 0; cls / mask tokens: normal(0, 0.02); position embeddings: fixed."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    w = model.patch_embed.weight
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    nn.init.zeros_(model.patch_embed.bias)
-    ## Zero-init of the branch outputs matters as much as the rule itself: the authors report feature
-    ## norms blowing up early in training for alpha_min <= 0.7 without it.
-    for block in list(model.blocks) + list(model.decoder_blocks):
-        nn.init.zeros_(block.attn.proj.weight)
-        nn.init.zeros_(block.mlp.fc2.weight)
-    for skip in getattr(model, "skips", []):
-        nn.init.zeros_(skip.fc2.weight)
-    nn.init.zeros_(model.decoder_pred.weight)
-    for name, param in model.named_parameters():
-        if name.endswith("token"):
-            nn.init.normal_(param, std=0.02)
-
-
-def build_model(cfg, alpha_min, in_chans):
-    return MaskedAutoencoder(cfg.img_size, cfg.patch_size, in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                             cfg.mlp_ratio, cfg.decoder, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
-                             cfg.final_norm, cfg.mask_ratio, cfg.norm_pix, alpha_min)
-
-
-@torch.no_grad()
-def block_norms(model, imgs):
-    """Mean L2 norm of the tokens after each encoder block, on unmasked images: with alpha_min < 1
-    the identity path no longer accumulates, so the norms stop growing with depth."""
-    outputs, _, _ = model.encode(imgs)
-    return [float(o.float().norm(dim=-1).mean()) for o in outputs]
-
-
-def mae_flops_per_image(cfg, in_chans=3):
-    """Training FLOPs per image (forward x3 for forward + backward), counted explicitly: 2 FLOPs per
-    multiply-add in every Linear, plus 4*T^2*D per attention layer (QK^T and AV)."""
-    L = (cfg.img_size // cfg.patch_size) ** 2
-    T_enc, T_dec = 1 + int(L * (1 - cfg.mask_ratio)), 1 + L
-    D, Dd, r = cfg.embed_dim, cfg.decoder_dim, cfg.mlp_ratio
-
-    def blocks(n, T, d):
-        return n * (2 * T * (4 + 2 * r) * d * d + 4 * T * T * d)
-
-    flops = 2 * L * cfg.patch_size ** 2 * in_chans * D + blocks(cfg.depth, T_enc, D)
-    if cfg.decoder == "unet":
-        flops += 2 * T_dec * Dd * Dd + (cfg.depth // 2) * 2 * T_dec * ((D + Dd) * Dd + Dd * Dd)
-    else:
-        flops += 2 * T_enc * D * Dd
-    flops += blocks(cfg.decoder_depth, T_dec, Dd) + 2 * T_dec * Dd * cfg.patch_size ** 2 * in_chans
-    return 3 * flops
-
-
-# =============================================================================================
-# Training
-# =============================================================================================
-
-## Keys that change what a run computes: a checkpoint resumes only under identical values.
-TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "crop_min", "patch_size", "embed_dim", "depth", "num_heads",
-                   "mlp_ratio", "decoder", "decoder_dim", "decoder_depth", "decoder_heads", "final_norm", "mask_ratio",
-                   "norm_pix", "epochs", "batch_size", "base_lr", "min_lr", "warmup_epochs", "weight_decay", "beta2")
+def load_checkpoint(path, model, optimizer, cfg, alpha_min, seed):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
+    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
+    if changed or ckpt["alpha_min"] != alpha_min or ckpt["seed"] != seed:
+        raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'alpha_min/seed'}); "
+                        f"resume with the same flags or use another --out-dir.")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["state"]
 
 
 def pick_device(name):
@@ -980,48 +1450,6 @@ def pick_device(name):
     return torch.device(name)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (no loss scaling needed); full fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def get_lr(step, total_steps, warmup_steps, peak_lr, min_lr):
-    """Linear warm-up, then half-cycle cosine to min_lr, per optimizer step (MAE's schedule)."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model, cfg, device):
-    """AdamW, betas (0.9, beta2); no weight decay on biases, norms and tokens (timm's rule)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim <= 1 or name.endswith("token") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
-
-
-## Every random number of a step comes from a generator seeded by (seed, step), and the data order
-## from one seeded by (seed, epoch). Nothing depends on history, so --resume continues exactly, and
-## runs on CPU and GPU draw the same crops, flips and masks.
-def step_generator(seed, step):
-    return torch.Generator().manual_seed(1_000_003 * seed + step)
-
-
-def epoch_order(seed, epoch, n):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
-
-
-def fixed_subset(total, n, device):
-    """n of `total` indices, the same at every call (a seeded permutation, sorted): a subset that
-    stays representative when a dataset is stored class by class (image folders, some CIFAR copies)."""
-    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-GPU: torchrun + DistributedDataParallel (the few lines of nanoGPT's train.py)
-# ---------------------------------------------------------------------------------------------
 ## `torchrun --nproc_per_node=N` starts N copies of this file and gives each RANK, LOCAL_RANK and
 ## WORLD_SIZE in its environment; plain `python` sets none of them, and then no process group is
 ## made and everything below reduces to the one-process code. Each process holds a full replica
@@ -1130,427 +1558,9 @@ def load_dataset_once_per_node(cfg):
     return parts
 
 
-def save_checkpoint(path, model, optimizer, state, cfg, alpha_min, seed):
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                 "config": dataclasses.asdict(cfg), "alpha_min": alpha_min, "seed": seed,
-                 "rng": torch.get_rng_state()}, path)
-
-
-def load_checkpoint(path, model, optimizer, cfg, alpha_min, seed):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
-    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if changed or ckpt["alpha_min"] != alpha_min or ckpt["seed"] != seed:
-        raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'alpha_min/seed'}); "
-                        f"resume with the same flags or use another --out-dir.")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["state"]
-
-
-def train_run(cfg, data, alpha_min, seed, run_dir, device):
-    """Train one MAE (one alpha_min, one seed); returns its result dict (numbers, curves, images)."""
-    rank, world_size = rank_and_world()
-    torch.manual_seed(seed)  # the same initial weights in every process
-    in_chans = data["train_x"].shape[1]
-    model = build_model(cfg, alpha_min, in_chans).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    n_train, batch = len(data["train_x"]), cfg.batch_size
-    if batch > n_train:
-        raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
-    check_world_size(batch, world_size)
-    steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
-    total_steps = cfg.epochs * steps_per_epoch
-    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    peak_lr = cfg.base_lr * batch / 256  ## MAE's linear scaling rule: lr = base_lr * batch / 256
-    num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-
-    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0, "init_norms": None}
-    if os.path.exists(ckpt_path):
-        if not cfg.resume:
-            raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
-        state = load_checkpoint(ckpt_path, model, optimizer, cfg, alpha_min, seed)  # every process loads it
-        if rank == 0:
-            print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
-    probe_imgs = center_view(data["test_x"][fixed_subset(len(data["test_x"]), 256, device)], cfg.img_size,
-                             data["mean"], data["std"])
-    if state["init_norms"] is None:
-        state["init_norms"] = block_norms(model, probe_imgs)
-
-    def evaluate_periodic(epoch):
-        ## k-NN, linear probe and both effective ranks on fixed subsets (--eval-train / --eval-test
-        ## images; 0 = all), to draw the curves. The full evaluation runs once, at the end (finish_run).
-        subset = {s: fixed_subset(len(data[f"{s}_x"]), min(n or len(data[f"{s}_x"]), len(data[f"{s}_x"])), device)
-                  for s, n in (("train", cfg.eval_train), ("test", cfg.eval_test))}
-        feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, data, device) for s, idx in subset.items()}
-        labels = {s: data[f"{s}_y"][idx] for s, idx in subset.items()}
-        pred = knn_predict(feats["train"], labels["train"], feats["test"], min(cfg.knn_k, len(feats["train"])),
-                           cfg.knn_t, num_classes=len(data["classes"]))
-        probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], epochs=cfg.probe_epochs,
-                             lr=cfg.probe_lr, seed=seed, num_classes=len(data["classes"]))
-        e = {"epoch": epoch, "knn": (pred == labels["test"]).float().mean().item(), "linear_probe": probe,
-             "effective_rank": effective_rank(feats["train"][:25600]),
-             "effective_rank_centered": effective_rank(feats["train"][:25600], center=True)}
-        state["evals"].append(e)
-        if rank == 0:
-            tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {e['knn']:.4f}, "
-                       f"probe {e['linear_probe']:.4f} ({len(feats['train'])} train / {len(feats['test'])} test), "
-                       f"effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
-
-    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
-        evaluate_periodic(0)
-    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
-    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
-    ## module that evaluation uses and checkpoints save, so they resume with any number of processes.
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
-    # the (1, 1, D) tokens' gradients differ from DDP's buckets only in the strides of size-1 dims: harmless
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
-    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
-    progress = tqdm(total=stop_step, initial=state["step"], desc=f"alpha_min={alpha_min:g} seed={seed}",
-                    dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
-    last_time, last_step = time.perf_counter(), state["step"]
-
-    def flush():
-        nonlocal pending, last_time, last_step
-        if not pending:
-            return
-        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
-        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
-        pending = []
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:  # every process sees the same values, so all stop together
-            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} (alpha_min={alpha_min:g}); "
-                            f"lower --base-lr or raise --alpha-min (the paper finds alpha_min <= 0.4 unstable for ViT-B).")
-        state["losses"] += values
-        now = time.perf_counter()
-        state["seconds"] += now - last_time
-        steps_done = len(values)
-        progress.update(steps_done)
-        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{steps_done * batch / (now - last_time):.0f}")
-        last_time, last_step = now, last_step + steps_done
-
-    model.train()
-    for step in range(state["step"], stop_step):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == state["step"]:
-            order = epoch_order(seed, epoch, n_train).to(device)
-        ## Same trajectory for any number of processes: every process draws the data order, the crops,
-        ## the flips and the masking noise for the WHOLE global batch from the same seeded generators,
-        ## then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together are exactly
-        ## the one-process batch, and since every image hides the same number of patches, the mean of
-        ## the W per-process losses (what DDP's gradient average differentiates) is the global loss.
-        gen = step_generator(seed, step)
-        idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
-        imgs = augment(data["train_x"][idx], cfg.img_size, gen, cfg.crop_min, data["mean"], data["std"], rank, world_size)
-        noise = shard(torch.rand(batch, num_patches, generator=gen), rank, world_size).to(device, non_blocking=True)
-        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device):
-            try:
-                loss = compiled(imgs, noise)[0]
-            except Exception as e:  # torch.compile fails lazily, at the first call
-                if compiled is model:
-                    raise
-                if rank == 0:
-                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
-                compiled = ddp_model
-                loss = ddp_model(imgs, noise)[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(loss.detach())
-        state["step"] = step + 1
-        end_of_epoch = i == steps_per_epoch - 1
-        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step:
-            flush()
-        if end_of_epoch:
-            done = epoch + 1
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
-                evaluate_periodic(done)
-                last_time = time.perf_counter()  # evaluation time is not training time
-            if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
-                save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
-                last_time = time.perf_counter()
-    progress.close()
-    if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
-        save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
-    return finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch)
-
-
-# =============================================================================================
-# Evaluation of a trained run
-# =============================================================================================
-
-@torch.no_grad()
-def extract_features(model, images, cfg, data, device, batch_size=512):
-    """Frozen features of the whole, unmasked, un-augmented image (eval mode, no grad).
-    Default (the authors'): tokens of the last encoder block, no final norm, mean-pooled over ALL
-    tokens, cls included. --feature cls takes the cls token; --feature-block K takes block K.
-    Under torchrun each process extracts a contiguous run of batches and all get every feature, in order."""
-    rank, world_size = rank_and_world()
-    was_training = model.training
-    model.eval()
-    block = (cfg.feature_block or cfg.depth) - 1
-    features = [torch.zeros(0, cfg.embed_dim, device=images.device)]  # (0, D): a process may get no batch
-    for start in block_starts(len(images), batch_size, rank, world_size):
-        x = center_view(images[start:start + batch_size], cfg.img_size, data["mean"], data["std"])
-        with autocast(device):
-            tokens = model.encode(x)[0][block]  # (B, 1+L, D)
-        features.append((tokens.mean(1) if cfg.feature == "mean" else tokens[:, 0]).float())
-    model.train(was_training)
-    return all_gather_rows(torch.cat(features), world_size)
-
-
-def describe_feature(cfg):
-    block = cfg.feature_block or cfg.depth
-    pooled = "mean over all tokens (cls included)" if cfg.feature == "mean" else "cls token"
-    return f"encoder block {block}/{cfg.depth} output, {pooled}" + (", after the final LayerNorm" if cfg.final_norm and block == cfg.depth else "")
-
-
-def save_features(path, train_features, train_labels, test_features, test_labels, meta):
-    """The features file probe.py reads (.npz): train_features (N, D) float32, train_labels (N,)
-    int64, test_features (M, D) float32, test_labels (M,) int64, plus metadata: config (JSON text),
-    feature (what the vectors are), alpha_min, seed, classes."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-        np.savez(f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
-                 test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
-                 **{k: np.asarray(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def reconstruction_examples(model, images, cfg, data, seed, n=6):
-    """(3, n, C, H, W) uint8: originals, masked inputs, reconstructions (visible patches pasted back)."""
-    model.eval()
-    x = center_view(images[:n], cfg.img_size, data["mean"], data["std"])
-    noise = torch.rand(len(x), (cfg.img_size // cfg.patch_size) ** 2, generator=torch.Generator().manual_seed(seed))
-    _, pred, mask = model(x, noise.to(x.device))
-    target = patchify(x, cfg.patch_size)
-    if cfg.norm_pix:  # undo the per-patch normalisation with the true patch statistics (display only)
-        pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
-    hidden = mask[:, :, None]
-    recon = unpatchify(target * (1 - hidden) + pred * hidden, cfg.patch_size, x.shape[1])
-    masked = unpatchify(target * (1 - hidden), cfg.patch_size, x.shape[1])
-    model.train()
-    to_uint8 = lambda t: ((t * data["std"] + data["mean"]).clamp(0, 1) * 255).round().byte().cpu()
-    return torch.stack([to_uint8(x), to_uint8(masked), to_uint8(recon)]).numpy()
-
-
-@torch.no_grad()
-def pca_maps(model, images, cfg, data, n=6):
-    """(n, h, w, 3) floats in [0, 1]: the last block's patch tokens projected on their top-3
-    principal components, as RGB (the idea of the paper's Figure 3)."""
-    model.eval()
-    x = center_view(images[:n], cfg.img_size, data["mean"], data["std"])
-    tokens = model.encode(x)[0][-1][:, 1:].float()  # (n, L, D), cls dropped
-    model.train()
-    flat = tokens.reshape(-1, tokens.shape[-1])
-    flat = flat - flat.mean(0)
-    components = torch.linalg.svd(flat, full_matrices=False)[2][:3]  # (3, D)
-    rgb = flat @ components.T
-    rgb = (rgb - rgb.min(0).values) / (rgb.max(0).values - rgb.min(0).values).clamp_min(1e-8)
-    side = math.isqrt(tokens.shape[1])
-    return rgb.reshape(n, side, side, 3).cpu().numpy()
-
-
-def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch):
-    """Full frozen-feature evaluation of a trained run, its features file and its plot material."""
-    started = time.perf_counter()
-    train_f = extract_features(model, data["train_x"], cfg, data, device)
-    test_f = extract_features(model, data["test_x"], cfg, data, device)
-    num_classes = len(data["classes"])
-    ks = [k for k in sorted({10, 20, 100, 200, cfg.knn_k}) if k <= len(train_f)]
-    preds = knn_predict(train_f, data["train_y"], test_f, ks, cfg.knn_t, num_classes=num_classes)
-    knn = {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()}
-    probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
-                         seed=seed, num_classes=num_classes)
-    ## Effective rank on at most 25,600 training features (RankMe's sample size), uncentred (RankMe's
-    ## convention) and centred (the mean feature removed: a large shared mean alone makes the
-    ## uncentred spectrum look low-rank, whatever the features' spread).
-    erank = effective_rank(train_f[:25600])
-    erank_centered = effective_rank(train_f[:25600], center=True)
-    if rank_and_world()[0] == 0:  # every process evaluated the gathered features; one writes them
-        save_features(os.path.join(run_dir, "features.npz"), train_f, data["train_y"], test_f, data["test_y"],
-                      {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg),
-                       "alpha_min": alpha_min, "seed": seed, "classes": np.asarray(data["classes"])})
-    losses = state["losses"]
-    epochs_done = len(losses) // steps_per_epoch
-    return {"alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
-            "knn": knn, "knn_k": cfg.knn_k, "linear_probe": probe, "effective_rank": erank,
-            "effective_rank_centered": erank_centered,
-            "final_loss": losses[-1] if losses else float("nan"),
-            "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
-            "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
-            "epoch_losses": [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(epochs_done)],
-            "losses": losses, "evals": state["evals"], "block_norms_init": state["init_norms"],
-            "block_norms": block_norms(model, probe_imgs), "feature": describe_feature(cfg),
-            "recon": reconstruction_examples(model, data["test_x"], cfg, data, seed),
-            "pca": pca_maps(model, data["test_x"], cfg, data)}
-
-
-# =============================================================================================
-# The comparison: table and plots
-# =============================================================================================
-
-def mean_std(values):
-    values = np.asarray(values, dtype=np.float64)
-    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f}+-{values.std(ddof=1):.4f}"
-
-
-def results_table(results):
-    """One row per alpha_min, mean +- std over seeds (sample std) when there are several."""
-    k = results[0]["knn_k"]
-    header = f"{'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {f'k-NN@{k}':>15} {'linear probe':>15} " \
-             f"{'eff. rank':>15} {'eff. rank (c)':>15} {'loss (last ep)':>15} {'train s':>8}"
-    rows = [header, "-" * len(header)]
-    for alpha in dict.fromkeys(r["alpha_min"] for r in results):
-        group = [r for r in results if r["alpha_min"] == alpha]
-        rows.append(f"{alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
-                    f"{mean_std([r['knn'].get(k, math.nan) for r in group]):>15} {mean_std([r['linear_probe'] for r in group]):>15} "
-                    f"{mean_std([r['effective_rank'] for r in group]):>15} {mean_std([r['effective_rank_centered'] for r in group]):>15} "
-                    f"{mean_std([r['last_epoch_loss'] for r in group]):>15} "
-                    f"{np.mean([r['seconds'] for r in group]):>8.0f}")
-    return "\n".join(rows)
-
-
-def save_plots(results, out_dir):
-    """curves.png (loss, k-NN, effective rank over training), recon.png, pca.png, feature_norms.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    alphas = list(dict.fromkeys(r["alpha_min"] for r in results))
-    colour = {a: plt.cm.viridis(i / max(1, len(alphas) - 1)) for i, a in enumerate(alphas)}
-    first_seed = [next(r for r in results if r["alpha_min"] == a) for a in alphas]
-
-    def save(fig, name):
-        tmp = os.path.join(out_dir, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, os.path.join(out_dir, name))
-
-    curves = [("knn", f"k-NN@{results[0]['knn_k']} accuracy (periodic subset)"),
-              ("linear_probe", "linear probe accuracy (periodic subset)"),
-              ("effective_rank", "effective rank, uncentred (paper Fig. 4)"),
-              ("effective_rank_centered", "effective rank, centred")]
-    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(5 * (1 + len(curves)), 4))
-    for r in results:
-        label = f"alpha_min={r['alpha_min']:g} seed={r['seed']}"
-        axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[r["alpha_min"]], label=label)
-        epochs = [e["epoch"] for e in r["evals"]]
-        for ax, (key, _) in zip(axes[1:], curves):
-            ax.plot(epochs, [e[key] for e in r["evals"]], "o-", color=colour[r["alpha_min"]], label=label)
-    for ax, title in zip(axes, ["training loss (epoch mean)"] + [title for _, title in curves]):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-    axes[0].set_yscale("log")
-    axes[1].legend(fontsize=7)
-    save(fig, "curves.png")
-
-    def show(ax, image, label=None):
-        ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, interpolation="nearest")
-        ax.set_xticks([]), ax.set_yticks([])
-        if label:
-            ax.set_ylabel(label, fontsize=7)
-
-    for name, key in (("recon.png", "recon"), ("pca.png", "pca")):
-        rows, top = (3, 0) if key == "recon" else (1, 1)  # pca.png starts with a row of the images themselves
-        fig, axes = plt.subplots(top + rows * len(first_seed), 6, figsize=(9, 1.6 * (top + rows * len(first_seed))),
-                                 squeeze=False)
-        for col in range(6 if top else 0):
-            show(axes[0, col], first_seed[0]["recon"][0, col].transpose(1, 2, 0), "image" if col == 0 else None)
-        for a, r in enumerate(first_seed):
-            for row in range(rows):
-                label = ["original", "masked", "reconstruction"][row] if key == "recon" else "PCA of patch tokens"
-                for col in range(6):
-                    image = r[key][row, col].transpose(1, 2, 0) if key == "recon" else r[key][col]
-                    show(axes[top + a * rows + row, col], image, f"a_min={r['alpha_min']:g}\n{label}" if col == 0 else None)
-        save(fig, name)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in first_seed:
-        blocks = range(1, len(r["block_norms"]) + 1)
-        ax.plot(blocks, r["block_norms"], "o-", color=colour[r["alpha_min"]], label=f"alpha_min={r['alpha_min']:g} trained")
-        ax.plot(blocks, r["block_norms_init"], "x--", color=colour[r["alpha_min"]], alpha=0.5, label="at init")
-    ax.set(xlabel="encoder block", ylabel="mean token norm", yscale="log", title="feature norm per block")
-    ax.legend(fontsize=7)
-    save(fig, "feature_norms.png")
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-# =============================================================================================
-# Benchmark
-# =============================================================================================
-
-## Peak dense bf16 tensor throughput, FLOP/s, by device name; MFU is printed only for these.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
-    """Times the full training step (augmentation, masking, forward, backward, AdamW) on random
-    uint8 data after warm-up (which includes compilation), with CUDA events on a GPU."""
-    alpha_min = alpha_settings(cfg)[-1]
-    torch.manual_seed(0)
-    model = build_model(cfg, alpha_min, 3).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    compiled = torch.compile(model) if cfg.compile else model
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
-    mean = torch.full((1, 3, 1, 1), 0.5, device=device)
-    L = (cfg.img_size // cfg.patch_size) ** 2
-
-    def train_step(step):
-        gen = step_generator(0, step)
-        x = augment(images, cfg.img_size, gen, cfg.crop_min, mean, mean)
-        with autocast(device):
-            loss = compiled(x, torch.rand(cfg.batch_size, L, generator=gen).to(device))[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else (lambda: None)
-    for step in range(warmup_steps):
-        train_step(step)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for step in range(timed_steps):
-        train_step(warmup_steps + step)
-    sync()
-    ms = (time.perf_counter() - started) / timed_steps * 1000
-    img_s = cfg.batch_size / ms * 1000
-    flops = mae_flops_per_image(cfg)
-    if device.type == "cuda":
-        name, memory = torch.cuda.get_device_name(), f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (peak allocated)"
-    else:
-        import resource
-        name = f"{device.type} ({os.cpu_count()} cores)"
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
-    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
-          f"{cfg.img_size}px/{cfg.patch_size}, ViT {cfg.embed_dim}x{cfg.depth}, decoder {cfg.decoder} {cfg.decoder_dim}x{cfg.decoder_depth}")
-    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3g} GFLOP/img  {flops * img_s / 1e12:.3g} TFLOP/s  "
-          f"MFU {mfu}  memory {memory}")
-    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
-
-
 # =============================================================================================
 # Main
+# the whole run: parse, load, train every (alpha_min, seed), report
 # =============================================================================================
 
 def main(argv=None):
