@@ -1,17 +1,23 @@
 """
 probe.py: frozen-feature evaluation for any encoder, in one file: DINO k-NN, a linear probe,
 effective rank with the singular-value spectrum, and the perception-vs-reconstruction subspace
-probe, with the protocols of spec/evaluation.md.
+probe of Balestriero & LeCun (2024). It reads the features.npz that mae_decay.py and
+diffusion_decay.py write (or any encoder's features in that format), or a dataset's raw pixels.
 
 Run (`--help` lists every knob):
 
+    python probe.py --pixels shapes --img-size 16           # quick check, ~15 s on 2 CPU cores: raw pixels of the built-in data
     python probe.py --pixels fashion-mnist                  # raw pixels: the reference every encoder must beat
-    python probe.py runs/mae/alpha1.0_seed0/features.npz    # features written by mae_decay.py (or any encoder)
-    python probe.py runs/mae/*/features.npz --pixels shapes --json results.json   # one table, pixels as a row
+    python probe.py runs/mae/alpha1_seed0/features.npz      # features written by mae_decay.py (or any encoder)
+    python probe.py runs/mae/*/features.npz --pixels shapes --img-size 16 --json results.json  # one table, pixels as a row
     python probe.py --pixels cifar10 --data-dir data --subspace top:90,bottom:20  # where does the label live?
     python probe.py my_features.pt --knn-k 20 --majority --plot spectrum.png
 
 Known-good numbers produced by this file (2-core CPU, torch 2.13, numpy 2.4, default settings):
+
+    python probe.py --pixels shapes --img-size 16
+    input          dim  knn@10  knn@20  knn@100  knn@200  linear  erank
+    pixels:shapes  768   21.95   22.25    16.95    15.25   12.90  162.9
 
     python probe.py --pixels fashion-mnist --subspace top:100,top:90,bottom:20
     input                    dim  knn@10  knn@20  knn@100  knn@200  linear  erank
@@ -28,11 +34,13 @@ Known-good numbers produced by this file (2-core CPU, torch 2.13, numpy 2.4, def
 
 A features file (.npz, or .pt read with torch.load(weights_only=True)) holds train_features
 (N, D), train_labels (N,), test_features (M, D), test_labels (M,): float features, integer class
-ids; any other key is metadata, copied into the JSON. Defaults follow the spec: k-NN on
-L2-normalised features with exp(sim / 0.07) votes, k = 10, 20, 100, 200 from one search; linear
-probe = standardise by train statistics + one Linear layer, AdamW, weight decay 0, cosine
-schedule, the FINAL epoch's test accuracy; effective rank of the train features, not centred.
+ids; any other key is metadata, copied into the JSON. Defaults: k-NN on L2-normalised features
+with exp(sim / 0.07) votes, k = 10, 20, 100, 200 from one search; linear probe = standardise by
+train statistics + one Linear layer, AdamW, weight decay 0, cosine schedule, the FINAL epoch's
+test accuracy; effective rank of the train features, not centred.
 
+Reading order: the Config (the knobs), THE IDEA (the protocols, each beside its equation), the
+evaluation driver, the report; the plumbing (command line, data loaders, file I/O) comes last.
 Two comment layers: `##` lines teach (why a line exists, which equation it implements) and can be
 stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
@@ -67,7 +75,8 @@ class UserError(Exception):
 
 
 # =============================================================================================
-# Config
+# Config: every knob, with its default and one line on what it does
+# read first: the table of what can be changed (--help prints the same lines)
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -93,6 +102,308 @@ class Config:
     device: str = "auto"          # auto | cuda | mps | cpu
     json: str = ""                # also write every number and the settings to this file (atomically)
 
+
+# =============================================================================================
+# THE IDEA: the evaluation protocols, k-NN, linear probe, effective rank, subspace probe
+# read first: what every number in the table means, beside the line that computes it
+# =============================================================================================
+
+## A frozen encoder is judged by what its features make easy. Every protocol below gets the same
+## four arrays, train features (N, D) with their labels (N,) and test features (M, D) with theirs
+## (M,), and never changes the features (no fine-tuning): a number measures the features, not a
+## training recipe. Three questions, three protocols, and a fourth that asks where the label lives:
+##   * k-NN: are images of one class NEIGHBOURS? (nothing is trained)
+##   * linear probe: are the classes LINEARLY separable? (one Linear layer is trained)
+##   * effective rank: how many directions do the features really use? (no labels at all)
+##   * subspace probe: is the label in the directions of LARGE variance, which a reconstruction
+##     loss cares about, or in the small ones?
+## knn_predict, linear_probe, AUTHORS_PROBE and effective_rank are deliberate verbatim copies of
+## mae_decay.py's (tests/test_probe.py checks it), so a number here means what it means there.
+
+def accepts_arrays(function):
+    """numpy arrays in the arguments become tensors (integer arrays int64, as labels must be);
+    tensors pass through untouched, so tensor inputs give exactly the copied function's results."""
+    # plumbing for the copied functions below (they take tensors): skip it on a first read
+    def as_tensor(value):
+        if not isinstance(value, np.ndarray):
+            return value
+        return torch.from_numpy(np.array(value, dtype=np.int64 if value.dtype.kind in "iub" else None))
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*map(as_tensor, args), **{name: as_tensor(v) for name, v in kwargs.items()})
+    return wrapper
+
+
+## k-NN, DINO's protocol (Wu et al. 2018; Caron et al. 2021, their eval_knn.py). The features are
+## L2-normalised, so the dot product of a query with a training feature is their cosine
+## similarity s_i in [-1, 1]. The k most similar training samples vote for their own label with
+## weight exp(s_i / T), and the prediction is argmax over classes c of
+##     sum over the k nearest i with y_i = c of exp(s_i / T).
+## With T = 0.07 a neighbour at s = 0.9 outweighs one at s = 0.8 by exp(0.1 / 0.07) = 4.2 times,
+## so the closest neighbours dominate; T = infinity gives every neighbour weight 1 (a plain
+## majority vote, --majority). topk returns the neighbours sorted by similarity, so ONE search for
+## the largest k answers every smaller k too: its first k columns are exactly the k nearest.
+@accepts_arrays
+@torch.no_grad()
+def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
+    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
+    features, the k nearest training samples each vote for their label with weight exp(sim / T).
+    `k` may be an int or a list of ints (one prediction per k from one top-k search).
+    Queries go in fixed chunks, so any number of them works (1 or 10^6).
+    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
+    single = isinstance(k, numbers.Integral)
+    ks = [int(k)] if single else [int(kk) for kk in k]
+    train_y = train_y.long()
+    if max(ks) > len(train_x):
+        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_x = F.normalize(train_x.float(), dim=1)
+    predictions = {kk: [] for kk in ks}
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
+        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
+        weights, labels = (sims / temperature).exp(), train_y[idx]
+        for kk in ks:
+            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
+            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
+            predictions[kk].append(votes.argmax(1))
+    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
+    return predictions[ks[0]] if single else predictions
+
+
+## Linear probe: the features stay frozen and only a Linear(D, C) layer is trained, with
+## cross-entropy. Each feature dimension is first standardised, z = (x - mu) / sigma, with mu and
+## sigma from the TRAIN features only: the test set is not looked at before the final accuracy, so
+## a shift between train and test features is kept, not normalised away. Standardising is what
+## facebookresearch/mae's probe head does (a BatchNorm1d without affine parameters), and it makes
+## one learning rate mean the same thing for features of any scale. AdamW with weight decay 0
+## (the head is not pulled toward zero), a cosine decay of the learning rate to zero over every
+## step, and the accuracy after the FINAL epoch: taking the best epoch would select on the test
+## set (the MAE and DINO scripts print such a maximum). The head's init and the sample order come
+## from one seeded generator, so the same seed gives the same number whatever ran before.
+@accepts_arrays
+def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
+                 standardize=True):
+    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
+    affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
+    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    device = train_x.device
+    train_y, test_y = train_y.long(), test_y.long()
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    if not standardize:
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    head = nn.Linear(train_z.shape[1], num_classes).to(device)
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        bound = 1 / math.sqrt(train_z.shape[1])
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_z), generator=gen).to(device)
+        for start in range(0, len(train_z), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        return (head(test_z).argmax(1) == test_y).float().mean().item()
+
+
+## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
+## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
+## Raw features make its result depend on the features' scale and common mean; the standardised
+## probe above does not, which is why it is the default (`--probe authors` picks this one).
+AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
+
+
+## Effective rank (Roy & Vetterli 2007), the label-free score of RankMe (Garrido et al. 2023).
+## Take the singular values s_1 >= s_2 >= ... of the (N, D) feature matrix, normalise them into a
+## distribution p_i = s_i / sum_j s_j, and return exp(entropy(p)) = exp(-sum_i p_i log p_i):
+## D equal singular values give exactly D, one dominant direction gives about 1, and in between
+## it counts the directions in use, weighted by their share. Singular values, NOT their squares
+## (the variances): s = (4, 2, 1, 0.5) gives 3.117, the squares would give 2.063. Reported twice:
+## uncentred (RankMe's convention) and centred (z - mean first). Mean-pooled features of an
+## encoder without a final norm carry a large common mean: one big singular value, which the
+## uncentred number then mostly measures; the centred one measures the spread around it.
+def effective_rank(z, center=False, eps=1e-7):
+    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
+    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
+    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
+    z = torch.as_tensor(z).double()
+    if center:
+        z = z - z.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(eps)
+    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
+
+
+def float64_ready(x):
+    """x itself, or a CPU copy on Apple's MPS, which has no float64 (SVD and eigh want it here)."""
+    # plumbing: skip on a first read
+    return x.cpu() if x.device.type == "mps" else x
+
+
+## The perception-vs-reconstruction probe (Balestriero & LeCun 2024, "Learning by Reconstruction
+## Produces Uninformative Features For Perception", section 4). A reconstruction loss is dominated
+## by the directions of largest variance (on images: background, colour, lighting), so a
+## reconstruction-trained encoder spends its capacity there; a classifier may need the small
+## ones. So: eigendecompose the TRAIN covariance, keep either the fewest leading directions that
+## explain p% of the variance ("top:p") or the fewest trailing ones that explain q% ("bottom:q"),
+## project the features onto them, and run the same k-NN and linear probe on each projection. On
+## natural images the paper finds the bottom 20% as informative as (or more than) the top 90%.
+def principal_directions(train_x):
+    """Mean (D,), variances (D,) in decreasing order, and the matching eigenvectors (D, D) as columns
+    of the train covariance, in float64 (the small variances are what the bottom probe is about)."""
+    x = float64_ready(train_x).double()
+    mean = x.mean(0)
+    ## Sigma = (X - mu)^T (X - mu) / (N - 1). Its eigenvectors are the principal directions and its
+    ## eigenvalues the variance of the features along each; they add up to the total variance.
+    covariance = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)  # (D, D)
+    variances, vectors = torch.linalg.eigh(covariance)  # ascending
+    return mean, variances.flip(0).clamp_min(0), vectors.flip(1)
+
+
+def subspace_directions(variances, side, percent):
+    """Indices of the fewest leading (side='top') or trailing ('bottom') directions whose variances
+    add up to at least `percent`% of the total, and the fraction of the variance they keep."""
+    fraction = variances / variances.sum().clamp_min(1e-300)
+    ## Walk from the large end (top) or the small end (bottom) and stop at the first direction where
+    ## the running share of the variance reaches p%; 1e-12 absorbs float rounding, so that 30% of
+    ## ten equal variances is exactly three directions, not four.
+    ordered = fraction if side == "top" else fraction.flip(0)
+    count = min(int((ordered.cumsum(0) < percent / 100 - 1e-12).sum()) + 1, len(fraction))
+    index = torch.arange(count) if side == "top" else torch.arange(len(fraction) - count, len(fraction))
+    return index.to(variances.device), float(fraction[index].sum())
+
+
+def project(x, mean, vectors):
+    """The centred features projected onto the span of `vectors` (orthonormal columns, (D, K)), in
+    the original coordinates: (N, D). Like the paper's projected images, minus the mean image, so
+    'top:100' gives back the centred features and the probes see no rotation or whitening."""
+    ## V V^T is the orthogonal projector onto span(V): (x - mu) V V^T keeps the part of each centred
+    ## feature that lies in the chosen directions, expressed in the original D coordinates.
+    return ((float64_ready(x).double() - mean) @ vectors @ vectors.T).float().to(x.device)
+
+
+# =============================================================================================
+# Evaluation driver: every protocol on one input, then on each --subspace projection of it
+# read second: how the table's numbers are put together
+# =============================================================================================
+
+def knn_accuracies(train_x, train_y, test_x, test_y, ks, temperature, num_classes):
+    """{k: test accuracy} for every k, from one top-k search."""
+    predictions = knn_predict(train_x, train_y, test_x, k=ks, temperature=temperature, num_classes=num_classes)
+    return {k: (predicted == test_y).float().mean().item() for k, predicted in predictions.items()}
+
+
+def evaluate_features(train_x, train_y, test_x, test_y, cfg):
+    """k-NN (weighted, and majority on request), linear probe and effective rank of one feature set."""
+    ks, num_classes = parse_ks(cfg.knn_k), int(train_y.max()) + 1
+    result = {"dim": train_x.shape[1], "knn": knn_accuracies(train_x, train_y, test_x, test_y, ks, cfg.knn_t, num_classes)}
+    if cfg.majority:
+        ## A majority vote is the same vote with T = infinity: exp(sim / T) = 1 for every neighbour.
+        result["knn_majority"] = knn_accuracies(train_x, train_y, test_x, test_y, ks, math.inf, num_classes)
+    if cfg.probe_epochs:
+        batch_size = cfg.probe_batch_size or len(train_x)  # full batch: one step per epoch, features stay put
+        result["linear_probe"] = linear_probe(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                                              batch_size=batch_size, seed=cfg.seed, num_classes=num_classes)
+    result["effective_rank"] = effective_rank(float64_ready(train_x))
+    return result
+
+
+def evaluate(arrays, cfg, device):
+    """Every number for one input: the full features, then each --subspace projection (its 'dim' is
+    the number of principal directions kept)."""
+    train_x, train_y, test_x, test_y = (arrays[key].to(device) for key in FEATURE_KEYS)
+    if max(parse_ks(cfg.knn_k)) > len(train_x):
+        raise UserError(f"--knn-k asks for {max(parse_ks(cfg.knn_k))} neighbours but there are only {len(train_x)} "
+                        f"training samples; lower --knn-k.")
+    result = evaluate_features(train_x, train_y, test_x, test_y, cfg)
+    subspaces = parse_subspaces(cfg.subspace)
+    if subspaces:
+        mean, variances, vectors = principal_directions(train_x)
+        result["subspace"] = {}
+        for side, percent in subspaces:
+            index, kept = subspace_directions(variances, side, percent)
+            basis = vectors[:, index]  # (D, K)
+            numbers = evaluate_features(project(train_x, mean, basis), train_y, project(test_x, mean, basis), test_y, cfg)
+            result["subspace"][f"{side}:{percent:g}"] = {"variance_kept": kept, **numbers, "dim": len(index)}
+    return result
+
+
+# =============================================================================================
+# The report: one table for every input, the JSON file, the spectrum plot
+# skim: formatting only
+# =============================================================================================
+
+def table_row(label, numbers, cfg, seconds=""):
+    ks = parse_ks(cfg.knn_k)
+    cells = [label, str(numbers["dim"])] + [f"{100 * numbers['knn'][k]:.2f}" for k in ks]
+    cells += [f"{100 * numbers['knn_majority'][k]:.2f}" for k in ks] if cfg.majority else []
+    cells += [f"{100 * numbers['linear_probe']:.2f}"] if cfg.probe_epochs else []
+    return cells + [f"{numbers['effective_rank']:.1f}", seconds]
+
+
+def format_table(results, cfg):
+    """Accuracies in percent; one row per input, then one per --subspace projection of it."""
+    ks = parse_ks(cfg.knn_k)
+    header = ["input", "dim"] + [f"knn@{k}" for k in ks] + ([f"maj@{k}" for k in ks] if cfg.majority else [])
+    header += (["linear"] if cfg.probe_epochs else []) + ["erank", "time"]
+    rows = [header]
+    for result in results:
+        rows.append(table_row(result["input"], result, cfg, f"{result['seconds']:.1f}s"))
+        for name, numbers in result.get("subspace", {}).items():
+            rows.append(table_row(f"  {name} ({100 * numbers['variance_kept']:.1f}% var)", numbers, cfg))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def settings(cfg, device):
+    """The exact settings, with the conventions spelled out, for the JSON file."""
+    return {**dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "numpy": np.__version__,
+            "knn_protocol": "DINO: L2-normalised features, cosine similarity, votes exp(sim / knn_t)",
+            "probe_protocol": "standardise by train statistics, Linear, cross-entropy, AdamW wd 0, cosine, final epoch",
+            "effective_rank_of": "train features, not centred (subspace rows: centred projections)"}
+
+
+def write_json(results, path):
+    """One object for one input, a list of them for several."""
+    text = json.dumps(results[0] if len(results) == 1 else results, indent=2)
+    atomic_write(path, lambda tmp: open(tmp, "w").write(text + "\n"))
+
+
+def plot_spectra(spectra, path):
+    """Singular values s_i / s_1 of each input's train features, log-log: the whole spectrum that
+    effective rank summarises in one number."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, singular_values, erank in spectra:
+        ax.loglog(np.arange(1, len(singular_values) + 1), singular_values / singular_values[0],
+                  label=f"{label} (erank {erank:.1f})")
+    ax.set(xlabel="index i", ylabel="s_i / s_1", title="singular values of the train features (not centred)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+# =============================================================================================
+# Plumbing: the command line and its validation
+# skip on a first read: read only if you add a flag
+# =============================================================================================
 
 def knob_help():
     """The comment after each Config field, so `--help` and the code share one description."""
@@ -173,8 +484,9 @@ def pick_device(name):
 
 
 # =============================================================================================
-# Data: raw pixels for --pixels. This section, down to load_dataset and atomic_save, is a
+# Plumbing: raw pixels for --pixels. This section, down to load_dataset and atomic_save, is a
 # deliberate verbatim copy of mae_decay.py's; tests/test_probe.py checks that the copies match.
+# skip on a first read: read only if you change the data
 # =============================================================================================
 
 DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
@@ -463,9 +775,9 @@ def atomic_save(obj, path):
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
-
 # =============================================================================================
-# Features: a features file or a dataset's raw pixels, checked before anything is computed
+# Plumbing: a features file or a dataset's raw pixels, checked before anything is computed
+# skip on a first read: read only if you change the features-file format
 # =============================================================================================
 
 FEATURE_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
@@ -557,222 +869,6 @@ def load_input(source, cfg):
     return read_features_file(source)
 
 
-# =============================================================================================
-# Frozen-feature evaluation (the protocols of spec/evaluation.md). knn_predict, linear_probe and
-# effective_rank are deliberate verbatim copies of mae_decay.py's (tests/ checks that they give the
-# same numbers); @accepts_arrays only lets them take numpy arrays as well as tensors.
-# =============================================================================================
-
-def accepts_arrays(function):
-    """numpy arrays in the arguments become tensors (integer arrays int64, as labels must be);
-    tensors pass through untouched, so tensor inputs give exactly the copied function's results."""
-    def as_tensor(value):
-        if not isinstance(value, np.ndarray):
-            return value
-        return torch.from_numpy(np.array(value, dtype=np.int64 if value.dtype.kind in "iub" else None))
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        return function(*map(as_tensor, args), **{name: as_tensor(v) for name, v in kwargs.items()})
-    return wrapper
-
-
-@accepts_arrays
-@torch.no_grad()
-def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
-    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
-    features, the k nearest training samples each vote for their label with weight exp(sim / T).
-    `k` may be an int or a list of ints (one prediction per k from one top-k search).
-    Queries go in fixed chunks, so any number of them works (1 or 10^6).
-    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
-    single = isinstance(k, numbers.Integral)
-    ks = [int(k)] if single else [int(kk) for kk in k]
-    train_y = train_y.long()
-    if max(ks) > len(train_x):
-        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
-    num_classes = num_classes or int(train_y.max()) + 1
-    train_x = F.normalize(train_x.float(), dim=1)
-    predictions = {kk: [] for kk in ks}
-    for start in range(0, len(test_x), chunk):
-        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
-        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
-        weights, labels = (sims / temperature).exp(), train_y[idx]
-        for kk in ks:
-            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
-            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
-            predictions[kk].append(votes.argmax(1))
-    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
-    return predictions[ks[0]] if single else predictions
-
-
-@accepts_arrays
-def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
-                 standardize=True):
-    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
-    affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
-    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
-    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
-    gen = torch.Generator().manual_seed(seed)
-    device = train_x.device
-    train_y, test_y = train_y.long(), test_y.long()
-    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
-    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
-    if not standardize:
-        mean, std = torch.zeros_like(mean), torch.ones_like(std)
-    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
-    head = nn.Linear(train_z.shape[1], num_classes).to(device)
-    with torch.no_grad():  # seeded init, independent of the global RNG
-        bound = 1 / math.sqrt(train_z.shape[1])
-        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
-        head.bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_z) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_z), generator=gen).to(device)
-        for start in range(0, len(train_z), batch_size):
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    with torch.no_grad():
-        return (head(test_z).argmax(1) == test_y).float().mean().item()
-
-
-## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
-## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
-AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
-
-
-def effective_rank(z, center=False, eps=1e-7):
-    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
-    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
-    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
-    z = torch.as_tensor(z).double()
-    if center:
-        z = z - z.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(z)
-    p = s / s.sum().clamp_min(eps)
-    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
-
-
-def float64_ready(x):
-    """x itself, or a CPU copy on Apple's MPS, which has no float64 (SVD and eigh want it here)."""
-    return x.cpu() if x.device.type == "mps" else x
-
-
-## The perception-vs-reconstruction probe (Balestriero & LeCun 2024, spec/linear_theory.md section 4).
-## Reconstruction objectives spend their capacity on the directions of largest variance; a
-## classifier may need the small ones. So: eigendecompose the TRAIN covariance, keep either the
-## leading directions that explain p% of the variance ("top") or the trailing ones that explain
-## q% ("bottom"), and run the same k-NN and linear probe on each projection. On natural images
-## the paper finds the bottom 20% as informative as (or more than) the top 90%.
-def principal_directions(train_x):
-    """Mean (D,), variances (D,) in decreasing order, and the matching eigenvectors (D, D) as columns
-    of the train covariance, in float64 (the small variances are what the bottom probe is about)."""
-    x = float64_ready(train_x).double()
-    mean = x.mean(0)
-    covariance = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)  # (D, D)
-    variances, vectors = torch.linalg.eigh(covariance)  # ascending
-    return mean, variances.flip(0).clamp_min(0), vectors.flip(1)
-
-
-def subspace_directions(variances, side, percent):
-    """Indices of the fewest leading (side='top') or trailing ('bottom') directions whose variances
-    add up to at least `percent`% of the total, and the fraction of the variance they keep."""
-    fraction = variances / variances.sum().clamp_min(1e-300)
-    ordered = fraction if side == "top" else fraction.flip(0)
-    count = min(int((ordered.cumsum(0) < percent / 100 - 1e-12).sum()) + 1, len(fraction))
-    index = torch.arange(count) if side == "top" else torch.arange(len(fraction) - count, len(fraction))
-    return index.to(variances.device), float(fraction[index].sum())
-
-
-def project(x, mean, vectors):
-    """The centred features projected onto the span of `vectors` (orthonormal columns, (D, K)), in
-    the original coordinates: (N, D). Like the paper's projected images, minus the mean image, so
-    'top:100' gives back the centred features and the probes see no rotation or whitening."""
-    return ((float64_ready(x).double() - mean) @ vectors @ vectors.T).float().to(x.device)
-
-
-def knn_accuracies(train_x, train_y, test_x, test_y, ks, temperature, num_classes):
-    """{k: test accuracy} for every k, from one top-k search."""
-    predictions = knn_predict(train_x, train_y, test_x, k=ks, temperature=temperature, num_classes=num_classes)
-    return {k: (predicted == test_y).float().mean().item() for k, predicted in predictions.items()}
-
-
-def evaluate_features(train_x, train_y, test_x, test_y, cfg):
-    """k-NN (weighted, and majority on request), linear probe and effective rank of one feature set."""
-    ks, num_classes = parse_ks(cfg.knn_k), int(train_y.max()) + 1
-    result = {"dim": train_x.shape[1], "knn": knn_accuracies(train_x, train_y, test_x, test_y, ks, cfg.knn_t, num_classes)}
-    if cfg.majority:
-        ## A majority vote is the same vote with T = infinity: exp(sim / T) = 1 for every neighbour.
-        result["knn_majority"] = knn_accuracies(train_x, train_y, test_x, test_y, ks, math.inf, num_classes)
-    if cfg.probe_epochs:
-        batch_size = cfg.probe_batch_size or len(train_x)  # full batch: one step per epoch, features stay put
-        result["linear_probe"] = linear_probe(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
-                                              batch_size=batch_size, seed=cfg.seed, num_classes=num_classes)
-    result["effective_rank"] = effective_rank(float64_ready(train_x))
-    return result
-
-
-def evaluate(arrays, cfg, device):
-    """Every number for one input: the full features, then each --subspace projection (its 'dim' is
-    the number of principal directions kept)."""
-    train_x, train_y, test_x, test_y = (arrays[key].to(device) for key in FEATURE_KEYS)
-    if max(parse_ks(cfg.knn_k)) > len(train_x):
-        raise UserError(f"--knn-k asks for {max(parse_ks(cfg.knn_k))} neighbours but there are only {len(train_x)} "
-                        f"training samples; lower --knn-k.")
-    result = evaluate_features(train_x, train_y, test_x, test_y, cfg)
-    subspaces = parse_subspaces(cfg.subspace)
-    if subspaces:
-        mean, variances, vectors = principal_directions(train_x)
-        result["subspace"] = {}
-        for side, percent in subspaces:
-            index, kept = subspace_directions(variances, side, percent)
-            basis = vectors[:, index]  # (D, K)
-            numbers = evaluate_features(project(train_x, mean, basis), train_y, project(test_x, mean, basis), test_y, cfg)
-            result["subspace"][f"{side}:{percent:g}"] = {"variance_kept": kept, **numbers, "dim": len(index)}
-    return result
-
-
-# =============================================================================================
-# Reporting: one table for every input, the JSON file, the spectrum plot
-# =============================================================================================
-
-def table_row(label, numbers, cfg, seconds=""):
-    ks = parse_ks(cfg.knn_k)
-    cells = [label, str(numbers["dim"])] + [f"{100 * numbers['knn'][k]:.2f}" for k in ks]
-    cells += [f"{100 * numbers['knn_majority'][k]:.2f}" for k in ks] if cfg.majority else []
-    cells += [f"{100 * numbers['linear_probe']:.2f}"] if cfg.probe_epochs else []
-    return cells + [f"{numbers['effective_rank']:.1f}", seconds]
-
-
-def format_table(results, cfg):
-    """Accuracies in percent; one row per input, then one per --subspace projection of it."""
-    ks = parse_ks(cfg.knn_k)
-    header = ["input", "dim"] + [f"knn@{k}" for k in ks] + ([f"maj@{k}" for k in ks] if cfg.majority else [])
-    header += (["linear"] if cfg.probe_epochs else []) + ["erank", "time"]
-    rows = [header]
-    for result in results:
-        rows.append(table_row(result["input"], result, cfg, f"{result['seconds']:.1f}s"))
-        for name, numbers in result.get("subspace", {}).items():
-            rows.append(table_row(f"  {name} ({100 * numbers['variance_kept']:.1f}% var)", numbers, cfg))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
-
-
-def settings(cfg, device):
-    """The exact settings, with the conventions spelled out, for the JSON file."""
-    return {**dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "numpy": np.__version__,
-            "knn_protocol": "DINO: L2-normalised features, cosine similarity, votes exp(sim / knn_t)",
-            "probe_protocol": "standardise by train statistics, Linear, cross-entropy, AdamW wd 0, cosine, final epoch",
-            "effective_rank_of": "train features, not centred (subspace rows: centred projections)"}
-
-
 def atomic_write(path, write):
     """write(temporary path), then rename: a crash never leaves half a file behind."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -781,31 +877,8 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def write_json(results, path):
-    """One object for one input, a list of them for several."""
-    text = json.dumps(results[0] if len(results) == 1 else results, indent=2)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text + "\n"))
-
-
-def plot_spectra(spectra, path):
-    """Singular values s_i / s_1 of each input's train features, log-log: the whole spectrum that
-    effective rank summarises in one number."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, singular_values, erank in spectra:
-        ax.loglog(np.arange(1, len(singular_values) + 1), singular_values / singular_values[0],
-                  label=f"{label} (erank {erank:.1f})")
-    ax.set(xlabel="index i", ylabel="s_i / s_1", title="singular values of the train features (not centred)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-
-
 # =============================================================================================
-# Main
+# Main: validate every flag, evaluate each input, print the table, write the files
 # =============================================================================================
 
 def main(argv=None):
