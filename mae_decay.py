@@ -107,7 +107,8 @@ class Config:
     mask_ratio: float = 0.75      # fraction of patches hidden from the encoder
     norm_pix: bool = True         # predict per-patch normalised pixels (MAE's norm-pix loss)
     alpha_min: str = "1.0,0.3"    # comma list: one run per value at otherwise identical settings
-    alpha_eff: str = ""           # instead of alpha_min: comma list of targets for prod(alphas)
+    alpha_eff: str = ""           # instead of alpha_min: comma list of targets for prod(alphas) (our tool, not the authors')
+    vanilla: bool = False         # add the paper's baseline arm: standard MAE decoder, final LayerNorm, alpha_min 1
     # --- optimisation ---
     epochs: int = 10              # passes over the training set
     max_steps: int = 0            # stop after this many optimizer steps (0 = all); the schedule still spans --epochs
@@ -126,8 +127,10 @@ class Config:
     knn_t: float = 0.07           # k-NN temperature
     feature: str = "mean"         # mean (all tokens of the block, the authors') | cls
     feature_block: int = 0        # encoder block (1-indexed) whose output is the feature; 0 = last
-    probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); probe.py's default
-    probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); probe.py's default
+    probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2, batch 256, 200 epochs)
+    probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); one default in every script
+    probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); one default in every script
+    pixels: bool = True           # add a reference row: the same k-NN / probe / ranks on raw pixels
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
     compile: bool = False         # torch.compile the model (falls back to eager if it fails)
@@ -144,8 +147,7 @@ class Config:
 
 PRESETS = {
     ## The CPU demo (= the defaults above): a ViT of width 96 and depth 6 on 16x16 built-in shapes
-    ## (16 patches, 4 visible), 10 epochs, baseline vs decay. At depth 6 the paper's rule of thumb
-    ## (prod(alphas) in [1e-3, 1e-2)) asks for alpha_min between 0.23 and 0.41: 0.3 gives 2.6e-3.
+    ## (16 patches, 4 visible), 10 epochs, the standard residual MAE (alpha_min 1) vs decay.
     "quick": dict(),
     ## ViT-S/4 on 32x32 images (CIFAR-10/100): 64 patches, 16 visible.
     "cifar": dict(dataset="cifar10", img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
@@ -177,7 +179,8 @@ def decay_schedule(depth, alpha_min):
 
 def alpha_min_for(alpha_eff, depth):
     """The alpha_min whose schedule has prod(alphas) == alpha_eff (bisection; the product grows with
-    alpha_min). The paper's rule of thumb: pick alpha_min so that alpha_eff lies in [1e-3, 1e-2)."""
+    alpha_min). Our tool for comparing depths; the authors choose alpha_min itself (0.7 for their
+    released MAE ViT-B/16, alpha_eff 1.8e-2; 0.8 for SiT-XL/2 at depth 28, alpha_eff 2.4e-3)."""
     low, high = 0.0, 1.0
     for _ in range(60):
         mid = (low + high) / 2
@@ -564,8 +567,8 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
         labels = {s: data[f"{s}_y"][idx] for s, idx in subset.items()}
         pred = knn_predict(feats["train"], labels["train"], feats["test"], min(cfg.knn_k, len(feats["train"])),
                            cfg.knn_t, num_classes=len(data["classes"]))
-        probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], epochs=cfg.probe_epochs,
-                             lr=cfg.probe_lr, seed=seed, num_classes=len(data["classes"]))
+        probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], seed=seed,
+                             num_classes=len(data["classes"]), **probe_settings(cfg))
         e = {"epoch": epoch, "knn": (pred == labels["test"]).float().mean().item(), "linear_probe": probe,
              "effective_rank": effective_rank(feats["train"][:25600]),
              "effective_rank_centered": effective_rank(feats["train"][:25600], center=True)}
@@ -767,6 +770,33 @@ def effective_rank(z, center=False, eps=1e-7):
     return float(torch.exp(-(p * torch.log(p + eps)).sum()))
 
 
+def probe_settings(cfg):
+    """The keyword arguments of linear_probe for --probe: ours (standardised) or the authors'."""
+    return AUTHORS_PROBE if cfg.probe == "authors" else {"epochs": cfg.probe_epochs, "lr": cfg.probe_lr}
+
+
+def describe_probe(cfg):
+    if cfg.probe == "authors":
+        return "the authors' (raw features, AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch)"
+    return f"standardised features, AdamW lr {cfg.probe_lr:g}, batch 1024, {cfg.probe_epochs} epochs, cosine, final epoch"
+
+
+def pixel_reference(cfg, data, batch_size=4096):
+    """The reference row: k-NN, linear probe and effective ranks of the raw pixels (the evaluation
+    view, flattened), what a learned feature has to beat to be worth anything."""
+    with torch.no_grad():
+        pixels = {s: torch.cat([center_view(data[f"{s}_x"][i:i + batch_size], cfg.img_size, data["mean"],
+                                            data["std"]).flatten(1)
+                                for i in range(0, len(data[f"{s}_x"]), batch_size)]) for s in ("train", "test")}
+    pred = knn_predict(pixels["train"], data["train_y"], pixels["test"], cfg.knn_k, cfg.knn_t, num_classes=len(data["classes"]))
+    return {"alpha_min": math.nan, "alpha_eff": math.nan, "seed": 0, "knn": {cfg.knn_k: (pred == data["test_y"]).float().mean().item()},
+            "knn_k": cfg.knn_k, "linear_probe": linear_probe(pixels["train"], data["train_y"], pixels["test"], data["test_y"],
+                                                            num_classes=len(data["classes"]), **probe_settings(cfg)),
+            "effective_rank": effective_rank(pixels["train"][:25600]),
+            "effective_rank_centered": effective_rank(pixels["train"][:25600], center=True),
+            "last_epoch_loss": math.nan, "seconds": 0.0}
+
+
 @torch.no_grad()
 def reconstruction_examples(model, images, cfg, data, seed, n=6):
     """(3, n, C, H, W) uint8: originals, masked inputs, reconstructions (visible patches pasted back)."""
@@ -811,8 +841,8 @@ def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_
     ks = [k for k in sorted({10, 20, 100, 200, cfg.knn_k}) if k <= len(train_f)]
     preds = knn_predict(train_f, data["train_y"], test_f, ks, cfg.knn_t, num_classes=num_classes)
     knn = {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()}
-    probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
-                         seed=seed, num_classes=num_classes)
+    probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], seed=seed, num_classes=num_classes,
+                         **probe_settings(cfg))
     ## Effective rank on at most 25,600 training features (RankMe's sample size), uncentred (RankMe's
     ## convention) and centred (the mean feature removed: a large shared mean alone makes the
     ## uncentred spectrum look low-rank, whatever the features' spread).
@@ -848,14 +878,14 @@ def mean_std(values):
 
 
 def results_table(results):
-    """One row per alpha_min, mean +- std over seeds (sample std) when there are several."""
+    """One row per setting (arm), mean +- std over seeds (sample std) when there are several."""
     k = results[0]["knn_k"]
-    header = f"{'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {f'k-NN@{k}':>15} {'linear probe':>15} " \
+    header = f"{'setting':<22} {'alpha_eff':>9} {'seeds':>5} {f'k-NN@{k}':>15} {'linear probe':>15} " \
              f"{'eff. rank':>15} {'eff. rank (c)':>15} {'loss (last ep)':>15} {'train s':>8}"
     rows = [header, "-" * len(header)]
-    for alpha in dict.fromkeys(r["alpha_min"] for r in results):
-        group = [r for r in results if r["alpha_min"] == alpha]
-        rows.append(f"{alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        group = [r for r in results if r["setting"] == setting]
+        rows.append(f"{setting:<22} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
                     f"{mean_std([r['knn'].get(k, math.nan) for r in group]):>15} {mean_std([r['linear_probe'] for r in group]):>15} "
                     f"{mean_std([r['effective_rank'] for r in group]):>15} {mean_std([r['effective_rank_centered'] for r in group]):>15} "
                     f"{mean_std([r['last_epoch_loss'] for r in group]):>15} "
@@ -863,14 +893,36 @@ def results_table(results):
     return "\n".join(rows)
 
 
+def verdict(results):
+    """The lines a reader takes away: each decayed arm against the standard residual MAE (alpha_min 1
+    with the same decoder), and the best arm against raw pixels."""
+    k, lines = results[0]["knn_k"], []
+    mean = lambda setting, key: np.mean([r["knn"].get(k, math.nan) if key == "knn" else r[key]  # noqa: E731
+                                         for r in results if r["setting"] == setting])
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    base = next((s for s in settings if s.startswith("alpha_min=") and float(s.split("=")[1]) == 1.0), None)
+    for s in settings:
+        if base and s.startswith("alpha_min=") and s != base:
+            lines.append(f"{s} vs {base}: k-NN {mean(s, 'knn') - mean(base, 'knn'):+.4f}, linear probe "
+                         f"{mean(s, 'linear_probe') - mean(base, 'linear_probe'):+.4f}, effective rank (centred) "
+                         f"{mean(base, 'effective_rank_centered'):.1f} -> {mean(s, 'effective_rank_centered'):.1f}")
+    if "raw pixels" in settings:
+        best = max((s for s in settings if s != "raw pixels"), key=lambda s: mean(s, "knn"), default=None)
+        if best:
+            lines.append(f"best k-NN: {best} {mean(best, 'knn'):.4f} against raw pixels {mean('raw pixels', 'knn'):.4f}"
+                         f" ({'above' if mean(best, 'knn') > mean('raw pixels', 'knn') else 'NOT above'} the pixels)")
+    return "\n".join(lines)
+
+
 def save_plots(results, out_dir):
-    """curves.png (loss, k-NN, effective rank over training), recon.png, pca.png, feature_norms.png."""
+    """curves.png (loss, k-NN, probe, effective ranks over training), recon.png, pca.png, feature_norms.png."""
+    results = [r for r in results if "evals" in r]  # trained runs only (not the raw-pixel row)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    alphas = list(dict.fromkeys(r["alpha_min"] for r in results))
-    colour = {a: plt.cm.viridis(i / max(1, len(alphas) - 1)) for i, a in enumerate(alphas)}
-    first_seed = [next(r for r in results if r["alpha_min"] == a) for a in alphas]
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    colour = {a: plt.cm.viridis(i / max(1, len(settings) - 1)) for i, a in enumerate(settings)}
+    first_seed = [next(r for r in results if r["setting"] == a) for a in settings]
 
     def save(fig, name):
         tmp = os.path.join(out_dir, f".{name}.tmp.png")
@@ -884,11 +936,11 @@ def save_plots(results, out_dir):
               ("effective_rank_centered", "effective rank, centred")]
     fig, axes = plt.subplots(1, 1 + len(curves), figsize=(5 * (1 + len(curves)), 4))
     for r in results:
-        label = f"alpha_min={r['alpha_min']:g} seed={r['seed']}"
-        axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[r["alpha_min"]], label=label)
+        label = f"{r['setting']} seed={r['seed']}"
+        axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[r["setting"]], label=label)
         epochs = [e["epoch"] for e in r["evals"]]
         for ax, (key, _) in zip(axes[1:], curves):
-            ax.plot(epochs, [e[key] for e in r["evals"]], "o-", color=colour[r["alpha_min"]], label=label)
+            ax.plot(epochs, [e[key] for e in r["evals"]], "o-", color=colour[r["setting"]], label=label)
     for ax, title in zip(axes, ["training loss (epoch mean)"] + [title for _, title in curves]):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -913,14 +965,14 @@ def save_plots(results, out_dir):
                 label = ["original", "masked", "reconstruction"][row] if key == "recon" else "PCA of patch tokens"
                 for col in range(6):
                     image = r[key][row, col].transpose(1, 2, 0) if key == "recon" else r[key][col]
-                    show(axes[top + a * rows + row, col], image, f"a_min={r['alpha_min']:g}\n{label}" if col == 0 else None)
+                    show(axes[top + a * rows + row, col], image, f"{r['setting']}\n{label}" if col == 0 else None)
         save(fig, name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in first_seed:
         blocks = range(1, len(r["block_norms"]) + 1)
-        ax.plot(blocks, r["block_norms"], "o-", color=colour[r["alpha_min"]], label=f"alpha_min={r['alpha_min']:g} trained")
-        ax.plot(blocks, r["block_norms_init"], "x--", color=colour[r["alpha_min"]], alpha=0.5, label="at init")
+        ax.plot(blocks, r["block_norms"], "o-", color=colour[r["setting"]], label=f"{r['setting']} trained")
+        ax.plot(blocks, r["block_norms_init"], "x--", color=colour[r["setting"]], alpha=0.5, label="at init")
     ax.set(xlabel="encoder block", ylabel="mean token norm", yscale="log", title="feature norm per block")
     ax.legend(fontsize=7)
     save(fig, "feature_norms.png")
@@ -1049,6 +1101,7 @@ def check_config(cfg):
     need(cfg.max_steps >= 0 and cfg.train_limit >= 0, "--max-steps and --train-limit cannot be negative.")
     need(cfg.base_lr > 0 and cfg.probe_lr > 0, "--base-lr and --probe-lr must be positive.")
     need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs={cfg.epochs}].")
+    need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(cfg.feature in ("mean", "cls"), f"--feature must be 'mean' or 'cls', got '{cfg.feature}'.")
     need(0 <= cfg.feature_block <= cfg.depth, f"--feature-block must be in [0, --depth={cfg.depth}] (0 = last).")
     need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
@@ -1574,21 +1627,37 @@ def main(argv=None):
     ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
     ## CIFAR-size data, and the crops are still computed only for its own slice of each batch).
     data = to_device(parts, device, cfg.train_limit)
+    if cfg.knn_k > len(data["train_x"]):
+        raise UserError(f"--knn-k {cfg.knn_k} asks for more neighbours than the {len(data['train_x'])} training images; lower it.")
+    ## The arms of the comparison: optionally the paper's baseline (the vanilla MAE: standard decoder,
+    ## final LayerNorm, alpha_min 1), then one arm per alpha_min with the decoder chosen by --decoder
+    ## (the authors' skip decoder by default), all with the same seeds, data and schedule.
+    arms = [("vanilla MAE", dataclasses.replace(cfg, decoder="mae", final_norm=True), 1.0, "vanilla")] if cfg.vanilla else []
+    arms += [(f"alpha_min={a:.4g}", cfg, a, f"alpha{a:.4g}") for a in alphas]
+    run_dirs = [os.path.join(cfg.out_dir, f"{folder}_seed{seed}") for *_, folder in arms for seed in seeds]
+    found = [d for d in run_dirs if os.path.exists(os.path.join(d, "ckpt.pt"))]
+    if found and not cfg.resume:  # refused before anything is written
+        raise UserError(f"{found[0]}/ckpt.pt already exists: pass --resume to continue it, or choose another --out-dir.")
     if rank == 0:  # only the first process prints and writes files
         print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
               f"{tuple(data['train_x'].shape[1:])}, {len(data['classes'])} classes; device {device}"
               f"{f' x {world_size} processes' if world_size > 1 else ''}; "
-              f"alpha_min {', '.join(f'{a:.4g}' for a in alphas)}; seeds {seeds}")
+              f"settings {', '.join(a[0] for a in arms)}; seeds {seeds}")
+        if cfg.resume and len(found) < len(run_dirs):
+            print(f"--resume: no checkpoint yet for {len(run_dirs) - len(found)} of the {len(run_dirs)} runs; those start from scratch")
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     results = []
-    for alpha_min in alphas:
+    for setting, arm_cfg, alpha_min, folder in arms:
         for seed in seeds:
-            run_dir = os.path.join(cfg.out_dir, f"alpha{alpha_min:.4g}_seed{seed}")
-            results.append(train_run(cfg, data, alpha_min, seed, run_dir, device))
+            result = train_run(arm_cfg, data, alpha_min, seed, os.path.join(cfg.out_dir, f"{folder}_seed{seed}"), device)
+            results.append({"setting": setting, **result})
+    if cfg.pixels:  # reference row: the same evaluation on raw pixels, what any feature must beat
+        results.append({"setting": "raw pixels", **pixel_reference(cfg, data)})
     if rank == 0:
-        print(f"\n{cfg.dataset}, {describe_feature(cfg)}; k-NN: DINO protocol, T={cfg.knn_t}; "
-              f"linear probe: final epoch of {cfg.probe_epochs}\n{results_table(results)}")
+        print(f"\n{cfg.dataset}, {describe_feature(cfg)}{' (vanilla MAE: after its final LayerNorm)' if cfg.vanilla else ''}; "
+              f"k-NN: DINO protocol, T={cfg.knn_t}; linear probe: {describe_probe(cfg)}\n{results_table(results)}")
+        print(verdict(results))
         summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
                    "processes": world_size,
                    "runs": [{k: v for k, v in r.items() if k not in ("recon", "pca")} for r in results]}

@@ -519,7 +519,8 @@ def test_main_writes_table_json_plots_and_features(tmp_path, capsys):
                                   "--train-limit", "128", "--out-dir", str(tmp_path / "out"),
                                   "--json", str(tmp_path / "r.json"), "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "alpha_min" in out and "k-NN@20" in out and len(results) == 2
+    assert "alpha_min=0.5 vs alpha_min=1: k-NN" in out and "k-NN@20" in out and len(results) == 3
+    assert [r["setting"] for r in results] == ["alpha_min=1", "alpha_min=0.5", "raw pixels"]
     import json
     summary = json.loads((tmp_path / "r.json").read_text())
     run = summary["runs"][1]
