@@ -78,6 +78,7 @@ Known-good numbers (this file, `python diffusion_decay.py`, 2-core CPU, 1 thread
 Two comment layers: `##` lines teach (why a line exists, which equation it implements) and can be
 stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
+
 import argparse
 import copy
 import dataclasses
@@ -96,7 +97,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -106,12 +106,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
-
-
 # =============================================================================================
-# Config
+# Config: every knob of an experiment, one line each (read it: it is the table of contents)
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -186,6 +182,1030 @@ PRESETS = {
                   ema_decay=0.9999, sample_steps=32, fd_samples=10000, ref_epochs=15, eval_every=10,
                   ckpt_every=5, log_every=50),
 }
+
+
+# =============================================================================================
+# THE IDEA, part 1: a DiT whose every residual sub-layer has a decayed shortcut, plus U-ViT
+# long skips. Read this first: it is the paper's method, line by line.
+# =============================================================================================
+## A transformer block has two residual sub-layers (attention, then MLP). The paper replaces each
+##     x_{k+1} = x_k + f_k(x_k)        by        x_{k+1} = alpha_k * x_k + f_k(x_k),
+## with alpha_k a FIXED number (nothing learnable) that falls linearly from 1 at the first sub-layer
+## to alpha_min at the last. A shortcut weighted below 1 lets an early layer's signal reach the
+## end only after being shrunk by every later alpha, so the deep layers must re-derive what they
+## need from the branches f_k: the paper argues this pushes the network toward low-rank, abstract
+## features. alpha_min = 1 is the ordinary residual network (the baseline of every comparison).
+
+def decay_schedule(depth, alpha_min):
+    """The 2*depth shortcut weights, one per residual sub-layer: first exactly 1.0, last exactly
+    alpha_min, linear in between."""
+    ## The authors' code: alphas = 1 - linspace(0, 1, 2*depth) * (1 - alpha_min), reshaped (depth, 2):
+    ## block i scales its attention shortcut by alphas[2i] and its MLP shortcut by alphas[2i+1].
+    ## The paper writes alpha_l = 1 - delta*l with delta = (1 - alpha_min)/L, which is off by one
+    ## against that code; we follow the code. Written as a lerp so both ends are exact floats.
+    n = 2 * depth
+    return [(1 - i / (n - 1)) * 1.0 + (i / (n - 1)) * alpha_min for i in range(n)]
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block with one shortcut weight per residual sub-layer, and (decoder
+    half, --skips on) a long-skip input."""
+
+    def __init__(self, dim, heads, mlp_ratio, alpha_attn=1.0, alpha_mlp=1.0, long_skip=False):
+        super().__init__()
+        ## The two shortcut weights of this block: alphas[2i] (attention) and alphas[2i+1] (MLP).
+        self.alpha_attn, self.alpha_mlp = alpha_attn, alpha_mlp  # plain floats: nothing learnable
+        ## LayerNorms WITHOUT their own scale and shift: adaLN supplies both, per sample, from (t, y).
+        self.norm1, self.attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
+        ## adaLN-Zero (DiT, Peebles & Xie 2023): one Linear maps the conditioning vector c to six
+        ## per-channel vectors: shift, scale and gate for each of the two sub-layers. It starts at
+        ## ZERO (init_weights), so every gate is 0 and every branch is switched off at step 0.
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        ## Decoder-half blocks (--skips on) also read one encoder-half output through a Linear.
+        self.skip_proj = nn.Linear(dim, dim) if long_skip else None
+
+    def forward(self, x, c, skip=None):  # x (B, T, D), c (B, D), skip (B, T, D) or None
+        if skip is not None:
+            ## U-ViT long skip (Bao et al. 2023), as the authors' SiT/models.py: x = x + Linear(encoder-half
+            ## output). An undecayed path from the encoder half into the decoder half, added BEFORE the block.
+            x = x + self.skip_proj(skip)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        ## The paper's rule inside an adaLN-Zero block (the authors' SiT/models.py, SiTBlock.forward):
+        ##   x = alpha_a * x + gate_msa * attn(modulate(norm1(x), shift_msa, scale_msa))
+        ##   x = alpha_m * x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))
+        ## ONLY the shortcut term is scaled; the branch is added unscaled. (Scaling the whole sum,
+        ## alpha * (x + f(x)), is another rule: the paper's ImageNet-100 ablation of sqrt(0.5) * (x + f)
+        ## gives a linear probe of 82.6 against 83.6 for the decay.)
+        ## With alpha = 1 this is the DiT block; the gates start at zero, so at initialisation the block
+        ## is exactly alpha_a * alpha_m * x. The gates (B, D) broadcast over the T tokens: unsqueeze(1).
+        x = self.alpha_attn * x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = self.alpha_mlp * x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+def modulate(x, shift, scale):  # (B, T, D), (B, D), (B, D) -> (B, T, D)
+    ## adaLN (DiT, Peebles & Xie 2023): LayerNorm without affine, then a per-sample scale and shift
+    ## regressed from the conditioning vector c = embed(t) + embed(y). "1 + scale" so that a zero
+    ## modulation Linear leaves the normalised tokens unchanged.
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+## The two branches f_k are the standard ViT ones, shared verbatim with mae_decay.py: multi-head
+## self-attention (every token attends to every token; the heads split the width D into H parts)
+## and a two-layer MLP with GELU (hidden width D * mlp_ratio). The authors' SiT uses timm's Mlp
+## with the tanh approximation of GELU; we use the exact GELU (they differ by at most 5e-4).
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """(B,) continuous times in [0, 1] -> (B, dim) sinusoidal features (cos half, then sin half)."""
+    ## The sinusoid of DiT / GLIDE expects integer steps 0..999; a continuous t in [0, 1] at max period
+    ## 10000 would give nearly constant features, so t is scaled by 1000 first.
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> (B, D): the sinusoid above, then a two-layer MLP (DiT's TimestepEmbedder)."""
+
+    def __init__(self, dim, frequency_dim=256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # (B,) -> (B, D)
+        return self.mlp(timestep_embedding(t, self.frequency_dim))
+
+
+class FinalLayer(nn.Module):
+    """adaLN, then a Linear to p*p*C values per token (the velocity of that patch)."""
+
+    def __init__(self, dim, patch_size, out_chans):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))  ## zero at init: no shift, no scale
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_chans)  ## zero at init: the velocity starts at 0
+
+    def forward(self, x, c):  # (B, T, D), (B, D) -> (B, T, p*p*C)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Pixel-space DiT predicting the flow velocity. Blocks 0..depth/2-1 form the encoder half,
+    the rest the decoder half; decayed shortcuts in ALL blocks (the authors' SiT)."""
+
+    def __init__(self, img_size=16, patch_size=4, in_chans=3, embed_dim=96, depth=6, num_heads=4,
+                 mlp_ratio=4.0, alpha_min=1.0, skips=True, num_classes=0):
+        super().__init__()
+        self.patch_size, self.in_chans, self.skips, self.num_classes = patch_size, in_chans, skips, num_classes
+        ## U-ViT splits the blocks in two: the first half (the "encoder half") feeds the long skips,
+        ## the second half (the "decoder half") receives them. Its output is the probed representation.
+        self.half = depth // 2
+        ## Patch embedding: a p x p convolution with stride p is one Linear applied to each
+        ## non-overlapping p x p patch: (B, C, H, W) -> (B, D, H/p, W/p), flattened to L = (H/p)(W/p) tokens.
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        grid = img_size // patch_size
+        ## Fixed (not learned) 2D sin-cos position embeddings, added to the tokens.
+        ## DiT has no cls token: drop the zero cls row of the MAE table.
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid)[1:][None], persistent=False)  # (1, L, D)
+        self.t_embedder = TimestepEmbedder(embed_dim)
+        ## Class embedding with one extra row, index num_classes = the null class. Classifier-free
+        ## guidance (Ho & Salimans 2022) trains on null labels with probability --class-dropout.
+        self.y_embedder = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None
+        ## One alpha per residual sub-layer over ALL blocks: block i uses alphas[2i], alphas[2i+1]
+        ## (the authors' SiT decays the encoder half AND the decoder half, unlike their MAE).
+        self.alphas = decay_schedule(depth, alpha_min)
+        self.blocks = nn.ModuleList(
+            DiTBlock(embed_dim, num_heads, mlp_ratio, self.alphas[2 * i], self.alphas[2 * i + 1],
+                     long_skip=skips and i >= self.half) for i in range(depth))
+        self.final_layer = FinalLayer(embed_dim, patch_size, in_chans)
+        init_weights(self)
+
+    def skip_sources(self):
+        """0-indexed encoder-half block feeding each decoder-half block (--skips on): the first
+        decoder block gets the last encoder block, the last decoder block the first (a stack)."""
+        return list(range(self.half - 1, -1, -1))
+
+    def condition(self, t, y=None):  # (B,), (B,) int or None -> (B, D)
+        ## The conditioning vector c that every adaLN reads: embed(t) + embed(y), as DiT.
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            if y is None:  # unconditional: the null class
+                y = torch.full((len(t),), self.num_classes, dtype=torch.long, device=t.device)
+            c = c + self.y_embedder(y)
+        return c
+
+    def encode(self, x, t, y=None):
+        """x (B, C, H, W), t (B,) -> (outputs of the encoder-half blocks, each (B, L, D); c (B, D))."""
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, D)
+        c = self.condition(t, y)
+        outputs = []
+        for block in self.blocks[:self.half]:
+            tokens = block(tokens, c)
+            outputs.append(tokens)  ## kept for the long skips (and the last one for the features)
+        return outputs, c
+
+    def forward(self, x, t, y=None):
+        """x_t (B, C, H, W) at times t (B,), labels y (B,) or None -> velocity (B, C, H, W)."""
+        outputs, c = self.encode(x, t, y)
+        tokens = outputs[-1]
+        ## The long skips form a stack (U-ViT): the first decoder-half block pops the LAST
+        ## encoder-half output, the last decoder-half block the first one.
+        stack = list(outputs)
+        for block in self.blocks[self.half:]:
+            tokens = block(tokens, c, stack.pop() if self.skips else None)  # (B, L, D)
+        ## Each token becomes the p*p*C velocity values of its patch, put back in image layout.
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_chans)
+
+    def features(self, x, t):
+        """Tokens at the end of the encoder half (the U-ViT bottleneck), null class: (B, L, D)."""
+        ## How the authors probed their diffusion model is not public; the bottleneck is our choice:
+        ## the output of the last encoder-half block, where the decoder half (which turns the
+        ## representation back into a velocity) begins.
+        return self.encode(x, t)[0][-1]
+
+
+def init_weights(model):
+    """Every initialisation in one place (as the authors' SiT code):
+    * Linear: xavier-uniform weight, zero bias (long-skip Linears included: they are NOT zeroed);
+      the patch-embedding Conv2d likewise, seen as a Linear;
+    * timestep MLP: normal(0, 0.02); class embedding: normal(0, 0.02);
+    * ZERO (adaLN-Zero): the modulation Linear of every block and of the final layer, and the final
+      Linear, so every gate starts at 0, every block is exactly the alpha-scaled identity and the
+      network predicts velocity 0;
+    * LayerNorms have no parameters; position embeddings are fixed."""
+    ## The zero init matters as much as the rule: the paper reports that without it feature norms
+    ## blow up early in training once alpha_min is at or below 0.7. At step 0 the encoder half is a
+    ## pure chain of alpha-scaled identities: features = prod(alphas of the encoder half) * tokens.
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    w = model.patch_embed.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    if model.y_embedder is not None:
+        nn.init.normal_(model.y_embedder.weight, std=0.02)
+    for block in list(model.blocks) + [model.final_layer]:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+
+
+def build_model(cfg, alpha_min, skips, in_chans, num_classes):
+    return DiT(cfg.img_size, cfg.patch_size, in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
+               alpha_min, skips, num_classes if cfg.class_cond else 0)
+
+
+## The rest of part 1 is shared verbatim with mae_decay.py: our bisection tool behind --alpha-eff,
+## the 2D sin-cos position table and the patch layout.
+
+def alpha_min_for(alpha_eff, depth):
+    """The alpha_min whose schedule has prod(alphas) == alpha_eff (bisection; the product grows with
+    alpha_min). Our tool for comparing depths; the authors choose alpha_min itself (0.7 for their
+    released MAE ViT-B/16, alpha_eff 1.8e-2; 0.8 for SiT-XL/2 at depth 28, alpha_eff 2.4e-3)."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if math.prod(decay_schedule(depth, mid)) < alpha_eff else (low, mid)
+    return (low + high) / 2
+
+
+def sincos_pos_embed(dim, grid_size):
+    """Fixed 2D sin-cos position embeddings (MAE): (1 + grid_size**2, dim), row 0 (cls) is zero.
+    Half the channels encode the row, half the column, each as sin/cos at dim/4 frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+
+    def encode(pos):  # (L,) -> (L, dim/2)
+        angles = pos.flatten().double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+def unpatchify(x, p, channels):
+    """(B, L, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
+    B, L, _ = x.shape
+    side = math.isqrt(L)
+    x = x.reshape(B, side, side, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, side * p, side * p)
+
+
+# =============================================================================================
+# THE IDEA, part 2: the flow that trains the DiT (SiT's linear interpolant and velocity loss)
+# and the ODE sampler that generates with it. Read this second.
+# =============================================================================================
+
+def sample_time(n, gen, time_dist):
+    """Training times t in (0, 1): logit-normal (sigmoid of a standard normal; SD3, Esser et al.
+    2024, which puts more steps at middle noise levels) or uniform (SiT's default)."""
+    if time_dist == "logit-normal":
+        return torch.sigmoid(torch.randn(n, generator=gen))
+    return torch.rand(n, generator=gen)
+
+
+def interpolate(x0, noise, t):
+    """The linear path of SiT: x_t = (1 - t) x_0 + t * noise; t (B,) broadcast."""
+    t = t.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+    return (1 - t) * x0 + t * noise
+
+
+def flow_loss(model, x0, noise, t, y=None):
+    """Mean squared error between the predicted and the true velocity of the path,
+    d x_t / dt = noise - x_0 (SiT's velocity objective). model(x_t, t, y) -> velocity."""
+    target = noise - x0
+    prediction = model(interpolate(x0, noise, t), t, y)
+    return ((prediction.float() - target.float()) ** 2).mean()
+
+
+@torch.no_grad()
+def sample_ode(velocity, noise, steps, method="heun"):
+    """Deterministic sampler: integrate dx/dt = velocity(x, t) from t = 1 (pure noise) to t = 0
+    (data) on a uniform grid of `steps` steps. Euler: x <- x + h v(x, t). Heun (explicit trapezoid,
+    2nd order; EDM, Karras et al. 2022): x <- x + h/2 (v(x, t) + v(x + h v(x, t), t + h)).
+    velocity(x (B, ...), t (B,)) -> (B, ...); h = -1/steps < 0."""
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    x = noise
+    for t, t_next in zip(times[:-1], times[1:]):
+        h = t_next - t
+        t_batch = torch.full((len(x),), t, device=x.device)
+        v = velocity(x, t_batch)
+        x_euler = x + h * v
+        if method == "heun":
+            v_next = velocity(x_euler, torch.full((len(x),), t_next, device=x.device))
+            x = x + 0.5 * h * (v + v_next)
+        else:
+            x = x_euler
+    return x
+
+
+def guided_velocity(model, y=None, cfg_scale=1.0):
+    """The velocity function the sampler integrates. With labels y and cfg_scale != 1:
+    classifier-free guidance on ALL channels, v = v(x, t, null) + s (v(x, t, y) - v(x, t, null))
+    (the authors' SiT applies it to the first 3 of 4 latent channels by default; we do not)."""
+    def velocity(x, t):
+        if y is None or cfg_scale == 1.0:  # s = 1 is exactly the conditional model: skip the null pass
+            return model(x, t, y).float()
+        null = torch.full_like(y, model.num_classes)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()  # (2B, C, H, W)
+        conditional, unconditional = both.chunk(2)
+        return unconditional + cfg_scale * (conditional - unconditional)
+    return velocity
+
+
+@torch.no_grad()
+def generate(model, n, cfg, device, seed, in_chans, num_classes=0, batch_size=500):
+    """n uint8 images (n, C, S, S) from fixed noise (seeded), labels i % num_classes when the model
+    is class-conditional. The model is put in eval mode. Under torchrun each process samples a
+    contiguous run of batches and all get every image, in order."""
+    rank, world_size = rank_and_world()
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    mine = block_starts(n, batch_size, rank, world_size)
+    images = [torch.zeros(0, in_chans, cfg.img_size, cfg.img_size, dtype=torch.uint8, device=device)]
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        noise = torch.randn(count, in_chans, cfg.img_size, cfg.img_size, generator=gen)  # every process draws every batch's noise
+        if start not in mine:
+            continue
+        y = (torch.arange(start, start + count) % num_classes).to(device) if num_classes else None
+        with autocast(device):
+            x = sample_ode(guided_velocity(model, y, cfg.cfg_scale), noise.to(device), cfg.sample_steps, cfg.sampler)
+        images.append(to_uint8(x))
+    model.train(was_training)
+    return all_gather_rows(torch.cat(images), world_size)
+
+
+# =============================================================================================
+# Training: one run = one (skips, alpha_min, seed), deterministic and resumable.
+# Read it to see the loop; the device and seeding details can be skipped.
+# =============================================================================================
+
+## Keys that change what a run computes: a checkpoint resumes only under identical values.
+TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "embed_dim", "depth", "num_heads",
+                   "mlp_ratio", "class_cond", "class_dropout", "time_dist", "epochs", "batch_size", "base_lr", "min_lr",
+                   "warmup_epochs", "weight_decay", "beta2", "ema_decay")
+
+
+## The model sees pixels in [-1, 1] (DiT / SiT convention), not per-channel standardised ones:
+## generated images then map back to uint8 the same way for every dataset.
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
+
+
+def training_batch(images, out_size, gen, flip, rank=0, world_size=1):
+    """uint8 (B, C, H, W) -> float (B, C, S, S) in [-1, 1], each image mirrored left-right with
+    probability 1/2 when `flip`. The coins come from the CPU generator `gen` (exact resume; the same
+    batch on every device). Diffusion models are trained without crops, so flips are all there is.
+    Under torchrun `images` is slice `rank` of a global batch world_size times larger: the coins
+    are tossed for the global batch, then sliced."""
+    x = center_view(images, out_size, PIXEL_MEAN, PIXEL_STD)
+    if flip:
+        mirror = shard(torch.rand(len(x) * world_size, generator=gen) < 0.5, rank, world_size).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def to_uint8(x):
+    """[-1, 1] floats -> uint8 images, the inverse of the model's input scaling."""
+    return ((x.float() * PIXEL_STD + PIXEL_MEAN).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no loss scaling needed); full fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def get_lr(step, total_steps, warmup_steps, peak_lr, min_lr):
+    """Linear warm-up, then half-cycle cosine to min_lr, per optimizer step (MAE's schedule)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW, betas (0.9, beta2); no weight decay on biases, norms and tokens (timm's rule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 or name.endswith("token") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+
+
+## Every random number of a step comes from a generator seeded by (seed, step), and the data order
+## from one seeded by (seed, epoch). Nothing depends on history, so --resume continues exactly, and
+## runs on CPU and GPU draw the same crops, flips and masks.
+def step_generator(seed, step):
+    return torch.Generator().manual_seed(1_000_003 * seed + step)
+
+
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1.0 - decay)
+
+
+def ema_decay_at(step, decay):
+    ## A short EMA warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): the average
+    ## does not drag the random initialisation along for thousands of steps on a short run.
+    return min(decay, (1 + step) / (10 + step))
+
+
+def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
+    """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples)."""
+    rank, world_size = rank_and_world()
+    torch.manual_seed(seed)  # the same initial weights in every process
+    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
+    model = build_model(cfg, alpha_min, skips, in_chans, num_classes).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)  ## the EMA weights are what gets evaluated and sampled
+    optimizer = make_optimizer(model, cfg, device)
+    n_train, batch = len(data["train_x"]), cfg.batch_size
+    if batch > n_train:
+        raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
+    check_world_size(batch, world_size)
+    steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.base_lr * batch / 256
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    name = setting_name(skips, alpha_min)
+
+    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0}
+    if os.path.exists(ckpt_path):
+        if not cfg.resume:
+            raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
+        state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, (skips, alpha_min), seed)  # every process loads it
+        if rank == 0:
+            print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
+
+    def evaluate_curve(epoch):
+        state["evals"].append({"epoch": epoch, "step": state["step"],
+                               **evaluate_cheap(ema, cfg, data, reference, device, seed)[0]})
+        e = state["evals"][-1]
+        if rank == 0:
+            tqdm.write(f"{name} seed={seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{cfg.knn_k} {e['knn']:.4f} "
+                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f}")
+
+    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
+        evaluate_curve(0)
+    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
+    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
+    ## module that the EMA follows and checkpoints save, so they resume with any number of processes.
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
+    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
+    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
+    progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
+                    disable=rank != 0)
+    last_time, last_step = time.perf_counter(), state["step"]
+
+    def flush():
+        nonlocal pending, last_time, last_step
+        if not pending:
+            return
+        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
+        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
+        pending = []
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:  # every process sees the same values, so all stop together
+            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} ({name}); "
+                            f"lower --base-lr or raise --alpha-min.")
+        state["losses"] += values
+        now = time.perf_counter()
+        state["seconds"] += now - last_time
+        progress.update(len(values))
+        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * batch / (now - last_time):.0f}")
+        last_time, last_step = now, last_step + len(values)
+
+    model.train()
+    for step in range(state["step"], stop_step):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == state["step"]:
+            order = epoch_order(seed, epoch, n_train).to(device)
+        ## Same trajectory for any number of processes: every process draws the data order, the flips,
+        ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
+        ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
+        ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
+        ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
+        idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
+        gen = step_generator(seed, step)
+        x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
+        t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
+        noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
+        y = None
+        if cfg.class_cond:
+            drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
+            y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
+        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            try:
+                loss = flow_loss(compiled, x0, noise, t, y)
+            except Exception as e:  # torch.compile fails lazily, at the first call
+                if compiled is model:
+                    raise
+                if rank == 0:
+                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+                compiled = ddp_model
+                loss = flow_loss(ddp_model, x0, noise, t, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))  # identical in every process: so are the parameters
+        pending.append(loss.detach())
+        state["step"] = step + 1
+        end_of_epoch = i == steps_per_epoch - 1
+        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step:
+            flush()
+        if end_of_epoch:
+            done = epoch + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and step + 1 < stop_step:  # the last point: finish_run
+                evaluate_curve(done)
+                last_time = time.perf_counter()  # evaluation time is not training time
+            if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
+                save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
+                last_time = time.perf_counter()
+    progress.close()
+    if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
+        save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
+    return finish_run(ema, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch)
+
+
+# =============================================================================================
+# Evaluation: generation quality (FD-smallcnn) and representation quality (k-NN, linear probe,
+# effective rank) of the EMA model. Read it to know what the numbers mean.
+# =============================================================================================
+
+def feature_stats(features):
+    """(N, D) -> mean (D,) and unbiased covariance (D, D), float64."""
+    f = features.double()
+    mean = f.mean(0)
+    centred = f - mean
+    return mean, centred.T @ centred / (len(f) - 1)
+
+
+def frechet_distance(mean1, cov1, mean2, cov2):
+    """Frechet distance between N(mean1, cov1) and N(mean2, cov2) (Dowson & Landau 1982; FID,
+    Heusel et al. 2017): |m1 - m2|^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2). Both square
+    roots are of symmetric PSD matrices, by eigendecomposition in float64 (no scipy)."""
+    def sqrt_psd(m):
+        values, vectors = torch.linalg.eigh((m + m.T) / 2)
+        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    mean1, cov1, mean2, cov2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mean1, cov1, mean2, cov2))
+    root1 = sqrt_psd(cov1)
+    cross = sqrt_psd(root1 @ cov2 @ root1)
+    return float(((mean1 - mean2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * cross.trace())
+
+
+class ReferenceCNN(nn.Module):
+    """The small classifier whose penultimate features (global-average-pooled, 4*width) define
+    FD-smallcnn. Trained once per dataset and image size on the real training images."""
+
+    def __init__(self, in_chans, num_classes, width=32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.GELU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.BatchNorm2d(4 * width), nn.GELU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, 4*width)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):  # (B, C, S, S) in [-1, 1] -> logits (B, classes)
+        return self.head(self.body(x))
+
+
+@torch.no_grad()
+def reference_features(net, images, img_size, batch_size=500):
+    """uint8 images (N, C, H, W) -> (N, 4*width) penultimate features of the reference CNN."""
+    net.eval()
+    return torch.cat([net.body(center_view(images[s:s + batch_size], img_size, PIXEL_MEAN, PIXEL_STD)).float()
+                      for s in range(0, len(images), batch_size)])
+
+
+def reference_network(cfg, data, device, batch_size=256, lr=2e-3):
+    """The FD reference: load it from --out-dir, or train it (AdamW, cosine, flips, seed 0) and cache it.
+    Returns dict(net, test_stats, accuracy, sanity) with the real-vs-real and noise-vs-real FDs."""
+    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
+    key = {"dataset": cfg.dataset, "img_size": cfg.img_size, "train_limit": cfg.train_limit, "ref_epochs": cfg.ref_epochs,
+           "in_chans": in_chans, "num_classes": num_classes}
+    slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in cfg.dataset)
+    path = os.path.join(cfg.out_dir, f"fd_reference_{slug}_{cfg.img_size}px.pt")
+    torch.manual_seed(0)
+    net = ReferenceCNN(in_chans, num_classes).to(device)
+    cached = None
+    if os.path.exists(path):
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"the cached reference {path} is unreadable ({type(e).__name__}); delete it to retrain it.") from None
+    if cached is not None and cached["key"] == key:
+        net.load_state_dict(cached["model"])
+        accuracy, seconds = cached["accuracy"], cached["seconds"]
+    else:
+        started = time.perf_counter()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+        n = len(data["train_x"])
+        steps_per_epoch = max(1, n // batch_size)
+        total = cfg.ref_epochs * steps_per_epoch
+        net.train()
+        ## Under torchrun every process trains the same reference (seeded, on its own device) at the
+        ## same time; only the first one writes the cache.
+        for step in tqdm(range(total), desc="reference CNN for FD", dynamic_ncols=True, mininterval=1.0,
+                         disable=rank_and_world()[0] != 0):
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0:
+                order = epoch_order(10_007, epoch, n).to(device)
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            x = training_batch(data["train_x"][idx], cfg.img_size, step_generator(10_007, step), True)
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, total, steps_per_epoch // 2, lr, 0.0)
+            with autocast(device):
+                loss = F.cross_entropy(net(x).float(), data["train_y"][idx])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        net.eval()
+        with torch.no_grad():
+            logits = torch.cat([net(center_view(data["test_x"][s:s + 500], cfg.img_size, PIXEL_MEAN, PIXEL_STD)).float()
+                                for s in range(0, len(data["test_x"]), 500)])
+        accuracy, seconds = (logits.argmax(1) == data["test_y"]).float().mean().item(), time.perf_counter() - started
+        if rank_and_world()[0] == 0:
+            atomic_save({"key": key, "model": net.state_dict(), "accuracy": accuracy, "seconds": seconds}, path)
+    test_stats = feature_stats(reference_features(net, data["test_x"], cfg.img_size))
+    n = cfg.fd_samples
+    noise_images = torch.randint(0, 256, (n, in_chans, cfg.img_size, cfg.img_size), dtype=torch.uint8,
+                                 generator=torch.Generator().manual_seed(0)).to(device)
+    sanity = {"real_vs_real": frechet_distance(*feature_stats(reference_features(net, data["train_x"][:n], cfg.img_size)), *test_stats),
+              "noise_vs_real": frechet_distance(*feature_stats(reference_features(net, noise_images, cfg.img_size)), *test_stats)}
+    if rank_and_world()[0] == 0:
+        print(f"FD reference: small CNN ({sum(p.numel() for p in net.parameters())} parameters, cached in {path}), "
+              f"test accuracy {accuracy:.4f}, trained in {seconds:.0f} s; FD-smallcnn of {min(n, len(data['train_x']))} "
+              f"real training images vs the test set {sanity['real_vs_real']:.2f} (floor), of {n} uniform-noise images "
+              f"{sanity['noise_vs_real']:.2f}")
+    return {"net": net, "test_stats": test_stats, "accuracy": accuracy, "sanity": sanity}
+
+
+def generation_fd(model, cfg, data, reference, device, seed):
+    """FD-smallcnn of --fd-samples generated images against the real test set, and the images."""
+    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"]) if cfg.class_cond else 0
+    images = generate(model, cfg.fd_samples, cfg, device, seed=1_000 + seed, in_chans=in_chans, num_classes=num_classes)
+    stats = feature_stats(reference_features(reference["net"], images, cfg.img_size))
+    return frechet_distance(*stats, *reference["test_stats"]), images
+
+
+@torch.no_grad()
+def extract_features(model, images, cfg, noise_level, device, batch_size=512):
+    """Frozen features (eval mode, no grad) of the whole, un-augmented image, optionally noised along
+    the flow path to time t = noise_level with fixed noise: tokens at the end of the encoder half,
+    mean-pooled over all tokens, null class. Returns (N, D) float32. Under torchrun each process
+    extracts a contiguous run of batches and all get every feature, in order."""
+    rank, world_size = rank_and_world()
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(0)  # the same noise for every model
+    mine = block_starts(len(images), batch_size, rank, world_size)
+    features = [torch.zeros(0, cfg.embed_dim, device=images.device)]  # (0, D): a process may get no batch
+    for start in range(0, len(images), batch_size):
+        count = min(batch_size, len(images) - start)
+        noise = torch.randn(count, images.shape[1], cfg.img_size, cfg.img_size, generator=gen)  # every process draws every batch's noise
+        if start not in mine:
+            continue
+        x = center_view(images[start:start + batch_size], cfg.img_size, PIXEL_MEAN, PIXEL_STD)
+        noise = noise.to(x.device)
+        t = torch.full((len(x),), float(noise_level), device=x.device)
+        with autocast(device):
+            tokens = model.features(interpolate(x, noise, t), t)  # (B, L, D)
+        features.append(tokens.mean(1).float())
+    model.train(was_training)
+    return all_gather_rows(torch.cat(features), world_size)
+
+
+def describe_feature(cfg, noise_level):
+    return (f"encoder-half output (block {cfg.depth // 2}/{cfg.depth}) of the EMA model, mean over all tokens, "
+            f"input x_t at t={noise_level:g}, null class")
+
+
+def fixed_subset(total, n, device):
+    """n of `total` indices, the same at every call (a seeded permutation, sorted): a subset that
+    stays representative when a dataset is stored class by class (image folders, some CIFAR copies)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(device)
+
+
+def evaluate_cheap(model, cfg, data, reference, device, seed):
+    """The curve point: FD-smallcnn (the full protocol), and a k-NN on a fixed 5000 train / 1000 test subset
+    plus their effective rank, at the headline noise level. Returns (point, generated images)."""
+    fd, images = generation_fd(model, cfg, data, reference, device, seed)
+    level = noise_levels(cfg)[0]
+    subset = {s: fixed_subset(len(data[f"{s}_x"]), n, device) for s, n in (("train", 5000), ("test", 1000))}
+    feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, level, device) for s, idx in subset.items()}
+    pred = knn_predict(feats["train"], data["train_y"][subset["train"]], feats["test"], min(cfg.knn_k, len(feats["train"])),
+                       cfg.knn_t, num_classes=len(data["classes"]))
+    return {"fd": fd, "knn": (pred == data["test_y"][subset["test"]]).float().mean().item(),
+            "effective_rank": effective_rank(feats["train"])}, images
+
+
+def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch):
+    """Final evaluation of the EMA model: FD-smallcnn (also the last curve point), the full k-NN /
+    probe / effective rank at every --feature-t, the features file and the sample grid."""
+    rank = rank_and_world()[0]
+    started = time.perf_counter()
+    num_classes = len(data["classes"])
+    epochs_done = state["step"] / steps_per_epoch
+    last, images = evaluate_cheap(model, cfg, data, reference, device, seed)  # the final point of the curves
+    fd = last["fd"]
+    state["evals"].append({"epoch": epochs_done, "step": state["step"], **last})
+    by_level = []
+    for j, level in enumerate(noise_levels(cfg)):
+        train_f = extract_features(model, data["train_x"], cfg, level, device)
+        test_f = extract_features(model, data["test_x"], cfg, level, device)
+        ks = [k for k in sorted({10, 20, 100, 200, cfg.knn_k}) if k <= len(train_f)]
+        preds = knn_predict(train_f, data["train_y"], test_f, ks, cfg.knn_t, num_classes=num_classes)
+        probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                             seed=seed, num_classes=num_classes)
+        ## Effective rank on at most 25,600 training features (RankMe's sample size), not centred.
+        by_level.append({"t": level, "knn": {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()},
+                         "linear_probe": probe, "effective_rank": effective_rank(train_f[:25600])})
+        file = "features.npz" if j == 0 else f"features_t{level:g}.npz"
+        if rank == 0:  # every process evaluated the gathered features; one writes them
+            save_features(os.path.join(run_dir, file), train_f, data["train_y"], test_f, data["test_y"],
+                          {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg, level),
+                           "alpha_min": alpha_min, "skips": skips, "seed": seed, "noise_level": level,
+                           "classes": np.asarray(data["classes"])})
+    grid = image_grid(images[:64])
+    if cfg.plots and rank == 0:
+        save_png(grid, os.path.join(run_dir, "samples.png"))
+    losses = state["losses"]
+    whole_epochs = len(losses) // steps_per_epoch
+    run_config = {**dataclasses.asdict(cfg), "skips": "on" if skips else "off", "alpha_min": alpha_min, "alpha_eff": "", "seeds": str(seed)}
+    return {"skips": skips, "alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
+            "fd": fd, "fd_real_vs_real": reference["sanity"]["real_vs_real"], "fd_noise_vs_real": reference["sanity"]["noise_vs_real"],
+            "knn": by_level[0]["knn"], "knn_k": cfg.knn_k, "linear_probe": by_level[0]["linear_probe"],
+            "effective_rank": by_level[0]["effective_rank"], "by_noise_level": by_level,
+            "final_loss": losses[-1] if losses else float("nan"),
+            "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
+            "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
+            "epoch_losses": [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(whole_epochs)],
+            "losses": losses, "evals": state["evals"], "feature": describe_feature(cfg, by_level[0]["t"]),
+            "config": run_config, "samples": grid}
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen-feature protocols: deliberate copies of probe.py's and mae_decay.py's (the tests
+# check that the copies are identical). Skip on a first read if you know DINO's k-NN.
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
+    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
+    features, the k nearest training samples each vote for their label with weight exp(sim / T).
+    `k` may be an int or a list of ints (one prediction per k from one top-k search).
+    Queries go in fixed chunks, so any number of them works (1 or 10^6).
+    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
+    single = isinstance(k, numbers.Integral)
+    ks = [int(k)] if single else [int(kk) for kk in k]
+    train_y = train_y.long()
+    if max(ks) > len(train_x):
+        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_x = F.normalize(train_x.float(), dim=1)
+    predictions = {kk: [] for kk in ks}
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
+        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
+        weights, labels = (sims / temperature).exp(), train_y[idx]
+        for kk in ks:
+            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
+            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
+            predictions[kk].append(votes.argmax(1))
+    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
+    return predictions[ks[0]] if single else predictions
+
+
+def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
+                 standardize=True):
+    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
+    affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
+    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    device = train_x.device
+    train_y, test_y = train_y.long(), test_y.long()
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    if not standardize:
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    head = nn.Linear(train_z.shape[1], num_classes).to(device)
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        bound = 1 / math.sqrt(train_z.shape[1])
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_z), generator=gen).to(device)
+        for start in range(0, len(train_z), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        return (head(test_z).argmax(1) == test_y).float().mean().item()
+
+
+## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
+## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
+AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
+
+
+def effective_rank(z, center=False, eps=1e-7):
+    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
+    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
+    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
+    z = torch.as_tensor(z).double()
+    if center:
+        z = z - z.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(eps)
+    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
+
+
+# =============================================================================================
+# The experiment and its report: the comparison table, the plots, the throughput benchmark.
+# Skim on a first read.
+# =============================================================================================
+
+def mean_std(values):
+    values = np.asarray(values, dtype=np.float64)
+    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f}+-{values.std(ddof=1):.4f}"
+
+
+def results_table(results):
+    """One row per (skips, alpha_min), mean +- std over seeds (sample std) when there are several."""
+    k = results[0]["knn_k"]
+    header = f"{'skips':>5} {'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {'FD-smallcnn':>13} {f'k-NN@{k}':>15} " \
+             f"{'linear probe':>15} {'eff. rank':>15} {'loss (last ep)':>15} {'train s':>8}"
+    rows = [header, "-" * len(header)]
+    for skips, alpha in dict.fromkeys((r["skips"], r["alpha_min"]) for r in results):
+        group = [r for r in results if (r["skips"], r["alpha_min"]) == (skips, alpha)]
+        rows.append(f"{'on' if skips else 'off':>5} {alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
+                    f"{mean_std([r['fd'] for r in group]):>13} {mean_std([r['knn'][k] for r in group]):>15} "
+                    f"{mean_std([r['linear_probe'] for r in group]):>15} {mean_std([r['effective_rank'] for r in group]):>15} "
+                    f"{mean_std([r['last_epoch_loss'] for r in group]):>15} {np.mean([r['seconds'] for r in group]):>8.0f}")
+    return "\n".join(rows)
+
+
+def image_grid(images, rows=8):
+    """(N, C, H, W) uint8 -> (rows*H + rows-1, cols*W + cols-1, C) numpy, one pixel of white between images."""
+    n, c, h, w = images.shape
+    cols = math.ceil(n / rows)
+    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images.cpu().numpy()):
+        r, col = divmod(i, cols)
+        grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = image.transpose(1, 2, 0)
+    return grid
+
+
+def save_plots(results, out_dir):
+    """curves.png (loss, FD-smallcnn and k-NN over training) and samples.png (grids side by side)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = list(dict.fromkeys((r["skips"], r["alpha_min"]) for r in results))
+    colour = {s: plt.cm.viridis(i / max(1, len(settings) - 1)) for i, s in enumerate(settings)}
+    first_seed = [next(r for r in results if (r["skips"], r["alpha_min"]) == s) for s in settings]
+
+    def save(fig, name):
+        tmp = os.path.join(out_dir, f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in results:
+        setting = (r["skips"], r["alpha_min"])
+        label = f"{setting_name(*setting)} seed={r['seed']}"
+        axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[setting], label=label)
+        epochs = [e["epoch"] for e in r["evals"]]
+        axes[1].plot(epochs, [e["fd"] for e in r["evals"]], "o-", color=colour[setting], label=label)
+        axes[2].plot(epochs, [e["knn"] for e in r["evals"]], "o-", color=colour[setting], label=label)
+    axes[1].axhline(results[0]["fd_real_vs_real"], color="grey", ls="--", label="real vs real")
+    for ax, title in zip(axes, ["flow loss (epoch mean)", "FD-smallcnn of EMA samples (lower is better)",
+                                f"k-NN@{results[0]['knn_k']} accuracy (5k train / 1k test)"]):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    save(fig, "curves.png")
+
+    fig, axes = plt.subplots(1, len(first_seed), figsize=(3.2 * len(first_seed), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], first_seed):
+        grid = r["samples"]
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
+                  interpolation="nearest")
+        ax.set_title(f"{setting_name(r['skips'], r['alpha_min'])}\nFD-smallcnn {r['fd']:.2f}", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    save(fig, "samples.png")
+
+
+def dit_flops_per_image(cfg, skips=True, in_chans=3):
+    """Training FLOPs per image (forward x3 for forward + backward), counted explicitly: 2 FLOPs per
+    multiply-add in every Linear (per token, or once per image for the conditioning), plus 4*T^2*D
+    per attention layer (QK^T and AV)."""
+    T, D, r, p = (cfg.img_size // cfg.patch_size) ** 2, cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size
+    per_token = cfg.depth * (4 + 2 * r) * D * D + (cfg.depth // 2) * D * D * skips + D * p * p * in_chans  # blocks, skips, final
+    per_token += p * p * in_chans * D  # patch embedding
+    per_image = 256 * D + D * D + cfg.depth * 6 * D * D + 2 * D * D  # timestep MLP, block and final modulation
+    return 3 * (2 * T * per_token + 2 * per_image + cfg.depth * 4 * T * T * D)
+
+
+## Peak dense bf16 tensor throughput, FLOP/s, by device name; MFU is printed only for these.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
+    """Times the full training step (batch, flips, times, noise, forward, backward, AdamW, EMA) on
+    random uint8 data after warm-up (which includes compilation), with a device sync around it."""
+    skips, alpha_min = comparison(cfg)[-1]
+    torch.manual_seed(0)
+    model = build_model(cfg, alpha_min, skips, 3, 10).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = make_optimizer(model, cfg, device)
+    compiled = torch.compile(model) if cfg.compile else model
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (cfg.batch_size,), device=device) if cfg.class_cond else None
+
+    def train_step(step):
+        gen = step_generator(0, step)
+        x0 = training_batch(images, cfg.img_size, gen, cfg.flip)
+        t = sample_time(cfg.batch_size, gen, cfg.time_dist).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
+        with autocast(device):
+            loss = flow_loss(compiled, x0, noise, t, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.ema_decay)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else (lambda: None)
+    for step in range(warmup_steps):
+        train_step(step)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for step in range(timed_steps):
+        train_step(warmup_steps + step)
+    sync()
+    ms = (time.perf_counter() - started) / timed_steps * 1000
+    img_s = cfg.batch_size / ms * 1000
+    flops = dit_flops_per_image(cfg, skips)
+    if device.type == "cuda":
+        name, memory = torch.cuda.get_device_name(), f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (peak allocated)"
+    else:
+        import resource
+        name = f"{device.type} ({os.cpu_count()} cores)"
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
+    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
+          f"{cfg.img_size}px/{cfg.patch_size}, DiT {cfg.embed_dim}x{cfg.depth}, {setting_name(skips, alpha_min)}")
+    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  "
+          f"MFU {mfu}  memory {memory}")
+    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
+
+
+# =============================================================================================
+# Plumbing: command line, data loaders, files, devices and torchrun. A first-time reader can
+# skip all of it; read a part only when you change what it does.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Command line: parsing and the one validation pass (every bad flag ends here with one sentence)
+# ---------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
 
 
 def knob_help():
@@ -306,12 +1326,14 @@ def setting_name(skips, alpha_min):
     return f"skips {'on' if skips else 'off'}, alpha_min {alpha_min:.4g}"
 
 
-# =============================================================================================
-# Data: every dataset becomes uint8 tensors (N, C, H, W) + int64 labels, held on the device
-# =============================================================================================
+# ---------------------------------------------------------------------------------------------
+# Data loaders: every dataset becomes uint8 tensors (N, C, H, W) + int64 labels on the device.
+# Read only if you change the data.
+# ---------------------------------------------------------------------------------------------
 
 DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
              "or run once with network access")
+
 
 CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
@@ -319,6 +1341,8 @@ CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
     "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
                  "cifar-100-python", ["train"], ["test"], b"fine_labels"),
 }
+
+
 IDX = {  # official IDX files (LeCun et al. 1998; Xiao et al. 2017) and their published md5
     "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
         "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -331,6 +1355,8 @@ IDX = {  # official IDX files (LeCun et al. 1998; Xiao et al. 2017) and their pu
         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
 }
+
+
 SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}  # Debian's dataset-fashion-mnist
 
 
@@ -612,28 +1638,9 @@ def center_view(images, out_size, mean, std):
     return (x - mean) / std
 
 
-## The model sees pixels in [-1, 1] (DiT / SiT convention), not per-channel standardised ones:
-## generated images then map back to uint8 the same way for every dataset.
-PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
-
-
-def training_batch(images, out_size, gen, flip, rank=0, world_size=1):
-    """uint8 (B, C, H, W) -> float (B, C, S, S) in [-1, 1], each image mirrored left-right with
-    probability 1/2 when `flip`. The coins come from the CPU generator `gen` (exact resume; the same
-    batch on every device). Diffusion models are trained without crops, so flips are all there is.
-    Under torchrun `images` is slice `rank` of a global batch world_size times larger: the coins
-    are tossed for the global batch, then sliced."""
-    x = center_view(images, out_size, PIXEL_MEAN, PIXEL_STD)
-    if flip:
-        mirror = shard(torch.rand(len(x) * world_size, generator=gen) < 0.5, rank, world_size).to(x.device)
-        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-    return x
-
-
-def to_uint8(x):
-    """[-1, 1] floats -> uint8 images, the inverse of the model's input scaling."""
-    return ((x.float() * PIXEL_STD + PIXEL_MEAN).clamp(0, 1) * 255).round().to(torch.uint8)
-
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and files: everything is written atomically (temporary file, then rename)
+# ---------------------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a file behind."""
@@ -643,433 +1650,62 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-# =============================================================================================
-# Frozen-feature evaluation (the protocols of spec/evaluation.md). These three functions are
-# deliberate copies of probe.py's; tests/ checks that the copies give the same numbers.
-# =============================================================================================
-
-@torch.no_grad()
-def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
-    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
-    features, the k nearest training samples each vote for their label with weight exp(sim / T).
-    `k` may be an int or a list of ints (one prediction per k from one top-k search).
-    Queries go in fixed chunks, so any number of them works (1 or 10^6).
-    Returns int64 predictions (N_test,), or a dict k -> predictions when k is a list."""
-    single = isinstance(k, numbers.Integral)
-    ks = [int(k)] if single else [int(kk) for kk in k]
-    train_y = train_y.long()
-    if max(ks) > len(train_x):
-        raise ValueError(f"k={max(ks)} neighbours requested but only {len(train_x)} training samples")
-    num_classes = num_classes or int(train_y.max()) + 1
-    train_x = F.normalize(train_x.float(), dim=1)
-    predictions = {kk: [] for kk in ks}
-    for start in range(0, len(test_x), chunk):
-        query = F.normalize(test_x[start:start + chunk].float(), dim=1)
-        sims, idx = (query @ train_x.T).topk(max(ks), dim=1)  # (Q, k_max), sorted by similarity
-        weights, labels = (sims / temperature).exp(), train_y[idx]
-        for kk in ks:
-            votes = torch.zeros(len(query), num_classes, device=query.device, dtype=weights.dtype)
-            votes.scatter_add_(1, labels[:, :kk], weights[:, :kk])
-            predictions[kk].append(votes.argmax(1))
-    predictions = {kk: torch.cat(p) for kk, p in predictions.items()}
-    return predictions[ks[0]] if single else predictions
-
-
-def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
-                 standardize=True):
-    """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
-    affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
-    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
-    Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
-    gen = torch.Generator().manual_seed(seed)
-    device = train_x.device
-    train_y, test_y = train_y.long(), test_y.long()
-    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
-    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
-    if not standardize:
-        mean, std = torch.zeros_like(mean), torch.ones_like(std)
-    train_z, test_z = (train_x.float() - mean) / std, (test_x.float() - mean) / std
-    head = nn.Linear(train_z.shape[1], num_classes).to(device)
-    with torch.no_grad():  # seeded init, independent of the global RNG
-        bound = 1 / math.sqrt(train_z.shape[1])
-        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
-        head.bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_z) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_z), generator=gen).to(device)
-        for start in range(0, len(train_z), batch_size):
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    with torch.no_grad():
-        return (head(test_z).argmax(1) == test_y).float().mean().item()
-
-
-## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
-## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
-AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
-
-
-def effective_rank(z, center=False, eps=1e-7):
-    """Effective rank (Roy & Vetterli 2007; RankMe, Garrido et al. 2023) of a feature matrix (N, D):
-    exp of the entropy of p_i = s_i / sum_j s_j, s = singular values (not squared). Not centred by
-    default (RankMe's convention). Between 1 and min(N, D); scale-invariant."""
-    z = torch.as_tensor(z).double()
-    if center:
-        z = z - z.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(z)
-    p = s / s.sum().clamp_min(eps)
-    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
-
-
-# =============================================================================================
-# Model: a DiT whose adaLN-Zero blocks have decayed shortcuts, with U-ViT long skips
-# =============================================================================================
-
-def decay_schedule(depth, alpha_min):
-    """The 2*depth shortcut weights, one per residual sub-layer: first exactly 1.0, last exactly
-    alpha_min, linear in between."""
-    ## The authors' code: alphas = 1 - linspace(0, 1, 2*depth) * (1 - alpha_min), reshaped (depth, 2):
-    ## block i scales its attention shortcut by alphas[2i] and its MLP shortcut by alphas[2i+1].
-    ## The paper writes alpha_l = 1 - delta*l with delta = (1 - alpha_min)/L, which is off by one
-    ## against that code; we follow the code. Written as a lerp so both ends are exact floats.
-    n = 2 * depth
-    return [(1 - i / (n - 1)) * 1.0 + (i / (n - 1)) * alpha_min for i in range(n)]
-
-
-def alpha_min_for(alpha_eff, depth):
-    """The alpha_min whose schedule has prod(alphas) == alpha_eff (bisection; the product grows with
-    alpha_min). The paper's rule of thumb: pick alpha_min so that alpha_eff lies in [1e-3, 1e-2)."""
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if math.prod(decay_schedule(depth, mid)) < alpha_eff else (low, mid)
-    return (low + high) / 2
-
-
-def sincos_pos_embed(dim, grid_size):
-    """Fixed 2D sin-cos position embeddings (MAE): (1 + grid_size**2, dim), row 0 (cls) is zero.
-    Half the channels encode the row, half the column, each as sin/cos at dim/4 frequencies."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-
-    def encode(pos):  # (L,) -> (L, dim/2)
-        angles = pos.flatten().double()[:, None] * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    table = torch.cat([encode(cols), encode(rows)], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
-
-
-def patchify(imgs, p):
-    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, (p, p, C) inside a patch (MAE's layout)."""
-    B, C, H, W = imgs.shape
-    x = imgs.reshape(B, C, H // p, p, W // p, p)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(x, p, channels):
-    """(B, L, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
-    B, L, _ = x.shape
-    side = math.isqrt(L)
-    x = x.reshape(B, side, side, p, p, channels)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, side * p, side * p)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # (B, T, D)
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-def modulate(x, shift, scale):  # (B, T, D), (B, D), (B, D) -> (B, T, D)
-    ## adaLN (DiT, Peebles & Xie 2023): LayerNorm without affine, then a per-sample scale and shift
-    ## regressed from the conditioning vector c = embed(t) + embed(y).
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def timestep_embedding(t, dim=256, max_period=10000):
-    """(B,) continuous times in [0, 1] -> (B, dim) sinusoidal features (cos half, then sin half)."""
-    ## The sinusoid of DiT / GLIDE expects integer steps 0..999; a continuous t in [0, 1] at max period
-    ## 10000 would give nearly constant features (spec section 4), so t is scaled by 1000 first.
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, dim, frequency_dim=256):
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):  # (B,) -> (B, D)
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
-
-
-class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block with one shortcut weight per residual sub-layer, and (decoder
-    half, --skips on) a long-skip input."""
-
-    def __init__(self, dim, heads, mlp_ratio, alpha_attn=1.0, alpha_mlp=1.0, long_skip=False):
-        super().__init__()
-        self.alpha_attn, self.alpha_mlp = alpha_attn, alpha_mlp  # plain floats: nothing learnable
-        self.norm1, self.attn = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.skip_proj = nn.Linear(dim, dim) if long_skip else None
-
-    def forward(self, x, c, skip=None):  # x (B, T, D), c (B, D), skip (B, T, D) or None
-        if skip is not None:
-            ## U-ViT long skip as the authors' SiT code: x = x + Linear(encoder-half output).
-            x = x + self.skip_proj(skip)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
-        ## The paper's rule inside adaLN-Zero (spec section 4):
-        ##   x = alpha_a * x + gate_msa * attn(modulate(norm1(x), shift_msa, scale_msa))
-        ##   x = alpha_m * x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))
-        ## With alpha = 1 this is the DiT block; the gates start at zero, so at initialisation the block
-        ## is exactly alpha_a * alpha_m * x.
-        x = self.alpha_attn * x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = self.alpha_mlp * x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-class FinalLayer(nn.Module):
-    """adaLN, then a Linear to p*p*C values per token (the velocity of that patch)."""
-
-    def __init__(self, dim, patch_size, out_chans):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_chans)
-
-    def forward(self, x, c):  # (B, T, D), (B, D) -> (B, T, p*p*C)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
-
-
-class DiT(nn.Module):
-    """Pixel-space DiT predicting the flow velocity. Blocks 0..depth/2-1 form the encoder half,
-    the rest the decoder half; decayed shortcuts in ALL blocks (the authors' SiT)."""
-
-    def __init__(self, img_size=16, patch_size=4, in_chans=3, embed_dim=96, depth=6, num_heads=4,
-                 mlp_ratio=4.0, alpha_min=1.0, skips=True, num_classes=0):
-        super().__init__()
-        self.patch_size, self.in_chans, self.skips, self.num_classes = patch_size, in_chans, skips, num_classes
-        self.half = depth // 2
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        grid = img_size // patch_size
-        ## DiT has no cls token: drop the zero cls row of the MAE table.
-        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid)[1:][None], persistent=False)  # (1, L, D)
-        self.t_embedder = TimestepEmbedder(embed_dim)
-        ## Class embedding with one extra row, index num_classes = the null class. Classifier-free
-        ## guidance (Ho & Salimans 2022) trains on null labels with probability --class-dropout.
-        self.y_embedder = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None
-        ## One alpha per residual sub-layer over ALL blocks: block i uses alphas[2i], alphas[2i+1].
-        self.alphas = decay_schedule(depth, alpha_min)
-        self.blocks = nn.ModuleList(
-            DiTBlock(embed_dim, num_heads, mlp_ratio, self.alphas[2 * i], self.alphas[2 * i + 1],
-                     long_skip=skips and i >= self.half) for i in range(depth))
-        self.final_layer = FinalLayer(embed_dim, patch_size, in_chans)
-        init_weights(self)
-
-    def skip_sources(self):
-        """0-indexed encoder-half block feeding each decoder-half block (--skips on): the first
-        decoder block gets the last encoder block, the last decoder block the first (a stack)."""
-        return list(range(self.half - 1, -1, -1))
-
-    def condition(self, t, y=None):  # (B,), (B,) int or None -> (B, D)
-        c = self.t_embedder(t)
-        if self.y_embedder is not None:
-            if y is None:  # unconditional: the null class
-                y = torch.full((len(t),), self.num_classes, dtype=torch.long, device=t.device)
-            c = c + self.y_embedder(y)
-        return c
-
-    def encode(self, x, t, y=None):
-        """x (B, C, H, W), t (B,) -> (outputs of the encoder-half blocks, each (B, L, D); c (B, D))."""
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, D)
-        c = self.condition(t, y)
-        outputs = []
-        for block in self.blocks[:self.half]:
-            tokens = block(tokens, c)
-            outputs.append(tokens)
-        return outputs, c
-
-    def forward(self, x, t, y=None):
-        """x_t (B, C, H, W) at times t (B,), labels y (B,) or None -> velocity (B, C, H, W)."""
-        outputs, c = self.encode(x, t, y)
-        tokens = outputs[-1]
-        stack = list(outputs)
-        for block in self.blocks[self.half:]:
-            tokens = block(tokens, c, stack.pop() if self.skips else None)  # (B, L, D)
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_chans)
-
-    def features(self, x, t):
-        """Tokens at the end of the encoder half (the U-ViT bottleneck), null class: (B, L, D)."""
-        return self.encode(x, t)[0][-1]
-
-
-def init_weights(model):
-    """Every initialisation in one place (as the authors' SiT code):
-    * Linear: xavier-uniform weight, zero bias (long-skip Linears included: they are NOT zeroed);
-      the patch-embedding Conv2d likewise, seen as a Linear;
-    * timestep MLP: normal(0, 0.02); class embedding: normal(0, 0.02);
-    * ZERO (adaLN-Zero): the modulation Linear of every block and of the final layer, and the final
-      Linear, so every gate starts at 0, every block is exactly the alpha-scaled identity and the
-      network predicts velocity 0;
-    * LayerNorms have no parameters; position embeddings are fixed."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            nn.init.zeros_(module.bias)
-    w = model.patch_embed.weight
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    nn.init.zeros_(model.patch_embed.bias)
-    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
-    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
-    if model.y_embedder is not None:
-        nn.init.normal_(model.y_embedder.weight, std=0.02)
-    for block in list(model.blocks) + [model.final_layer]:
-        nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        nn.init.zeros_(block.adaLN_modulation[-1].bias)
-    nn.init.zeros_(model.final_layer.linear.weight)
-    nn.init.zeros_(model.final_layer.linear.bias)
-
-
-def build_model(cfg, alpha_min, skips, in_chans, num_classes):
-    return DiT(cfg.img_size, cfg.patch_size, in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
-               alpha_min, skips, num_classes if cfg.class_cond else 0)
-
-
-def dit_flops_per_image(cfg, skips=True, in_chans=3):
-    """Training FLOPs per image (forward x3 for forward + backward), counted explicitly: 2 FLOPs per
-    multiply-add in every Linear (per token, or once per image for the conditioning), plus 4*T^2*D
-    per attention layer (QK^T and AV)."""
-    T, D, r, p = (cfg.img_size // cfg.patch_size) ** 2, cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size
-    per_token = cfg.depth * (4 + 2 * r) * D * D + (cfg.depth // 2) * D * D * skips + D * p * p * in_chans  # blocks, skips, final
-    per_token += p * p * in_chans * D  # patch embedding
-    per_image = 256 * D + D * D + cfg.depth * 6 * D * D + 2 * D * D  # timestep MLP, block and final modulation
-    return 3 * (2 * T * per_token + 2 * per_image + cfg.depth * 4 * T * T * D)
-
-
-# =============================================================================================
-# Flow matching (the linear interpolant of SiT) and the ODE sampler
-# =============================================================================================
-
-def sample_time(n, gen, time_dist):
-    """Training times t in (0, 1): logit-normal (sigmoid of a standard normal; SD3, Esser et al.
-    2024, which puts more steps at middle noise levels) or uniform (SiT's default)."""
-    if time_dist == "logit-normal":
-        return torch.sigmoid(torch.randn(n, generator=gen))
-    return torch.rand(n, generator=gen)
-
-
-def interpolate(x0, noise, t):
-    """The linear path of SiT (spec section 4): x_t = (1 - t) x_0 + t * noise; t (B,) broadcast."""
-    t = t.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
-    return (1 - t) * x0 + t * noise
-
-
-def flow_loss(model, x0, noise, t, y=None):
-    """Mean squared error between the predicted and the true velocity of the path,
-    d x_t / dt = noise - x_0 (SiT's velocity objective). model(x_t, t, y) -> velocity."""
-    target = noise - x0
-    prediction = model(interpolate(x0, noise, t), t, y)
-    return ((prediction.float() - target.float()) ** 2).mean()
-
-
-@torch.no_grad()
-def sample_ode(velocity, noise, steps, method="heun"):
-    """Deterministic sampler: integrate dx/dt = velocity(x, t) from t = 1 (pure noise) to t = 0
-    (data) on a uniform grid of `steps` steps. Euler: x <- x + h v(x, t). Heun (explicit trapezoid,
-    2nd order; EDM, Karras et al. 2022): x <- x + h/2 (v(x, t) + v(x + h v(x, t), t + h)).
-    velocity(x (B, ...), t (B,)) -> (B, ...); h = -1/steps < 0."""
-    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    x = noise
-    for t, t_next in zip(times[:-1], times[1:]):
-        h = t_next - t
-        t_batch = torch.full((len(x),), t, device=x.device)
-        v = velocity(x, t_batch)
-        x_euler = x + h * v
-        if method == "heun":
-            v_next = velocity(x_euler, torch.full((len(x),), t_next, device=x.device))
-            x = x + 0.5 * h * (v + v_next)
-        else:
-            x = x_euler
-    return x
-
-
-def guided_velocity(model, y=None, cfg_scale=1.0):
-    """The velocity function the sampler integrates. With labels y and cfg_scale != 1:
-    classifier-free guidance on ALL channels, v = v(x, t, null) + s (v(x, t, y) - v(x, t, null))
-    (the authors' SiT applies it to the first 3 of 4 latent channels by default; we do not)."""
-    def velocity(x, t):
-        if y is None or cfg_scale == 1.0:  # s = 1 is exactly the conditional model: skip the null pass
-            return model(x, t, y).float()
-        null = torch.full_like(y, model.num_classes)
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()  # (2B, C, H, W)
-        conditional, unconditional = both.chunk(2)
-        return unconditional + cfg_scale * (conditional - unconditional)
-    return velocity
-
-
-@torch.no_grad()
-def generate(model, n, cfg, device, seed, in_chans, num_classes=0, batch_size=500):
-    """n uint8 images (n, C, S, S) from fixed noise (seeded), labels i % num_classes when the model
-    is class-conditional. The model is put in eval mode. Under torchrun each process samples a
-    contiguous run of batches and all get every image, in order."""
-    rank, world_size = rank_and_world()
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    mine = block_starts(n, batch_size, rank, world_size)
-    images = [torch.zeros(0, in_chans, cfg.img_size, cfg.img_size, dtype=torch.uint8, device=device)]
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        noise = torch.randn(count, in_chans, cfg.img_size, cfg.img_size, generator=gen)  # every process draws every batch's noise
-        if start not in mine:
-            continue
-        y = (torch.arange(start, start + count) % num_classes).to(device) if num_classes else None
-        with autocast(device):
-            x = sample_ode(guided_velocity(model, y, cfg.cfg_scale), noise.to(device), cfg.sample_steps, cfg.sampler)
-        images.append(to_uint8(x))
-    model.train(was_training)
-    return all_gather_rows(torch.cat(images), world_size)
-
-
-# =============================================================================================
-# Training
-# =============================================================================================
-
-## Keys that change what a run computes: a checkpoint resumes only under identical values.
-TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "embed_dim", "depth", "num_heads",
-                   "mlp_ratio", "class_cond", "class_dropout", "time_dist", "epochs", "batch_size", "base_lr", "min_lr",
-                   "warmup_epochs", "weight_decay", "beta2", "ema_decay")
-
+def save_checkpoint(path, model, ema, optimizer, state, cfg, setting, seed):
+    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "state": state, "config": dataclasses.asdict(cfg), "skips": setting[0], "alpha_min": setting[1],
+                 "seed": seed, "rng": torch.get_rng_state()}, path)
+
+
+def load_checkpoint(path, model, ema, optimizer, cfg, setting, seed):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
+    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
+    if changed or (ckpt["skips"], ckpt["alpha_min"]) != setting or ckpt["seed"] != seed:
+        raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'skips/alpha_min/seed'}); "
+                        f"resume with the same flags or use another --out-dir.")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["state"]
+
+
+def save_features(path, train_features, train_labels, test_features, test_labels, meta):
+    """The features file probe.py reads (.npz): train_features (N, D) float32, train_labels (N,)
+    int64, test_features (M, D) float32, test_labels (M,) int64, plus metadata: config (JSON text),
+    feature (what the vectors are), alpha_min, seed, classes."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+        np.savez(f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
+                 test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
+                 **{k: np.asarray(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def save_png(array, path):
+    """(H, W, C) uint8 -> PNG (written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    plt.imsave(tmp, array.squeeze(-1) if array.shape[-1] == 1 else array, cmap="gray" if array.shape[-1] == 1 else None)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and multi-GPU: torchrun + DistributedDataParallel (the few lines of nanoGPT's train.py).
+# Read only if you run on several GPUs.
+# ---------------------------------------------------------------------------------------------
 
 def pick_device(name):
     if name == "auto":
@@ -1084,48 +1720,6 @@ def pick_device(name):
     return torch.device(name)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (no loss scaling needed); full fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def get_lr(step, total_steps, warmup_steps, peak_lr, min_lr):
-    """Linear warm-up, then half-cycle cosine to min_lr, per optimizer step (MAE's schedule)."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model, cfg, device):
-    """AdamW, betas (0.9, beta2); no weight decay on biases, norms and tokens (timm's rule)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim <= 1 or name.endswith("token") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
-
-
-## Every random number of a step comes from a generator seeded by (seed, step), and the data order
-## from one seeded by (seed, epoch). Nothing depends on history, so --resume continues exactly, and
-## runs on CPU and GPU draw the same crops, flips and masks.
-def step_generator(seed, step):
-    return torch.Generator().manual_seed(1_000_003 * seed + step)
-
-
-def epoch_order(seed, epoch, n):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * seed + epoch + 1))
-
-
-def fixed_subset(total, n, device):
-    """n of `total` indices, the same at every call (a seeded permutation, sorted): a subset that
-    stays representative when a dataset is stored class by class (image folders, some CIFAR copies)."""
-    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-GPU: torchrun + DistributedDataParallel (the few lines of nanoGPT's train.py)
-# ---------------------------------------------------------------------------------------------
 ## `torchrun --nproc_per_node=N` starts N copies of this file and gives each RANK, LOCAL_RANK and
 ## WORLD_SIZE in its environment; plain `python` sets none of them, and then no process group is
 ## made and everything below reduces to the one-process code. Each process holds a full replica
@@ -1234,543 +1828,8 @@ def load_dataset_once_per_node(cfg):
     return parts
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1.0 - decay)
-
-
-def ema_decay_at(step, decay):
-    ## A short EMA warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): the average
-    ## does not drag the random initialisation along for thousands of steps on a short run.
-    return min(decay, (1 + step) / (10 + step))
-
-
-def save_checkpoint(path, model, ema, optimizer, state, cfg, setting, seed):
-    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "state": state, "config": dataclasses.asdict(cfg), "skips": setting[0], "alpha_min": setting[1],
-                 "seed": seed, "rng": torch.get_rng_state()}, path)
-
-
-def load_checkpoint(path, model, ema, optimizer, cfg, setting, seed):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
-    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if changed or (ckpt["skips"], ckpt["alpha_min"]) != setting or ckpt["seed"] != seed:
-        raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'skips/alpha_min/seed'}); "
-                        f"resume with the same flags or use another --out-dir.")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["state"]
-
-
-def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
-    """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples)."""
-    rank, world_size = rank_and_world()
-    torch.manual_seed(seed)  # the same initial weights in every process
-    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
-    model = build_model(cfg, alpha_min, skips, in_chans, num_classes).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)  ## the EMA weights are what gets evaluated and sampled
-    optimizer = make_optimizer(model, cfg, device)
-    n_train, batch = len(data["train_x"]), cfg.batch_size
-    if batch > n_train:
-        raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
-    check_world_size(batch, world_size)
-    steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
-    total_steps = cfg.epochs * steps_per_epoch
-    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    peak_lr = cfg.base_lr * batch / 256
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    name = setting_name(skips, alpha_min)
-
-    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0}
-    if os.path.exists(ckpt_path):
-        if not cfg.resume:
-            raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
-        state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, (skips, alpha_min), seed)  # every process loads it
-        if rank == 0:
-            print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
-
-    def evaluate_curve(epoch):
-        state["evals"].append({"epoch": epoch, "step": state["step"],
-                               **evaluate_cheap(ema, cfg, data, reference, device, seed)[0]})
-        e = state["evals"][-1]
-        if rank == 0:
-            tqdm.write(f"{name} seed={seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{cfg.knn_k} {e['knn']:.4f} "
-                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f}")
-
-    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
-        evaluate_curve(0)
-    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
-    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
-    ## module that the EMA follows and checkpoints save, so they resume with any number of processes.
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
-    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
-    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
-    progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
-                    disable=rank != 0)
-    last_time, last_step = time.perf_counter(), state["step"]
-
-    def flush():
-        nonlocal pending, last_time, last_step
-        if not pending:
-            return
-        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
-        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
-        pending = []
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:  # every process sees the same values, so all stop together
-            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} ({name}); "
-                            f"lower --base-lr or raise --alpha-min.")
-        state["losses"] += values
-        now = time.perf_counter()
-        state["seconds"] += now - last_time
-        progress.update(len(values))
-        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * batch / (now - last_time):.0f}")
-        last_time, last_step = now, last_step + len(values)
-
-    model.train()
-    for step in range(state["step"], stop_step):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == state["step"]:
-            order = epoch_order(seed, epoch, n_train).to(device)
-        ## Same trajectory for any number of processes: every process draws the data order, the flips,
-        ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
-        ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
-        ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
-        ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
-        idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
-        gen = step_generator(seed, step)
-        x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
-        t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
-        noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
-        y = None
-        if cfg.class_cond:
-            drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
-            y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
-        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device):
-            try:
-                loss = flow_loss(compiled, x0, noise, t, y)
-            except Exception as e:  # torch.compile fails lazily, at the first call
-                if compiled is model:
-                    raise
-                if rank == 0:
-                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
-                compiled = ddp_model
-                loss = flow_loss(ddp_model, x0, noise, t, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))  # identical in every process: so are the parameters
-        pending.append(loss.detach())
-        state["step"] = step + 1
-        end_of_epoch = i == steps_per_epoch - 1
-        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step:
-            flush()
-        if end_of_epoch:
-            done = epoch + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 and step + 1 < stop_step:  # the last point: finish_run
-                evaluate_curve(done)
-                last_time = time.perf_counter()  # evaluation time is not training time
-            if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
-                save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
-                last_time = time.perf_counter()
-    progress.close()
-    if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
-        save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
-    return finish_run(ema, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch)
-
-
 # =============================================================================================
-# Evaluation: generation quality (FD-smallcnn) and representation quality (k-NN, probe, rank)
-# =============================================================================================
-
-def feature_stats(features):
-    """(N, D) -> mean (D,) and unbiased covariance (D, D), float64."""
-    f = features.double()
-    mean = f.mean(0)
-    centred = f - mean
-    return mean, centred.T @ centred / (len(f) - 1)
-
-
-def frechet_distance(mean1, cov1, mean2, cov2):
-    """Frechet distance between N(mean1, cov1) and N(mean2, cov2) (Dowson & Landau 1982; FID,
-    Heusel et al. 2017): |m1 - m2|^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2). Both square
-    roots are of symmetric PSD matrices, by eigendecomposition in float64 (no scipy)."""
-    def sqrt_psd(m):
-        values, vectors = torch.linalg.eigh((m + m.T) / 2)
-        return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
-    mean1, cov1, mean2, cov2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mean1, cov1, mean2, cov2))
-    root1 = sqrt_psd(cov1)
-    cross = sqrt_psd(root1 @ cov2 @ root1)
-    return float(((mean1 - mean2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * cross.trace())
-
-
-class ReferenceCNN(nn.Module):
-    """The small classifier whose penultimate features (global-average-pooled, 4*width) define
-    FD-smallcnn. Trained once per dataset and image size on the real training images."""
-
-    def __init__(self, in_chans, num_classes, width=32):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.GELU(),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.BatchNorm2d(4 * width), nn.GELU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, 4*width)
-        self.head = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x):  # (B, C, S, S) in [-1, 1] -> logits (B, classes)
-        return self.head(self.body(x))
-
-
-@torch.no_grad()
-def reference_features(net, images, img_size, batch_size=500):
-    """uint8 images (N, C, H, W) -> (N, 4*width) penultimate features of the reference CNN."""
-    net.eval()
-    return torch.cat([net.body(center_view(images[s:s + batch_size], img_size, PIXEL_MEAN, PIXEL_STD)).float()
-                      for s in range(0, len(images), batch_size)])
-
-
-def reference_network(cfg, data, device, batch_size=256, lr=2e-3):
-    """The FD reference: load it from --out-dir, or train it (AdamW, cosine, flips, seed 0) and cache it.
-    Returns dict(net, test_stats, accuracy, sanity) with the real-vs-real and noise-vs-real FDs."""
-    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
-    key = {"dataset": cfg.dataset, "img_size": cfg.img_size, "train_limit": cfg.train_limit, "ref_epochs": cfg.ref_epochs,
-           "in_chans": in_chans, "num_classes": num_classes}
-    slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in cfg.dataset)
-    path = os.path.join(cfg.out_dir, f"fd_reference_{slug}_{cfg.img_size}px.pt")
-    torch.manual_seed(0)
-    net = ReferenceCNN(in_chans, num_classes).to(device)
-    cached = None
-    if os.path.exists(path):
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"the cached reference {path} is unreadable ({type(e).__name__}); delete it to retrain it.") from None
-    if cached is not None and cached["key"] == key:
-        net.load_state_dict(cached["model"])
-        accuracy, seconds = cached["accuracy"], cached["seconds"]
-    else:
-        started = time.perf_counter()
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-        n = len(data["train_x"])
-        steps_per_epoch = max(1, n // batch_size)
-        total = cfg.ref_epochs * steps_per_epoch
-        net.train()
-        ## Under torchrun every process trains the same reference (seeded, on its own device) at the
-        ## same time; only the first one writes the cache.
-        for step in tqdm(range(total), desc="reference CNN for FD", dynamic_ncols=True, mininterval=1.0,
-                         disable=rank_and_world()[0] != 0):
-            epoch, i = divmod(step, steps_per_epoch)
-            if i == 0:
-                order = epoch_order(10_007, epoch, n).to(device)
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            x = training_batch(data["train_x"][idx], cfg.img_size, step_generator(10_007, step), True)
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, total, steps_per_epoch // 2, lr, 0.0)
-            with autocast(device):
-                loss = F.cross_entropy(net(x).float(), data["train_y"][idx])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        net.eval()
-        with torch.no_grad():
-            logits = torch.cat([net(center_view(data["test_x"][s:s + 500], cfg.img_size, PIXEL_MEAN, PIXEL_STD)).float()
-                                for s in range(0, len(data["test_x"]), 500)])
-        accuracy, seconds = (logits.argmax(1) == data["test_y"]).float().mean().item(), time.perf_counter() - started
-        if rank_and_world()[0] == 0:
-            atomic_save({"key": key, "model": net.state_dict(), "accuracy": accuracy, "seconds": seconds}, path)
-    test_stats = feature_stats(reference_features(net, data["test_x"], cfg.img_size))
-    n = cfg.fd_samples
-    noise_images = torch.randint(0, 256, (n, in_chans, cfg.img_size, cfg.img_size), dtype=torch.uint8,
-                                 generator=torch.Generator().manual_seed(0)).to(device)
-    sanity = {"real_vs_real": frechet_distance(*feature_stats(reference_features(net, data["train_x"][:n], cfg.img_size)), *test_stats),
-              "noise_vs_real": frechet_distance(*feature_stats(reference_features(net, noise_images, cfg.img_size)), *test_stats)}
-    if rank_and_world()[0] == 0:
-        print(f"FD reference: small CNN ({sum(p.numel() for p in net.parameters())} parameters, cached in {path}), "
-              f"test accuracy {accuracy:.4f}, trained in {seconds:.0f} s; FD-smallcnn of {min(n, len(data['train_x']))} "
-              f"real training images vs the test set {sanity['real_vs_real']:.2f} (floor), of {n} uniform-noise images "
-              f"{sanity['noise_vs_real']:.2f}")
-    return {"net": net, "test_stats": test_stats, "accuracy": accuracy, "sanity": sanity}
-
-
-def generation_fd(model, cfg, data, reference, device, seed):
-    """FD-smallcnn of --fd-samples generated images against the real test set, and the images."""
-    in_chans, num_classes = data["train_x"].shape[1], len(data["classes"]) if cfg.class_cond else 0
-    images = generate(model, cfg.fd_samples, cfg, device, seed=1_000 + seed, in_chans=in_chans, num_classes=num_classes)
-    stats = feature_stats(reference_features(reference["net"], images, cfg.img_size))
-    return frechet_distance(*stats, *reference["test_stats"]), images
-
-
-@torch.no_grad()
-def extract_features(model, images, cfg, noise_level, device, batch_size=512):
-    """Frozen features (eval mode, no grad) of the whole, un-augmented image, optionally noised along
-    the flow path to time t = noise_level with fixed noise: tokens at the end of the encoder half,
-    mean-pooled over all tokens, null class. Returns (N, D) float32. Under torchrun each process
-    extracts a contiguous run of batches and all get every feature, in order."""
-    rank, world_size = rank_and_world()
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(0)  # the same noise for every model
-    mine = block_starts(len(images), batch_size, rank, world_size)
-    features = [torch.zeros(0, cfg.embed_dim, device=images.device)]  # (0, D): a process may get no batch
-    for start in range(0, len(images), batch_size):
-        count = min(batch_size, len(images) - start)
-        noise = torch.randn(count, images.shape[1], cfg.img_size, cfg.img_size, generator=gen)  # every process draws every batch's noise
-        if start not in mine:
-            continue
-        x = center_view(images[start:start + batch_size], cfg.img_size, PIXEL_MEAN, PIXEL_STD)
-        noise = noise.to(x.device)
-        t = torch.full((len(x),), float(noise_level), device=x.device)
-        with autocast(device):
-            tokens = model.features(interpolate(x, noise, t), t)  # (B, L, D)
-        features.append(tokens.mean(1).float())
-    model.train(was_training)
-    return all_gather_rows(torch.cat(features), world_size)
-
-
-def describe_feature(cfg, noise_level):
-    return (f"encoder-half output (block {cfg.depth // 2}/{cfg.depth}) of the EMA model, mean over all tokens, "
-            f"input x_t at t={noise_level:g}, null class")
-
-
-def evaluate_cheap(model, cfg, data, reference, device, seed):
-    """The curve point: FD-smallcnn (the full protocol), and a k-NN on a fixed 5000 train / 1000 test subset
-    plus their effective rank, at the headline noise level. Returns (point, generated images)."""
-    fd, images = generation_fd(model, cfg, data, reference, device, seed)
-    level = noise_levels(cfg)[0]
-    subset = {s: fixed_subset(len(data[f"{s}_x"]), n, device) for s, n in (("train", 5000), ("test", 1000))}
-    feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, level, device) for s, idx in subset.items()}
-    pred = knn_predict(feats["train"], data["train_y"][subset["train"]], feats["test"], min(cfg.knn_k, len(feats["train"])),
-                       cfg.knn_t, num_classes=len(data["classes"]))
-    return {"fd": fd, "knn": (pred == data["test_y"][subset["test"]]).float().mean().item(),
-            "effective_rank": effective_rank(feats["train"])}, images
-
-
-def save_features(path, train_features, train_labels, test_features, test_labels, meta):
-    """The features file probe.py reads (.npz): train_features (N, D) float32, train_labels (N,)
-    int64, test_features (M, D) float32, test_labels (M,) int64, plus metadata: config (JSON text),
-    feature (what the vectors are), alpha_min, seed, classes."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-        np.savez(f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
-                 test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
-                 **{k: np.asarray(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def image_grid(images, rows=8):
-    """(N, C, H, W) uint8 -> (rows*H + rows-1, cols*W + cols-1, C) numpy, one pixel of white between images."""
-    n, c, h, w = images.shape
-    cols = math.ceil(n / rows)
-    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 255, dtype=np.uint8)
-    for i, image in enumerate(images.cpu().numpy()):
-        r, col = divmod(i, cols)
-        grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = image.transpose(1, 2, 0)
-    return grid
-
-
-def save_png(array, path):
-    """(H, W, C) uint8 -> PNG (written atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    plt.imsave(tmp, array.squeeze(-1) if array.shape[-1] == 1 else array, cmap="gray" if array.shape[-1] == 1 else None)
-    os.replace(tmp, path)
-
-
-def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch):
-    """Final evaluation of the EMA model: FD-smallcnn (also the last curve point), the full k-NN /
-    probe / effective rank at every --feature-t, the features file and the sample grid."""
-    rank = rank_and_world()[0]
-    started = time.perf_counter()
-    num_classes = len(data["classes"])
-    epochs_done = state["step"] / steps_per_epoch
-    last, images = evaluate_cheap(model, cfg, data, reference, device, seed)  # the final point of the curves
-    fd = last["fd"]
-    state["evals"].append({"epoch": epochs_done, "step": state["step"], **last})
-    by_level = []
-    for j, level in enumerate(noise_levels(cfg)):
-        train_f = extract_features(model, data["train_x"], cfg, level, device)
-        test_f = extract_features(model, data["test_x"], cfg, level, device)
-        ks = [k for k in sorted({10, 20, 100, 200, cfg.knn_k}) if k <= len(train_f)]
-        preds = knn_predict(train_f, data["train_y"], test_f, ks, cfg.knn_t, num_classes=num_classes)
-        probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
-                             seed=seed, num_classes=num_classes)
-        ## Effective rank on at most 25,600 training features (RankMe's sample size), not centred.
-        by_level.append({"t": level, "knn": {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()},
-                         "linear_probe": probe, "effective_rank": effective_rank(train_f[:25600])})
-        file = "features.npz" if j == 0 else f"features_t{level:g}.npz"
-        if rank == 0:  # every process evaluated the gathered features; one writes them
-            save_features(os.path.join(run_dir, file), train_f, data["train_y"], test_f, data["test_y"],
-                          {"config": json.dumps(dataclasses.asdict(cfg)), "feature": describe_feature(cfg, level),
-                           "alpha_min": alpha_min, "skips": skips, "seed": seed, "noise_level": level,
-                           "classes": np.asarray(data["classes"])})
-    grid = image_grid(images[:64])
-    if cfg.plots and rank == 0:
-        save_png(grid, os.path.join(run_dir, "samples.png"))
-    losses = state["losses"]
-    whole_epochs = len(losses) // steps_per_epoch
-    run_config = {**dataclasses.asdict(cfg), "skips": "on" if skips else "off", "alpha_min": alpha_min, "alpha_eff": "", "seeds": str(seed)}
-    return {"skips": skips, "alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
-            "fd": fd, "fd_real_vs_real": reference["sanity"]["real_vs_real"], "fd_noise_vs_real": reference["sanity"]["noise_vs_real"],
-            "knn": by_level[0]["knn"], "knn_k": cfg.knn_k, "linear_probe": by_level[0]["linear_probe"],
-            "effective_rank": by_level[0]["effective_rank"], "by_noise_level": by_level,
-            "final_loss": losses[-1] if losses else float("nan"),
-            "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
-            "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
-            "epoch_losses": [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(whole_epochs)],
-            "losses": losses, "evals": state["evals"], "feature": describe_feature(cfg, by_level[0]["t"]),
-            "config": run_config, "samples": grid}
-
-
-# =============================================================================================
-# The comparison: table and plots
-# =============================================================================================
-
-def mean_std(values):
-    values = np.asarray(values, dtype=np.float64)
-    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f}+-{values.std(ddof=1):.4f}"
-
-
-def results_table(results):
-    """One row per (skips, alpha_min), mean +- std over seeds (sample std) when there are several."""
-    k = results[0]["knn_k"]
-    header = f"{'skips':>5} {'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {'FD-smallcnn':>13} {f'k-NN@{k}':>15} " \
-             f"{'linear probe':>15} {'eff. rank':>15} {'loss (last ep)':>15} {'train s':>8}"
-    rows = [header, "-" * len(header)]
-    for skips, alpha in dict.fromkeys((r["skips"], r["alpha_min"]) for r in results):
-        group = [r for r in results if (r["skips"], r["alpha_min"]) == (skips, alpha)]
-        rows.append(f"{'on' if skips else 'off':>5} {alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
-                    f"{mean_std([r['fd'] for r in group]):>13} {mean_std([r['knn'][k] for r in group]):>15} "
-                    f"{mean_std([r['linear_probe'] for r in group]):>15} {mean_std([r['effective_rank'] for r in group]):>15} "
-                    f"{mean_std([r['last_epoch_loss'] for r in group]):>15} {np.mean([r['seconds'] for r in group]):>8.0f}")
-    return "\n".join(rows)
-
-
-def save_plots(results, out_dir):
-    """curves.png (loss, FD-smallcnn and k-NN over training) and samples.png (grids side by side)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    settings = list(dict.fromkeys((r["skips"], r["alpha_min"]) for r in results))
-    colour = {s: plt.cm.viridis(i / max(1, len(settings) - 1)) for i, s in enumerate(settings)}
-    first_seed = [next(r for r in results if (r["skips"], r["alpha_min"]) == s) for s in settings]
-
-    def save(fig, name):
-        tmp = os.path.join(out_dir, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, os.path.join(out_dir, name))
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for r in results:
-        setting = (r["skips"], r["alpha_min"])
-        label = f"{setting_name(*setting)} seed={r['seed']}"
-        axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[setting], label=label)
-        epochs = [e["epoch"] for e in r["evals"]]
-        axes[1].plot(epochs, [e["fd"] for e in r["evals"]], "o-", color=colour[setting], label=label)
-        axes[2].plot(epochs, [e["knn"] for e in r["evals"]], "o-", color=colour[setting], label=label)
-    axes[1].axhline(results[0]["fd_real_vs_real"], color="grey", ls="--", label="real vs real")
-    for ax, title in zip(axes, ["flow loss (epoch mean)", "FD-smallcnn of EMA samples (lower is better)",
-                                f"k-NN@{results[0]['knn_k']} accuracy (5k train / 1k test)"]):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-    axes[0].set_yscale("log")
-    axes[1].set_yscale("log")
-    axes[1].legend(fontsize=7)
-    save(fig, "curves.png")
-
-    fig, axes = plt.subplots(1, len(first_seed), figsize=(3.2 * len(first_seed), 3.4), squeeze=False)
-    for ax, r in zip(axes[0], first_seed):
-        grid = r["samples"]
-        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
-                  interpolation="nearest")
-        ax.set_title(f"{setting_name(r['skips'], r['alpha_min'])}\nFD-smallcnn {r['fd']:.2f}", fontsize=8)
-        ax.set_xticks([]), ax.set_yticks([])
-    save(fig, "samples.png")
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-# =============================================================================================
-# Benchmark
-# =============================================================================================
-
-## Peak dense bf16 tensor throughput, FLOP/s, by device name; MFU is printed only for these.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
-    """Times the full training step (batch, flips, times, noise, forward, backward, AdamW, EMA) on
-    random uint8 data after warm-up (which includes compilation), with a device sync around it."""
-    skips, alpha_min = comparison(cfg)[-1]
-    torch.manual_seed(0)
-    model = build_model(cfg, alpha_min, skips, 3, 10).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = make_optimizer(model, cfg, device)
-    compiled = torch.compile(model) if cfg.compile else model
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (cfg.batch_size,), device=device) if cfg.class_cond else None
-
-    def train_step(step):
-        gen = step_generator(0, step)
-        x0 = training_batch(images, cfg.img_size, gen, cfg.flip)
-        t = sample_time(cfg.batch_size, gen, cfg.time_dist).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
-        with autocast(device):
-            loss = flow_loss(compiled, x0, noise, t, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, cfg.ema_decay)
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else (lambda: None)
-    for step in range(warmup_steps):
-        train_step(step)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for step in range(timed_steps):
-        train_step(warmup_steps + step)
-    sync()
-    ms = (time.perf_counter() - started) / timed_steps * 1000
-    img_s = cfg.batch_size / ms * 1000
-    flops = dit_flops_per_image(cfg, skips)
-    if device.type == "cuda":
-        name, memory = torch.cuda.get_device_name(), f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (peak allocated)"
-    else:
-        import resource
-        name = f"{device.type} ({os.cpu_count()} cores)"
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
-    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
-          f"{cfg.img_size}px/{cfg.patch_size}, DiT {cfg.embed_dim}x{cfg.depth}, {setting_name(skips, alpha_min)}")
-    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  "
-          f"MFU {mfu}  memory {memory}")
-    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
-
-
-# =============================================================================================
-# Main
+# Main: parse, validate, load, train every setting and seed, report
 # =============================================================================================
 
 def main(argv=None):

@@ -231,7 +231,7 @@ def test_evaluation_copies_agree_with_mae_decay_and_probe():
             other.linear_probe(train_x, train_y, test_x, test_y, epochs=3, seed=1)
         assert d.effective_rank(train_x) == other.effective_rank(train_x)
         assert d.effective_rank(train_x, center=True) == other.effective_rank(train_x, center=True)
-    for name in ("decay_schedule", "alpha_min_for", "sincos_pos_embed", "patchify", "unpatchify", "get_lr", "make_shapes",
+    for name in ("decay_schedule", "alpha_min_for", "sincos_pos_embed", "unpatchify", "get_lr", "make_shapes",
                  "knn_predict", "linear_probe", "effective_rank", "step_generator", "epoch_order", "center_view", "to_device",
                  "load_dataset", "atomic_save", "save_features", "write_json", "mean_std", "pick_device", "autocast",
                  "Attention", "MLP", "UserError", "knob_help", "parse_floats", "parse_seeds", "alpha_settings",
