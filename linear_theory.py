@@ -11,9 +11,10 @@ A corruption can move the learned subspace only by changing the second moment S 
 differently in different directions: additive Gaussian noise adds N sigma^2 I and never moves it,
 whatever sigma; masking multiplies S entry-wise and does.
 
-Run (each command prints what it does; `--help` lists every knob). Timings: 2-core CPU, OMP_NUM_THREADS=1:
+Run (each command prints what it does; `--help` lists every knob with its default).
+Timings: 2-core CPU, OMP_NUM_THREADS=1:
 
-    python linear_theory.py verify      # every closed form against Adam / L-BFGS / sampled-noise SGD (~20 s)
+    python linear_theory.py verify      # 27 checks: every closed form against Adam / L-BFGS / sampled-noise SGD (16-35 s)
     python linear_theory.py align --datasets shapes,fashion-mnist,cifar10          # Figure 2 + corruption table (~6 min)
     python linear_theory.py subspace --datasets cifar10 --train-limit 10000 --epochs 4 --width 16 --seeds 0,1,2  # Figs 1/4 (~6 min)
     python linear_theory.py subspace --datasets cifar10 --epochs 30 --width 64 --seeds 0,1,2   # the same at full size, one GPU
@@ -23,10 +24,10 @@ Outputs go to --out-dir (default runs/linear): alignment.png/.json, subspace_<da
 order_<dataset>.png + order.json. Every JSON holds the config and every number printed.
 
 Known-good numbers produced by this file (README.md has the full tables, commands and times):
-* verify: 27/27 checks pass; L-BFGS reaches the closed-form loss to a relative gap <= 1e-12, SGD on
+* verify: 27/27 checks pass; L-BFGS reaches the closed-form loss to a relative gap <= 2e-12, SGD on
   freshly sampled corruptions to ~2e-5; Gaussian noise: eigenvalues d^2/(d + N sigma^2) to 4e-15.
 * align, no corruption, projection score at K = 8 / 32 / 128: Fashion-MNIST 80.1 / 92.7 / 97.9 %,
-  CIFAR-10 56.7 / 71.9 / 79.4 % (the spec's numbers, to 0.1 point). Gaussian noise changes no score
+  CIFAR-10 56.7 / 71.9 / 79.4 % (official files, all training images). Gaussian noise changes no score
   (largest angle to PCA <= 4e-7 degrees); patch masking (p 0.75, patch 4) moves CIFAR-10's by up to +6.6 points.
 * subspace, CIFAR-10 (10k train images, small CNN, 4 epochs, 3 seeds): all pixels 50.0 +- 0.2 %,
   top 90 % of the variance (91 directions) 43.2 +- 0.2 %, bottom 20 % (3042 directions) 47.6 +- 0.2 %.
@@ -35,6 +36,9 @@ Memory: the closed forms hold about ten dense float64 D x D matrices: 0.05 GB fo
 0.75 GB for D = 3072 (CIFAR; peak RSS of the whole CIFAR-10 align run: 1.6 GB), 12 GB for D = 12288
 (64x64 RGB). Pixels stream through in chunks; every eigendecomposition is done once and reused.
 
+Reading order: the Config (every knob) -> THE IDEA (the closed forms, Theorem 1, the alignment
+measure: each equation beside the line that implements it) -> the gradient-based references that
+check them -> the four experiments -> their reports -> plumbing (command line, data, files) -> main.
 Two comment layers: `##` lines teach (which equation of which paper a line implements) and can be
 stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
@@ -61,12 +65,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
-
-
 # =============================================================================================
-# Config
+# Config: every knob of every command with its default (`--help` prints the same). Read first.
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -102,6 +102,789 @@ class Config:
 
 
 COMMANDS = ("verify", "align", "subspace", "order")
+
+
+# =============================================================================================
+# THE IDEA 1/3: the optimal linear denoising autoencoder, in closed form. Start reading here.
+# =============================================================================================
+## Notation (Balestriero & LeCun 2024, Section 3). X (D, N): N centred images as columns, one row per
+## pixel coordinate (D = C * H * W). Y (C, N): their one-hot labels. A linear autoencoder with K
+## features has an encoder E (K, D) and a decoder G (D, K): features E X (K, N), reconstruction G E X.
+## The DENOISING autoencoder sees a corrupted input Xt ~ q(. | X) and must give back the clean X:
+##     L(G, E) = E_q || X - G E Xt ||_F^2
+##             = tr(X X^T) - 2 tr(G E C) + tr(G E S E^T G^T)      (expand the square, then take E_q)
+## with C = E[Xt] X^T = E[Xt X^T] (D, D) and S = E[Xt Xt^T] (D, D). The loss sees the data only
+## through these D x D matrices: the optimum is a D x D eigenproblem, whatever N is.
+
+RANK_RTOL = 1e-10  # eigenvalues of S below RANK_RTOL * max are treated as 0: we work in the span of the data
+
+
+def as_float64(array):
+    return torch.as_tensor(array).double()
+
+
+def patch_ids(image_shape, patch):
+    """(D,) the index of the spatial patch each coordinate of a flattened (C, H, W) image lies in.
+    Every channel of a pixel shares its patch; edge patches may be smaller when patch does not divide H or W."""
+    channels, height, width = image_shape
+    rows, cols = torch.arange(height) // patch, torch.arange(width) // patch
+    ids = rows[:, None] * math.ceil(width / patch) + cols[None, :]  # (H, W)
+    return ids.expand(channels, height, width).reshape(-1)
+
+
+def corruption_moments(gram, n, noise="none", sigma=0.0, p=0.0, patch=1, image_shape=None):
+    """C = E[Xt X^T] and S = E[Xt Xt^T] (both (D, D)) of the corrupted data, from gram = X X^T."""
+    dim = gram.shape[0]
+    ## No corruption, Xt = X: C = S = X X^T, and the autoencoder is PCA (Eckart-Young).
+    if noise == "none":
+        return gram, gram
+    if noise == "gaussian":
+        ## Xt = X + sigma eps, eps ~ N(0, I) per coordinate and sample: E[Xt] = X, so C = X X^T, and the
+        ## cross terms vanish in expectation: S = X X^T + sigma^2 E[eps eps^T] = X X^T + N sigma^2 I.
+        ## S and C share their eigenvectors, so the learned subspace is PCA's whatever sigma.
+        return gram, gram + n * sigma ** 2 * torch.eye(dim, dtype=gram.dtype, device=gram.device)
+    if noise == "mask":
+        if not 0 <= p < 1:
+            raise ValueError(f"the masking probability p must be in [0, 1), got {p}")
+        if image_shape is None:
+            if patch != 1:
+                raise ValueError("patch masking needs image_shape=(C, H, W); without it every coordinate is its own patch")
+            ids = torch.arange(dim)
+        else:
+            if math.prod(image_shape) != dim:
+                raise ValueError(f"image_shape {tuple(image_shape)} does not hold D = {dim} coordinates")
+            ids = patch_ids(image_shape, patch)
+        ids = ids.to(gram.device)
+        same_patch = ids[:, None] == ids[None, :]  # (D, D) bool
+        ## Xt = m o X, m_i ~ Bernoulli(1-p) shared by every coordinate of a patch (all channels), and
+        ## no 1/(1-p) rescaling (it would scale E and G, not move the subspace). E[Xt] = (1-p) X, so
+        ## C = (1-p) X X^T. E[m_i m_j] = 1-p when i and j lie in one patch (i = j included), (1-p)^2
+        ## otherwise: S = (X X^T) o M, a Hadamard product that shrinks the off-patch correlations
+        ## and so tilts the eigenvectors away from PCA's.
+        keep_both = torch.where(same_patch, 1 - p, (1 - p) ** 2).to(gram.dtype)  # M (D, D)
+        return (1 - p) * gram, gram * keep_both
+    raise ValueError(f"noise must be 'none', 'gaussian' or 'mask', got '{noise}'")
+
+
+def generalized_eigh(A, S, S_eig=None, rtol=RANK_RTOL):
+    """Solve A v = mu S v (A, S symmetric (D, D), S >= 0) in the span of S. Returns mu (r,) in
+    descending order and V (D, r) with V^T S V = I. S_eig = (eigenvalues, eigenvectors) of S
+    when they are already known, so an eigendecomposition is never repeated."""
+    s, Q = S_eig if S_eig is not None else torch.linalg.eigh(S)
+    keep = s > rtol * s.max()
+    ## Whitening: S = Q diag(s) Q^T, so with v = Q s^{-1/2} u (in the span of S) the problem
+    ## A v = mu S v becomes the ordinary symmetric one (s^{-1/2} Q^T A Q s^{-1/2}) u = mu u,
+    ## and u^T u = 1 gives v^T S v = 1.
+    whiten = Q[:, keep] / s[keep].sqrt()  # (D, r): whiten^T S whiten = I
+    mu, U = torch.linalg.eigh(whiten.T @ A @ whiten)  # ascending
+    return mu.flip(0), whiten @ U.flip(1)
+
+
+def top_k(mu, V, K):
+    """The K leading (mu, v) pairs; when the span holds fewer than K directions, the rest are zero."""
+    missing = K - len(mu)
+    if missing <= 0:
+        return mu[:K], V[:, :K]
+    return F.pad(mu, (0, missing)), F.pad(V, (0, missing))
+
+
+def dae_from_gram(gram, n, K, noise="none", sigma=0.0, p=0.0, patch=1, image_shape=None, gram_eig=None):
+    """The optimal linear denoising autoencoder from gram = X X^T (D, D) of n centred samples.
+    Returns E (K, D), G (D, K), the optimal expected loss, and the generalised eigenvalues mu (K,).
+    gram_eig = eigh(gram), when known, is reused for 'none' and 'gaussian' (their S shares its eigenvectors)."""
+    dim = gram.shape[0]
+    if not 1 <= K <= dim:
+        raise ValueError(f"K must be in [1, D = {dim}], got {K}")
+    C, S = corruption_moments(gram, n, noise, sigma, p, patch, image_shape)
+    S_eig = None
+    if gram_eig is not None and noise != "mask":
+        S_eig = (gram_eig[0] + (n * sigma ** 2 if noise == "gaussian" else 0.0), gram_eig[1])
+    ## For a fixed E the loss is quadratic in G: setting its gradient -2 C^T E^T + 2 G E S E^T to 0
+    ## gives G = C^T E^T (E S E^T)^{-1}, and then L = tr(X X^T) - tr((E S E^T)^{-1} E C C^T E^T).
+    ## That trace ratio is largest when the rows of E span the top-K generalised eigenvectors of
+    ## (C C^T) v = mu S v: E*^T = those eigenvectors, normalised so that V^T S V = I.
+    mu, V = top_k(*generalized_eigh(C @ C.T, S, S_eig), K)
+    ## With V^T S V = I: G* = C^T E*^T (E* S E*^T)^{-1} = C^T V, and L* = tr(X X^T) - sum_{k <= K} mu_k.
+    loss = gram.trace() - mu.sum()
+    return V.T, C.T @ V, float(loss), mu
+
+
+def dae_closed_form(X, K, noise="none", sigma=0.0, p=0.0, patch=1, image_shape=None):
+    """The optimal linear denoising autoencoder min_{G, E} E_q ||X - G E Xt||_F^2 for centred data
+    X (D, N), corruption 'none', 'gaussian' (Xt = X + sigma eps) or 'mask' (each patch of
+    `patch` x `patch` pixels, all channels, zeroed with probability p; image_shape = (C, H, W)).
+    Returns encoder E (K, D), decoder G (D, K), and the optimal expected loss (float)."""
+    X = as_float64(X)
+    E, G, loss, _ = dae_from_gram(X @ X.T, X.shape[1], K, noise, sigma, p, patch, image_shape)
+    return E, G, loss
+
+
+def expected_dae_loss(E, G, gram, C, S):
+    """L(G, E) = E_q ||X - G E Xt||^2 = tr(X X^T) - 2 tr(G E C) + tr(G E S E^T G^T)."""
+    GE = G @ E  # (D, D)
+    ## tr(A B) = sum_ij A_ij B_ji: (GE * C^T).sum() = tr(G E C), ((GE S) * GE).sum() = tr(G E S E^T G^T).
+    return gram.trace() - 2 * (GE * C.T).sum() + ((GE @ S) * GE).sum()
+
+
+# =============================================================================================
+# THE IDEA 2/3: Theorem 1 (supervision + reconstruction) and the alignment measure. Read this.
+# =============================================================================================
+## Theorem 1 (Balestriero & LeCun 2024): K features V^T X (V (D, K)) that must serve BOTH a linear
+## classifier W (K, C) and a linear decoder Z (K, D), reconstruction weighted by lam >= 0:
+##     min_{V, W, Z}  || Y - W^T V^T X ||^2 + lam || X - Z^T V^T X ||^2.
+## lam = 0 is reduced-rank regression (the features that best predict the labels); lam -> infinity
+## is reconstruction alone, i.e. PCA. In between, the features follow the labels only as far as the
+## pixel variance lets them: the paper's point is that on natural images they mostly do not.
+
+def bilinear_closed_form(X, Y, K, lam):
+    """Theorem 1: min_{V, W, Z} ||Y - W^T V^T X||^2 + lam ||X - Z^T V^T X||^2 for centred X (D, N)
+    and targets Y (C, N), V (D, K). Returns V (D, K), W (K, C), Z (K, D) and the optimal loss.
+    Works in the span of the data (directions with X X^T eigenvalue <= 1e-10 * max are dropped)."""
+    if lam < 0 or not math.isfinite(lam):
+        raise ValueError(f"lam must be finite and >= 0, got {lam} (lam -> infinity is PCA: try 1e8)")
+    X, Y = as_float64(X), as_float64(Y)
+    gram, xy = X @ X.T, X @ Y.T  # (D, D), (D, C)
+    ## For features with V^T X X^T V = I, W and Z are least-squares fits: W* = V^T X Y^T, Z* = V^T X X^T,
+    ## and the loss left is ||Y||^2 + lam ||X||^2 - tr(V^T A V) with A = X Y^T Y X^T + lam (X X^T)^2.
+    ## The paper writes the solution with X X^T = P diag(d) P^T, H = d^{-1/2} P^T A P d^{-1/2} and
+    ## V* = P d^{-1/2} U_K (U_K the top-K eigenvectors of H): that is exactly the generalised
+    ## eigenproblem A v = mu (X X^T) v solved by whitening, so eig_k(H) = mu_k.
+    eig_H, V = top_k(*generalized_eigh(xy @ xy.T + lam * gram @ gram, gram), K)
+    W = V.T @ xy  # (K, C): W* = V*^T X Y^T
+    Z = V.T @ gram  # (K, D): Z* = V*^T X X^T
+    ## L* = ||Y||^2 + lam ||X||^2 - sum_{k <= K} eig_k(H)
+    loss = (Y ** 2).sum() + lam * gram.trace() - eig_H.sum()
+    return V, W, Z, float(loss)
+
+
+def bilinear_loss(V, W, Z, X, Y, lam):
+    features = V.T @ X  # (K, N)
+    return ((Y - W.T @ features) ** 2).sum() + lam * ((X - Z.T @ features) ** 2).sum()
+
+
+## The alignment measure (the paper's Figure 2): how well can the best LINEAR classifier on the first
+## K features F_K = E*_K X (K, N) of the optimal (denoising) autoencoder fit the labels?
+##     err(K) = min_W || Y - W F_K ||^2 = ||Y||^2 - sum_{k <= K} || Y q_k ||^2,
+## q_1..q_K (N,) the nested orthonormal basis of the feature rows (QR of F_K^T), so one QR serves every K.
+## Reported in percent of what all D features reach: the projection score 100 ||P_K Y^T|| / ||P_D Y^T||
+## (P_K the projector onto span(q_1..q_K)): 100 at K = D, low at small K when the top reconstruction
+## features miss the labels.
+
+def alignment_curve(E, gram_eig, xy, counts, rtol=1e-8):
+    """The least-squares supervised error err(K) = min_W ||Y - W F_K||^2 of the first K features
+    F_K = E[:K] X, for every K at once, and the two normalised scores in percent.
+    E (K_max, D) encoder rows in order; gram_eig = eigh(X X^T); xy = X Y^T (D, C); counts (C,).
+    Needs only D x D quantities: the N x K feature matrix is never formed."""
+    d, P = gram_eig
+    keep = d > RANK_RTOL * d.max()
+    d, P = d[keep], P[:, keep]
+    ## X = P diag(d^1/2) U^T with U (N, r) orthonormal, so F^T = X^T E^T = U B with B (r, K) below.
+    ## QR of B gives the QR of F^T: q_k = U Qb[:, k] is the nested orthonormal basis,
+    ## and Y q_k = (X Y^T)^T P d^{-1/2} Qb[:, k].
+    B = d.sqrt()[:, None] * (P.T @ E.T)  # (r, K)
+    Qb, R = torch.linalg.qr(B)
+    Yq = (xy.T @ (P / d.sqrt())) @ Qb  # (C, K): column k = Y q_k
+    # a feature that adds nothing new (R_kk ~ 0, e.g. a zero feature beyond the span) adds no energy
+    new = R.diagonal().abs() > rtol * R.diagonal().abs().max()
+    energy = (Yq ** 2).sum(0) * new  # ||q_k^T Y^T||^2
+    ## err(K) = ||Y||^2 - sum_{k <= K} ||q_k^T Y^T||^2  (one-hot Y: ||Y||^2 = N)
+    err = counts.sum() - torch.cumsum(energy, 0)
+    ## The two normalised scores. Projection energy: 100 ||P_K Y|| / ||P_D Y||.
+    projection = 100 * (torch.cumsum(energy, 0) / energy.sum()).sqrt()
+    ## The authors' code: 100 sqrt(cumsum ||Y^T Y q_k / N||^2) / (value at K = D); for one-hot Y,
+    ## ||Y^T Y q_k||^2 = sum_c n_c (Y q_k)_c^2, so it equals the projection score for balanced classes.
+    authors_energy = (counts[:, None] * Yq ** 2).sum(0) * new
+    authors = 100 * (torch.cumsum(authors_energy, 0) / authors_energy.sum()).sqrt()
+    return dict(err=err, projection=projection, authors=authors)
+
+
+def principal_angles(A, B):
+    """The K principal angles in degrees (ascending) between the row spaces of A (K, D) and B (K, D)."""
+    Qa, Qb = torch.linalg.qr(A.T)[0], torch.linalg.qr(B.T)[0]
+    ## The cosines of the principal angles are the singular values of Qa^T Qb (Bjorck & Golub 1973).
+    cosines = torch.linalg.svdvals(Qa.T @ Qb)  # descending
+    ## sin of the same angles from the part of B outside A: accurate for tiny angles, where acos is not
+    sines = torch.linalg.svdvals(Qb - Qa @ (Qa.T @ Qb)).flip(0)  # ascending
+    return torch.rad2deg(torch.atan2(sines, cosines))
+
+
+def max_principal_angle(A, B):
+    return float(principal_angles(A, B).max())
+
+
+# =============================================================================================
+# THE IDEA 3/3: top- and bottom-variance subspaces, which directions are learned first. Read this.
+# =============================================================================================
+## The paper's Figures 1 and 4 keep only the eigen-directions of the pixel covariance that explain the
+## top p% (or the bottom q%) of the variance and train a classifier on the projected images; Figure 3
+## shows that reconstruction fits the top directions first. For the linear model this ordering is exact.
+
+def variance_subspace(eigvals, eigvecs, fraction, end):
+    """The columns of the eigenbasis (descending eigenvalues) that keep `fraction` of the variance:
+    the fewest LEADING ('top') or TRAILING ('bottom') eigenvectors whose variance reaches it.
+    Returns basis (D, k) and the fraction it really keeps."""
+    variance = eigvals.clamp_min(0)
+    ordered = variance if end == "top" else variance.flip(0)
+    ## The projected images x -> basis basis^T x keep sum_{kept} lambda_k / sum_all lambda_k of the variance.
+    cumulative = torch.cumsum(ordered, 0) / variance.sum()
+    k = min(int(torch.searchsorted(cumulative, torch.tensor([fraction], dtype=cumulative.dtype))) + 1, len(eigvals))
+    columns = torch.arange(k) if end == "top" else torch.arange(len(eigvals) - k, len(eigvals))
+    return eigvecs[:, columns], float(cumulative[k - 1])
+
+
+def gradient_flow_band_error(eigvals, bands, times):
+    """The linear model W (D, D), loss mean ||x - W x||^2, gradient flow from W = 0: I - W(t) = exp(-2 Sigma t),
+    so the error along eigen-direction k decays as exp(-4 lambda_k t): large-variance directions first.
+    eigvals (D,) of the covariance Sigma, bands [(start, stop)], times (T,) -> relative error per band (T, bands)."""
+    ## dW/dt = -grad = 2 (I - W) Sigma, so R = I - W obeys dR/dt = -2 R Sigma: R(t) = exp(-2 Sigma t).
+    ## The squared error along eigenvector k is lambda_k exp(-4 lambda_k t) (lambda_k: its variance).
+    decay = torch.exp(-4 * times[:, None] * eigvals[None, :])  # (T, D)
+    return torch.stack([(decay[:, a:b] * eigvals[a:b]).sum(1) / eigvals[a:b].sum() for a, b in bands], 1)
+
+
+# =============================================================================================
+# Gradient-based references: the same models trained by optimisers, to check the closed forms. Skippable.
+# =============================================================================================
+
+def sample_corruption(X, gen, noise="none", sigma=0.0, p=0.0, patch=1, image_shape=None):
+    """One draw Xt ~ q(. | X) for X (D, N): a fresh noise or mask for every sample."""
+    if noise == "gaussian":
+        return X + sigma * torch.randn(X.shape, generator=gen, dtype=X.dtype)
+    if noise == "mask":
+        ids = patch_ids(image_shape, patch) if image_shape is not None else torch.arange(X.shape[0])
+        kept = torch.rand(int(ids.max()) + 1, X.shape[1], generator=gen) >= p  # (patches, N)
+        return X * kept[ids].to(X.dtype)  # (D, N): every coordinate of a patch shares its draw
+    return X
+
+
+def init_params(shapes, seed, scale=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(scale * torch.randn(s, generator=gen, dtype=torch.float64)).requires_grad_() for s in shapes]
+
+
+def minimise(loss_fn, params, method, steps, lr=1e-2):
+    """Minimise loss_fn() over params with 'lbfgs' (strong Wolfe) or 'adam' (cosine lr decay)."""
+    if method == "lbfgs":
+        optimizer = torch.optim.LBFGS(params, lr=1, max_iter=steps, max_eval=2 * steps, history_size=50,
+                                      tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+        return params
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+        schedule.step()
+    return params
+
+
+def train_dae_expected(X, K, method, steps, seed, **corruption):
+    """A linear DAE trained on the exact expected loss. Returns E (K, D), G (D, K) (detached)."""
+    X = as_float64(X)
+    gram = X @ X.T
+    C, S = corruption_moments(gram, X.shape[1], **corruption)
+    scale = 1 / gram.trace()  # an O(1) loss for the optimiser; the minimiser does not change
+    E, G = init_params([(K, X.shape[0]), (X.shape[0], K)], seed)
+    minimise(lambda: scale * expected_dae_loss(E, G, gram, C, S), [E, G], method, steps)
+    return E.detach(), G.detach()
+
+
+def train_dae_sampled(X, K, steps, seed, lr=0.05, **corruption):
+    """A linear DAE trained by SGD (momentum 0.9, cosine lr) on ||X - G E Xt||^2 with a fresh
+    corruption Xt at every step: the way such a model is trained in practice."""
+    X = as_float64(X)
+    gen = torch.Generator().manual_seed(seed + 1)
+    E, G = init_params([(K, X.shape[0]), (X.shape[0], K)], seed)
+    scale = 1 / (X ** 2).sum()
+    optimizer = torch.optim.SGD([E, G], lr=lr, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    for _ in range(steps):
+        X_tilde = sample_corruption(X, gen, **corruption)
+        loss = scale * ((X - G @ (E @ X_tilde)) ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return E.detach(), G.detach()
+
+
+def train_bilinear(X, Y, K, lam, steps, seed):
+    """Theorem 1's model trained by L-BFGS. Returns V (D, K), W (K, C), Z (K, D)."""
+    X, Y = as_float64(X), as_float64(Y)
+    V, W, Z = init_params([(X.shape[0], K), (K, Y.shape[0]), (K, X.shape[0])], seed)
+    scale = 1 / ((Y ** 2).sum() + lam * (X ** 2).sum())
+    minimise(lambda: scale * bilinear_loss(V, W, Z, X, Y, lam), [V, W, Z], "lbfgs", steps)
+    return V.detach(), W.detach(), Z.detach()
+
+
+def reduced_rank_regression_loss(X, Y, K):
+    """The textbook reduced-rank regression (Izenman 1975): project the least-squares fit
+    Yhat = Y X^T (X X^T)^{-1} X onto its top-K left singular vectors."""
+    fitted = Y @ X.T @ torch.linalg.solve(X @ X.T, X)  # (C, N)
+    U = torch.linalg.svd(fitted, full_matrices=False)[0][:, :K]
+    return float(((Y - U @ U.T @ fitted) ** 2).sum())
+
+
+def toy_data(image_shape=(2, 4, 4), n=400, num_classes=3, seed=0):
+    """Small correlated 'images' X (D, N), centred, with a decaying spectrum, and one-hot labels
+    Y (classes, N) set by random directions (so they do not follow the top principal components)."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = math.prod(image_shape)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0]
+    scales = 0.92 ** torch.arange(dim, dtype=torch.float64)
+    X = basis @ (scales[:, None] * torch.randn(dim, n, generator=gen, dtype=torch.float64))
+    X = X - X.mean(1, keepdim=True)
+    labels = (torch.randn(num_classes, dim, generator=gen, dtype=torch.float64) @ X).argmax(0)
+    return X, F.one_hot(labels, num_classes).T.double()
+
+
+# =============================================================================================
+# The experiments, one per command: verify, align (Fig. 2), subspace (Figs. 1, 4), order (Fig. 3). Read.
+# =============================================================================================
+
+@torch.no_grad()
+def pixel_statistics(images, labels, num_classes, device, chunk=2048):
+    """One streaming pass over uint8 images (N, C, H, W), pixels scaled to [0, 1], in float64:
+    mean (D,), gram = X X^T (D, D) and xy = X Y^T (D, classes) of the CENTRED pixels X (D, N),
+    Y the one-hot labels (classes, N), and the class counts. Memory: two D x D matrices."""
+    n, dim = len(images), int(np.prod(images.shape[1:]))
+    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    second = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    class_sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    for start in range(0, n, chunk):
+        x = torch.from_numpy(images[start:start + chunk].copy()).to(device)  # copy: IDX arrays are read-only
+        x = x.reshape(len(x), dim).double().div_(255)  # (B, D)
+        y = torch.from_numpy(labels[start:start + chunk]).to(device)
+        total += x.sum(0)
+        second.addmm_(x.T, x)  # += sum_b x_b x_b^T
+        class_sums.index_add_(0, y, x)
+    counts = torch.bincount(torch.from_numpy(labels).to(device), minlength=num_classes).double()
+    mean = total / n
+    ## Centring after the fact: sum (x - m)(x - m)^T = sum x x^T - n m m^T (float64 keeps ~15 digits).
+    gram = second - n * torch.outer(mean, mean)
+    xy = (class_sums - counts[:, None] * mean).T  # (D, classes): column c = sum of the centred images of class c
+    return dict(mean=mean, gram=gram, xy=xy, counts=counts, n=n, image_shape=tuple(images.shape[1:]))
+
+
+def standardized(stats):
+    """The same statistics for per-pixel standardised data (constant pixels dropped to zero)."""
+    std = (stats["gram"].diagonal().clamp_min(0) / stats["n"]).sqrt()
+    scale = torch.where(std > 1e-8, 1 / std, torch.zeros_like(std))
+    return {**stats, "gram": stats["gram"] * scale[:, None] * scale[None, :], "xy": stats["xy"] * scale[:, None]}
+
+
+def verify(cfg, device):
+    """Every closed form against gradient-based training of the same model, on toy data.
+    Prints one row per check with its gap and the bound it must meet; exit code 1 if one fails."""
+    if not cfg.threads:
+        # toy sizes (D = 32): one thread is fastest, and immune to oversubscribed cores (2 threads on a
+        # busy 2-core machine made this 15x slower)
+        torch.set_num_threads(1)
+    image_shape, K = (2, 4, 4), 4
+    X, Y = toy_data(image_shape, seed=cfg.seed)
+    gram, n = X @ X.T, X.shape[1]
+    pca = torch.linalg.eigh(gram)[1].flip(1)[:, :K].T  # (K, D) top-K principal directions
+    rows = []  # (case, check, value, bound, "<=" or ">=")
+
+    def rel_gap(loss, best):
+        return abs(loss - best) / abs(best)
+
+    cases = [dict(noise="none"), dict(noise="gaussian", sigma=0.5),
+             dict(noise="mask", p=0.5, patch=2, image_shape=image_shape)]
+    for corruption in cases:
+        name = corruption_name(corruption)
+        E, G, best, _ = dae_from_gram(gram, n, K, **corruption)
+        C, S = corruption_moments(gram, n, **corruption)
+        for method, steps, bound in (("lbfgs", 500, 1e-9), ("adam", 3000, 1e-6)):
+            E_fit, G_fit = train_dae_expected(X, K, method, steps, cfg.seed, **corruption)
+            rows.append((name, f"{method} on the expected loss: relative loss gap",
+                         rel_gap(float(expected_dae_loss(E_fit, G_fit, gram, C, S)), best), bound, "<="))
+            if method == "lbfgs":
+                rows.append((name, "lbfgs: angle between learned subspaces (deg)", max_principal_angle(E_fit, E), 1e-2, "<="))
+        E_fit, G_fit = train_dae_sampled(X, K, 3000, cfg.seed, **corruption)
+        rows.append((name, "SGD on sampled corruptions: relative loss gap",
+                     rel_gap(float(expected_dae_loss(E_fit, G_fit, gram, C, S)), best), 1e-4, "<="))
+
+    # the moments themselves: Monte Carlo average of the masking second moment
+    mask = dict(noise="mask", p=0.5, patch=2, image_shape=image_shape)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    draws = 4000
+    S_mc = sum(Xt @ Xt.T for Xt in (sample_corruption(X, gen, **mask) for _ in range(draws))) / draws
+    S = corruption_moments(gram, n, **mask)[1]
+    rows.append(("mask moments", f"Monte Carlo S ({draws} draws) vs (X X^T) o M: relative error",
+                 float((S_mc - S).norm() / S.norm()), 1e-2, "<="))
+
+    # Gaussian noise: eigenvalues d^2 / (d + N sigma^2), PCA eigenvectors, for any sigma
+    d = torch.linalg.eigvalsh(gram).flip(0)
+    for sigma in (0.1, 1.0, 10.0):
+        E, _, _, mu = dae_from_gram(gram, n, K, "gaussian", sigma)
+        predicted = d[:K] ** 2 / (d[:K] + n * sigma ** 2)
+        rows.append((f"gaussian s={sigma:g}", "eigenvalues vs d^2/(d + N s^2): relative error",
+                     float(((mu - predicted).abs() / predicted).max()), 1e-10, "<="))
+        rows.append((f"gaussian s={sigma:g}", "angle to the PCA subspace (deg)", max_principal_angle(E, pca), 1e-9, "<="))
+
+    # masking: entry-wise on standardised data is PCA; patches (or raw data) move the subspace
+    X_std = X / X.std(1, keepdim=True)
+    E_std = dae_closed_form(X_std, K, "mask", p=0.5)[0]
+    pca_std = torch.linalg.eigh(X_std @ X_std.T)[1].flip(1)[:, :K].T
+    rows.append(("mask entry-wise, standardised", "angle to PCA (deg)", max_principal_angle(E_std, pca_std), 1e-9, "<="))
+    E_patch = dae_closed_form(X_std, K, "mask", p=0.5, patch=2, image_shape=image_shape)[0]
+    rows.append(("mask patch=2, standardised", "angle to PCA (deg): it MOVES", max_principal_angle(E_patch, pca_std), 1.0, ">="))
+
+    # Theorem 1 for several lambda, against L-BFGS, reduced-rank regression and PCA
+    for lam in (0.0, 0.5, 10.0):
+        V, W, Z, best = bilinear_closed_form(X, Y, 2, lam)
+        V_fit, W_fit, Z_fit = train_bilinear(X, Y, 2, lam, 1000, cfg.seed)
+        rows.append((f"theorem 1 lambda={lam:g}", "lbfgs: relative loss gap",
+                     rel_gap(float(bilinear_loss(V_fit, W_fit, Z_fit, X, Y, lam)), best), 1e-9, "<="))
+    rows.append(("theorem 1 lambda=0", "vs reduced-rank regression: relative loss gap",
+                 rel_gap(bilinear_closed_form(X, Y, 2, 0.0)[3], reduced_rank_regression_loss(X, Y, 2)), 1e-10, "<="))
+    V = bilinear_closed_form(X, Y, K, 1e8)[0]
+    rows.append(("theorem 1 lambda=1e8", "angle to PCA (deg)", max_principal_angle(V.T, pca), 1e-4, "<="))
+
+    # alignment: the nested-QR error of every K against a direct least-squares solve per K
+    E = dae_closed_form(X, X.shape[0], "mask", p=0.5, patch=2, image_shape=image_shape)[0]
+    curve = alignment_curve(E, torch.linalg.eigh(gram), X @ Y.T, Y.sum(1))
+    direct = torch.stack([((Y.T - (E[:k] @ X).T @ torch.linalg.lstsq((E[:k] @ X).T, Y.T).solution) ** 2).sum()
+                          for k in range(1, X.shape[0] + 1)])
+    rows.append(("alignment", "err(K) vs least squares, every K: max relative gap",
+                 float(((curve["err"] - direct).abs() / direct).max()), 1e-9, "<="))
+
+    table, failed = verify_table(rows)
+    print(table)
+    return 1 if failed else 0
+
+
+def align(cfg, device):
+    """The paper's Figure 2: how well the optimal K reconstruction features explain the labels, for
+    every K, per dataset and corruption; and a table of how much each corruption changes it."""
+    linalg = float64_device(device)
+    corruptions = [parse_corruption(c) for c in cfg.corruptions.split(",")]
+    table_ks = parse_list(cfg.ks, "--ks", int)
+    results = {}
+    for name in dataset_names(cfg):
+        start = time.time()
+        images, labels, num_classes, _ = load_train(name, cfg)
+        stats = pixel_statistics(images, labels, num_classes, linalg)
+        stats = standardized(stats) if cfg.standardize else stats
+        dim, n = stats["gram"].shape[0], stats["n"]
+        print(f"{name}: N = {n}, D = {dim}; the closed forms need about {10 * dim * dim * 8 / 1e9:.2f} GB "
+              f"(pixel statistics {time.time() - start:.1f} s)")
+        gram_eig = torch.linalg.eigh(stats["gram"])  # once per dataset, reused by every corruption
+        d, P = gram_eig[0].flip(0), gram_eig[1].flip(1)  # descending
+        ks = [k for k in table_ks if k <= dim]
+        results[name] = {"N": n, "D": dim, "corruptions": {}}
+        for corruption in corruptions:
+            tick = time.time()
+            kwargs = {**corruption, "image_shape": stats["image_shape"]} if corruption["noise"] == "mask" else corruption
+            E, _, loss, mu = dae_from_gram(stats["gram"], n, dim, **kwargs, gram_eig=gram_eig)
+            curve = alignment_curve(E, gram_eig, stats["xy"], stats["counts"])
+            entry = {"projection_score": curve["projection"].tolist(), "authors_score": curve["authors"].tolist(),
+                     "err": curve["err"].tolist(),
+                     "angles_to_pca_deg": {k: principal_angles(E[:k], P[:, :k].T).tolist() for k in ks}}
+            if corruption["noise"] == "gaussian":
+                predicted = d ** 2 / (d + n * corruption["sigma"] ** 2)
+                entry["eigenvalue_formula_gap"] = float((mu - predicted).abs().max() / mu[0])
+            results[name]["corruptions"][corruption_name(corruption)] = entry
+            print(f"  {corruption_name(corruption):<22} " + "  ".join(f"K={k}: {entry['projection_score'][k - 1]:5.1f}%" for k in ks)
+                  + f"  (largest angle to PCA {largest_angle(entry):.2g} deg, {time.time() - tick:.1f} s)")
+        results[name]["seconds"] = time.time() - start
+    save_figure(alignment_figure(results), os.path.join(cfg.out_dir, "alignment.png"))
+    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "alignment.json"))
+    print(corruption_table(results, table_ks))
+    print(f"wrote {cfg.out_dir}/alignment.png and alignment.json")
+    return 0
+
+
+def small_cnn(in_channels, num_classes, width):
+    """Three conv-BN-ReLU blocks (width, 2 width, 4 width channels), two max-pools, global average pool, linear."""
+    def block(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*block(in_channels, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
+                         *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
+
+
+@torch.no_grad()
+def project_images(images, mean, basis, device, chunk=4096):
+    """x -> mean + basis basis^T (x - mean) for uint8 images (N, C, H, W); float32 (N, C, H, W) in [0, 1] units."""
+    basis, mean = basis.to(device, torch.float32), mean.to(device, torch.float32)
+    out = []
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(images[start:start + chunk].copy()).to(device).float().div_(255)
+        centred = x.flatten(1) - mean  # (B, D)
+        out.append(((centred @ basis) @ basis.T + mean).view(x.shape))
+    return torch.cat(out)
+
+
+def train_classifier(train_x, train_y, test_x, test_y, num_classes, cfg, seed, device):
+    """The same small CNN for every projection: inputs standardised by the train set (mean image,
+    one scalar std), AdamW + cosine, no augmentation. Returns the FINAL epoch's test accuracy."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0, keepdim=True), train_x.std().clamp_min(1e-8)
+    model = small_cnn(train_x.shape[1], num_classes, cfg.width).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
+    steps = cfg.epochs * math.ceil(len(train_x) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for _ in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(len(train_x), generator=gen).to(device)
+        for start in range(0, len(train_x), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            with autocast:
+                loss = F.cross_entropy(model((train_x[idx] - mean) / std), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    with torch.no_grad(), autocast:
+        correct = sum(int((model((test_x[i:i + 1024] - mean) / std).argmax(1) == test_y[i:i + 1024]).sum())
+                      for i in range(0, len(test_x), 1024))
+    return correct / len(test_x)
+
+
+def subspace(cfg, device):
+    """The paper's Figures 1 and 4: classify images projected onto the top-variance eigenvectors
+    (p% of the variance) or the bottom ones (q%) with the same small CNN."""
+    linalg = float64_device(device)
+    seeds = parse_list(cfg.seeds, "--seeds", int)
+    results = {}
+    for name in dataset_names(cfg):
+        start = time.time()
+        images, labels, num_classes, parts = load_train(name, cfg)
+        stats = pixel_statistics(images, labels, num_classes, linalg)
+        eigvals, eigvecs = torch.linalg.eigh(stats["gram"] / stats["n"])  # covariance, once
+        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)  # descending
+        dim = len(eigvals)
+        projections = [("full", 1.0, None)] + [(f"top {100 * f:g}%", f, "top") for f in parse_list(cfg.top, "--top")] \
+            + [(f"bottom {100 * f:g}%", f, "bottom") for f in parse_list(cfg.bottom, "--bottom")]
+        test_images, test_labels = parts["test"]
+        train_y, test_y = torch.from_numpy(labels).to(device), torch.from_numpy(test_labels).to(device)
+        rows, examples = [], []
+        example_ids = torch.from_numpy(np.unique(test_labels, return_index=True)[1][:8]).to(device)  # one per class
+        for label, fraction, end in projections:
+            basis, kept = (eigvecs, 1.0) if end is None else variance_subspace(eigvals, eigvecs, fraction, end)
+            train_x = project_images(images, stats["mean"], basis, device)
+            test_x = project_images(test_images, stats["mean"], basis, device)
+            tick = time.time()
+            accuracies = [train_classifier(train_x, train_y, test_x, test_y, num_classes, cfg, s, device) for s in seeds]
+            rows.append(dict(projection=label, directions=basis.shape[1], variance_kept=kept,
+                             accuracy_mean=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
+                             accuracies=accuracies, seconds_per_run=(time.time() - tick) / len(seeds)))
+            examples.append((label, test_x[example_ids].cpu()))
+            print(f"{name} {label:<12} {basis.shape[1]:5d}/{dim} directions ({100 * kept:5.1f}% of the variance): "
+                  f"test accuracy {100 * rows[-1]['accuracy_mean']:.1f} +- {100 * rows[-1]['accuracy_std']:.1f}% "
+                  f"({rows[-1]['seconds_per_run']:.0f} s per run)")
+        results[name] = dict(N_train=len(images), N_test=len(test_images), D=dim, rows=rows, seconds=time.time() - start)
+        save_figure(example_grid(examples, name), os.path.join(cfg.out_dir, f"subspace_{safe_name(name)}.png"))
+    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "subspace.json"))
+    print(subspace_table(results, len(seeds)))
+    print(f"wrote {cfg.out_dir}/subspace_*.png and subspace.json")
+    return 0
+
+
+def eigen_bands(dim):
+    """Bands of eigen-directions 1, 2-4, 5-16, 17-64, ... (powers of 4), as (start, stop) index pairs."""
+    edges = [0] + [4 ** i for i in range(0, 10) if 4 ** i < dim] + [dim]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def deep_autoencoder(dim, hidden, bottleneck):
+    """D -> hidden -> bottleneck -> hidden -> D with ReLUs. Every layer keeps PyTorch's default init
+    except the last, which starts at zero so the reconstruction error starts at exactly 100% per direction."""
+    model = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, bottleneck), nn.ReLU(),
+                          nn.Linear(bottleneck, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+    nn.init.zeros_(model[-1].weight)
+    nn.init.zeros_(model[-1].bias)
+    return model
+
+
+def order(cfg, device):
+    """The paper's Figure 1 (bottom) / Figure 3: a deep autoencoder fits the large-variance
+    eigen-directions first, like the linear model's gradient flow predicts in closed form.
+    Trains on the first --train-limit images (10000 when it is 0)."""
+    linalg = float64_device(device)
+    results = {}
+    for name in dataset_names(cfg):
+        start = time.time()
+        images, labels, num_classes, _ = load_train(name, cfg)
+        images, labels = images[:cfg.train_limit or 10000], labels[:cfg.train_limit or 10000]
+        stats = pixel_statistics(images, labels, num_classes, linalg)
+        eigvals, eigvecs = torch.linalg.eigh(stats["gram"] / stats["n"])
+        eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
+        dim = len(eigvals)
+        bands = eigen_bands(dim)
+        X = (torch.from_numpy(images.copy()).reshape(len(images), dim).to(device).float() / 255
+             - stats["mean"].to(device, torch.float32))  # (N, D) centred
+        probe = X[:2000]
+        probe_energy = (probe @ eigvecs.to(device, torch.float32)) ** 2  # (B, D)
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model = deep_autoencoder(dim, cfg.ae_hidden, cfg.ae_bottleneck).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.ae_lr)
+        checkpoints = sorted({0, cfg.ae_steps} | {int(s) for s in np.geomspace(1, cfg.ae_steps, 30)})
+        history = []
+        for step in range(cfg.ae_steps + 1):
+            if step in checkpoints:
+                with torch.no_grad():
+                    error = ((probe - model(probe)) @ eigvecs.to(device, torch.float32)) ** 2  # (B, D)
+                history.append([float(error[:, a:b].sum() / probe_energy[:, a:b].sum()) for a, b in bands])
+            if step == cfg.ae_steps:
+                break
+            idx = torch.randint(0, len(X), (256,), generator=gen).to(device)
+            loss = ((X[idx] - model(X[idx])) ** 2).sum(1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        history = np.array(history)  # (checkpoints, bands)
+        ## The linear prediction, in closed form: relative error exp(-4 lambda_k t) per direction.
+        times = torch.logspace(math.log10(0.01 / eigvals[0]), math.log10(10 / eigvals[min(255, dim - 1)].clamp_min(1e-12)), 200,
+                               dtype=torch.float64)
+        linear = gradient_flow_band_error(eigvals, bands, times).numpy()
+        band_names = [f"directions {a + 1}-{b}" if b > a + 1 else f"direction {b}" for a, b in bands]
+        half_step = [next((checkpoints[i] for i in range(len(checkpoints)) if history[i, j] < 0.5), None) for j in range(len(bands))]
+        results[name] = dict(bands=band_names, checkpoints=checkpoints, deep_error=history.tolist(),
+                             linear_times=times.tolist(), linear_error=linear.tolist(), first_step_below_half=half_step,
+                             seconds=time.time() - start)
+        print(f"{name}: step at which each band's relative error falls below 50% (deep AE, Adam): "
+              + ", ".join(f"{b}: {'not reached' if s is None else s}" for b, s in zip(band_names, half_step)) + f" ({time.time() - start:.0f} s)")
+        save_figure(order_figure(name, results[name]), os.path.join(cfg.out_dir, f"order_{safe_name(name)}.png"))
+    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "order.json"))
+    print(f"wrote {cfg.out_dir}/order_*.png and order.json")
+    return 0
+
+
+# =============================================================================================
+# Reports: the printed tables and the figures of the experiments. Skip on a first read.
+# =============================================================================================
+
+def verify_table(rows):
+    """verify's rows (case, check, value, bound, '<=' or '>=') as a text table marking each ok or FAILED.
+    Returns (table, number of failed checks)."""
+    width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    lines = [f"{'case':<{width[0]}}  {'check':<{width[1]}}  {'gap':>9}  bound"]
+    failed = 0
+    for case, check, value, bound, sense in rows:
+        ok = value <= bound if sense == "<=" else value >= bound
+        failed += not ok
+        lines.append(f"{case:<{width[0]}}  {check:<{width[1]}}  {value:9.2e}  {sense} {bound:.0e}  {'ok' if ok else 'FAILED'}")
+    lines.append(f"{len(rows) - failed}/{len(rows)} checks passed")
+    return "\n".join(lines), failed
+
+
+def largest_angle(entry):
+    """The largest principal angle to PCA over every tabulated K (~0 for Gaussian noise, whatever sigma)."""
+    return max((max(angles) for angles in entry["angles_to_pca_deg"].values()), default=0.0)
+
+
+def corruption_table(results, ks):
+    """Markdown: per dataset and corruption, the score at each K, its largest change against no
+    corruption, and how far the learned subspace moved from PCA (largest angle over K; mean angle at the first K)."""
+    lines = ["| dataset | corruption | " + " | ".join(f"K={k}" for k in ks)
+             + f" | largest change (points) | largest angle to PCA (deg) | mean angle to PCA at K={ks[0]} (deg) |",
+             "|---" * (len(ks) + 5) + "|"]
+    for name, result in results.items():
+        base = result["corruptions"].get("none")
+        for corruption, entry in result["corruptions"].items():
+            kk = [k for k in ks if k <= result["D"]]
+            scores = [f"{entry['projection_score'][k - 1]:.1f}" for k in kk] + ["-"] * (len(ks) - len(kk))
+            change = max((abs(entry["projection_score"][k - 1] - base["projection_score"][k - 1]) for k in kk),
+                         default=float("nan")) if base else float("nan")
+            first = entry["angles_to_pca_deg"].get(ks[0])
+            mean_angle = f"{np.mean(first):.2g}" if first else "-"
+            lines.append(f"| {name} | {corruption} | " + " | ".join(scores)
+                         + f" | {change:.2g} | {largest_angle(entry):.2g} | {mean_angle} |")
+    return "\n".join(lines)
+
+
+def alignment_figure(results):
+    """Figure 2: the projection score against K and against K / D; one colour per dataset, one line style per corruption."""
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(12, 4.5))
+    by_k, by_fraction = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, result) in enumerate(results.items()):
+        K = np.arange(1, result["D"] + 1)
+        for number, (corruption, entry) in enumerate(result["corruptions"].items()):
+            style, label = ["-", "--", ":", "-."][number % 4], f"{name}, {corruption}"
+            by_k.plot(K, entry["projection_score"], style, color=colours[index % len(colours)], label=label)
+            by_fraction.plot(K / result["D"], entry["projection_score"], style, color=colours[index % len(colours)], label=label)
+    for axis, xlabel in ((by_k, "K (number of features)"), (by_fraction, "K / D")):
+        axis.set_xscale("log")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("alignment: projection score (%)")
+        axis.grid(alpha=0.3)
+    by_fraction.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle("How well the K optimal linear (denoising) autoencoder features explain the labels: "
+                 "100 ||P_K Y|| / ||P_D Y|| (Balestriero & LeCun 2024, Fig. 2)", fontsize=10)
+    return fig
+
+
+def subspace_table(results, num_seeds):
+    lines = [f"| dataset | projection | directions kept | variance kept | test accuracy (%, {num_seeds} seed(s)) |",
+             "|---|---|---|---|---|"]
+    for name, result in results.items():
+        for row in result["rows"]:
+            lines.append(f"| {name} | {row['projection']} | {row['directions']}/{result['D']} | "
+                         f"{100 * row['variance_kept']:.1f}% | {100 * row['accuracy_mean']:.1f} +- {100 * row['accuracy_std']:.1f} |")
+    return "\n".join(lines)
+
+
+def example_grid(examples, name):
+    """Rows: projections; columns: test images. Each image is min-max stretched on its own so that
+    the low-variance (bottom) projections are visible at all."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(examples), 8, figsize=(8 * 1.1, len(examples) * 1.2), squeeze=False)
+    for row, (label, images) in enumerate(examples):
+        for col in range(min(8, len(images))):
+            image = images[col]
+            image = ((image - image.min()) / (image.max() - image.min()).clamp_min(1e-8)).permute(1, 2, 0)
+            axes[row, col].imshow(image.squeeze(-1).numpy(), cmap="gray" if image.shape[-1] == 1 else None)
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"{name}: test images projected onto variance subspaces (each image min-max stretched)", fontsize=9)
+    return fig
+
+
+def order_figure(name, result):
+    """Figure 3: relative reconstruction error per band of eigen-directions, deep autoencoder (left)
+    against the linear model's gradient flow in closed form (right)."""
+    import matplotlib.pyplot as plt
+    history, linear = np.array(result["deep_error"]), np.array(result["linear_error"])  # (checkpoints, bands), (T, bands)
+    fig, (deep, flow) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for j, band in enumerate(result["bands"]):
+        deep.plot(np.maximum(result["checkpoints"], 0.8), history[:, j], marker=".", label=band)
+        flow.plot(result["linear_times"], linear[:, j], label=band)
+    deep.set(xscale="log", xlabel="Adam step (step 0 drawn at 0.8)", ylabel="relative reconstruction error in the band",
+             title=f"deep autoencoder on {name}")
+    flow.set(xscale="log", xlabel="gradient-flow time t", ylabel="relative error  sum lambda e^{-4 lambda t} / sum lambda",
+             title="linear model, closed form")
+    for axis in (deep, flow):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    return fig
+
+
+def safe_name(name):
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+# =============================================================================================
+# Plumbing: command line and its validation. Skip on a first read.
+# =============================================================================================
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
 
 
 def knob_help():
@@ -205,7 +988,7 @@ def float64_device(device):
 
 
 # =============================================================================================
-# Data: the loaders are copies of mae_decay.py's (uint8 (N, C, H, W) + int64 labels)
+# Plumbing: data loaders, copies of mae_decay.py's (tests keep them identical). Read only to change the data.
 # =============================================================================================
 
 DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
@@ -487,6 +1270,19 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     return parts
 
 
+def load_train(name, cfg):
+    """The training split of one dataset, cut to --train-limit: uint8 (N, C, H, W), int64 (N,), #classes."""
+    parts = load_dataset(name, cfg.data_dir, cfg.img_size, cfg.download)
+    images, labels = parts["train"]
+    if cfg.train_limit:
+        images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
+    return images, labels, len(parts["classes"]), parts
+
+
+# =============================================================================================
+# Plumbing: file I/O (temporary file, then rename: never half a file). Skip on a first read.
+# =============================================================================================
+
 def atomic_write(path, write):
     """write(tmp_path), then rename: a crash never leaves half a file behind."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -513,716 +1309,8 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
-def load_train(name, cfg):
-    """The training split of one dataset, cut to --train-limit: uint8 (N, C, H, W), int64 (N,), #classes."""
-    parts = load_dataset(name, cfg.data_dir, cfg.img_size, cfg.download)
-    images, labels = parts["train"]
-    if cfg.train_limit:
-        images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
-    return images, labels, len(parts["classes"]), parts
-
-
-@torch.no_grad()
-def pixel_statistics(images, labels, num_classes, device, chunk=2048):
-    """One streaming pass over uint8 images (N, C, H, W), pixels scaled to [0, 1], in float64:
-    mean (D,), gram = X X^T (D, D) and xy = X Y^T (D, classes) of the CENTRED pixels X (D, N),
-    Y the one-hot labels (classes, N), and the class counts. Memory: two D x D matrices."""
-    n, dim = len(images), int(np.prod(images.shape[1:]))
-    total = torch.zeros(dim, dtype=torch.float64, device=device)
-    second = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    class_sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
-    for start in range(0, n, chunk):
-        x = torch.from_numpy(images[start:start + chunk].copy()).to(device)  # copy: IDX arrays are read-only
-        x = x.reshape(len(x), dim).double().div_(255)  # (B, D)
-        y = torch.from_numpy(labels[start:start + chunk]).to(device)
-        total += x.sum(0)
-        second.addmm_(x.T, x)  # += sum_b x_b x_b^T
-        class_sums.index_add_(0, y, x)
-    counts = torch.bincount(torch.from_numpy(labels).to(device), minlength=num_classes).double()
-    mean = total / n
-    ## Centring after the fact: sum (x - m)(x - m)^T = sum x x^T - n m m^T (float64 keeps ~15 digits).
-    gram = second - n * torch.outer(mean, mean)
-    xy = (class_sums - counts[:, None] * mean).T  # (D, classes): column c = sum of the centred images of class c
-    return dict(mean=mean, gram=gram, xy=xy, counts=counts, n=n, image_shape=tuple(images.shape[1:]))
-
-
-def standardized(stats):
-    """The same statistics for per-pixel standardised data (constant pixels dropped to zero)."""
-    std = (stats["gram"].diagonal().clamp_min(0) / stats["n"]).sqrt()
-    scale = torch.where(std > 1e-8, 1 / std, torch.zeros_like(std))
-    return {**stats, "gram": stats["gram"] * scale[:, None] * scale[None, :], "xy": stats["xy"] * scale[:, None]}
-
-
 # =============================================================================================
-# The closed forms (Balestriero & LeCun 2024; spec/linear_theory.md sections 1-3)
-# =============================================================================================
-
-RANK_RTOL = 1e-10  # eigenvalues of S below RANK_RTOL * max are treated as 0: we work in the span of the data
-
-
-def as_float64(array):
-    return torch.as_tensor(array).double()
-
-
-def patch_ids(image_shape, patch):
-    """(D,) the index of the spatial patch each coordinate of a flattened (C, H, W) image lies in.
-    Every channel of a pixel shares its patch; edge patches may be smaller when patch does not divide H or W."""
-    channels, height, width = image_shape
-    rows, cols = torch.arange(height) // patch, torch.arange(width) // patch
-    ids = rows[:, None] * math.ceil(width / patch) + cols[None, :]  # (H, W)
-    return ids.expand(channels, height, width).reshape(-1)
-
-
-def corruption_moments(gram, n, noise="none", sigma=0.0, p=0.0, patch=1, image_shape=None):
-    """C = E[Xt X^T] and S = E[Xt Xt^T] (both (D, D)) of the corrupted data, from gram = X X^T."""
-    dim = gram.shape[0]
-    if noise == "none":
-        return gram, gram
-    if noise == "gaussian":
-        ## Xt = X + sigma eps: the cross terms vanish in expectation, S = X X^T + N sigma^2 I.
-        return gram, gram + n * sigma ** 2 * torch.eye(dim, dtype=gram.dtype, device=gram.device)
-    if noise == "mask":
-        if not 0 <= p < 1:
-            raise ValueError(f"the masking probability p must be in [0, 1), got {p}")
-        if image_shape is None:
-            if patch != 1:
-                raise ValueError("patch masking needs image_shape=(C, H, W); without it every coordinate is its own patch")
-            ids = torch.arange(dim)
-        else:
-            if math.prod(image_shape) != dim:
-                raise ValueError(f"image_shape {tuple(image_shape)} does not hold D = {dim} coordinates")
-            ids = patch_ids(image_shape, patch)
-        ids = ids.to(gram.device)
-        same_patch = ids[:, None] == ids[None, :]  # (D, D) bool
-        ## Each patch is kept with probability 1-p, no 1/(1-p) rescaling: M1 = (1-p) X, and
-        ## S = (X X^T) o M with M_ij = 1-p in the same patch (i = j included), (1-p)^2 otherwise.
-        keep_both = torch.where(same_patch, 1 - p, (1 - p) ** 2).to(gram.dtype)
-        return (1 - p) * gram, gram * keep_both
-    raise ValueError(f"noise must be 'none', 'gaussian' or 'mask', got '{noise}'")
-
-
-def generalized_eigh(A, S, S_eig=None, rtol=RANK_RTOL):
-    """Solve A v = mu S v (A, S symmetric (D, D), S >= 0) in the span of S. Returns mu (r,) in
-    descending order and V (D, r) with V^T S V = I. S_eig = (eigenvalues, eigenvectors) of S
-    when they are already known, so an eigendecomposition is never repeated."""
-    s, Q = S_eig if S_eig is not None else torch.linalg.eigh(S)
-    keep = s > rtol * s.max()
-    whiten = Q[:, keep] / s[keep].sqrt()  # (D, r): whiten^T S whiten = I
-    mu, U = torch.linalg.eigh(whiten.T @ A @ whiten)  # ascending
-    return mu.flip(0), whiten @ U.flip(1)
-
-
-def top_k(mu, V, K):
-    """The K leading (mu, v) pairs; when the span holds fewer than K directions, the rest are zero."""
-    missing = K - len(mu)
-    if missing <= 0:
-        return mu[:K], V[:, :K]
-    return F.pad(mu, (0, missing)), F.pad(V, (0, missing))
-
-
-def dae_from_gram(gram, n, K, noise="none", sigma=0.0, p=0.0, patch=1, image_shape=None, gram_eig=None):
-    """The optimal linear denoising autoencoder from gram = X X^T (D, D) of n centred samples.
-    Returns E (K, D), G (D, K), the optimal expected loss, and the generalised eigenvalues mu (K,).
-    gram_eig = eigh(gram), when known, is reused for 'none' and 'gaussian' (their S shares its eigenvectors)."""
-    dim = gram.shape[0]
-    if not 1 <= K <= dim:
-        raise ValueError(f"K must be in [1, D = {dim}], got {K}")
-    C, S = corruption_moments(gram, n, noise, sigma, p, patch, image_shape)
-    S_eig = None
-    if gram_eig is not None and noise != "mask":
-        S_eig = (gram_eig[0] + (n * sigma ** 2 if noise == "gaussian" else 0.0), gram_eig[1])
-    ## E*^T = top-K generalised eigenvectors of (C C^T) v = mu S v, normalised so V^T S V = I.
-    mu, V = top_k(*generalized_eigh(C @ C.T, S, S_eig), K)
-    ## G* = C^T E*^T (E* S E*^T)^{-1} = C^T V, and L* = tr(X X^T) - sum_{k <= K} mu_k.
-    loss = gram.trace() - mu.sum()
-    return V.T, C.T @ V, float(loss), mu
-
-
-def dae_closed_form(X, K, noise="none", sigma=0.0, p=0.0, patch=1, image_shape=None):
-    """The optimal linear denoising autoencoder min_{G, E} E_q ||X - G E Xt||_F^2 for centred data
-    X (D, N), corruption 'none', 'gaussian' (Xt = X + sigma eps) or 'mask' (each patch of
-    `patch` x `patch` pixels, all channels, zeroed with probability p; image_shape = (C, H, W)).
-    Returns encoder E (K, D), decoder G (D, K), and the optimal expected loss (float)."""
-    X = as_float64(X)
-    E, G, loss, _ = dae_from_gram(X @ X.T, X.shape[1], K, noise, sigma, p, patch, image_shape)
-    return E, G, loss
-
-
-def expected_dae_loss(E, G, gram, C, S):
-    """L(G, E) = E_q ||X - G E Xt||^2 = tr(X X^T) - 2 tr(G E C) + tr(G E S E^T G^T)."""
-    GE = G @ E  # (D, D)
-    return gram.trace() - 2 * (GE * C.T).sum() + ((GE @ S) * GE).sum()
-
-
-def bilinear_closed_form(X, Y, K, lam):
-    """Theorem 1: min_{V, W, Z} ||Y - W^T V^T X||^2 + lam ||X - Z^T V^T X||^2 for centred X (D, N)
-    and targets Y (C, N), V (D, K). Returns V (D, K), W (K, C), Z (K, D) and the optimal loss.
-    Works in the span of the data (directions with X X^T eigenvalue <= 1e-10 * max are dropped)."""
-    if lam < 0 or not math.isfinite(lam):
-        raise ValueError(f"lam must be finite and >= 0, got {lam} (lam -> infinity is PCA: try 1e8)")
-    X, Y = as_float64(X), as_float64(Y)
-    gram, xy = X @ X.T, X @ Y.T  # (D, D), (D, C)
-    ## A = X Y^T Y X^T + lam (X X^T)^2. With X X^T = P diag(d) P^T, H = d^{-1/2} P^T A P d^{-1/2} and
-    ## V* = P d^{-1/2} U_K: exactly the generalised eigenproblem A v = mu (X X^T) v, so V*^T X X^T V* = I.
-    eig_H, V = top_k(*generalized_eigh(xy @ xy.T + lam * gram @ gram, gram), K)
-    W = V.T @ xy  # (K, C): W* = V*^T X Y^T
-    Z = V.T @ gram  # (K, D): Z* = V*^T X X^T
-    ## L* = ||Y||^2 + lam ||X||^2 - sum_{k <= K} eig_k(H)
-    loss = (Y ** 2).sum() + lam * gram.trace() - eig_H.sum()
-    return V, W, Z, float(loss)
-
-
-def bilinear_loss(V, W, Z, X, Y, lam):
-    features = V.T @ X  # (K, N)
-    return ((Y - W.T @ features) ** 2).sum() + lam * ((X - Z.T @ features) ** 2).sum()
-
-
-def alignment_curve(E, gram_eig, xy, counts, rtol=1e-8):
-    """The least-squares supervised error err(K) = min_W ||Y - W F_K||^2 of the first K features
-    F_K = E[:K] X, for every K at once, and the two normalised scores in percent.
-    E (K_max, D) encoder rows in order; gram_eig = eigh(X X^T); xy = X Y^T (D, C); counts (C,).
-    Needs only D x D quantities: the N x K feature matrix is never formed."""
-    d, P = gram_eig
-    keep = d > RANK_RTOL * d.max()
-    d, P = d[keep], P[:, keep]
-    ## X = P diag(d^1/2) U^T with U (N, r) orthonormal, so F^T = X^T E^T = U B with B (r, K) below.
-    ## QR of B gives the QR of F^T: q_k = U Qb[:, k] is the nested orthonormal basis of the spec,
-    ## and Y q_k = (X Y^T)^T P d^{-1/2} Qb[:, k].
-    B = d.sqrt()[:, None] * (P.T @ E.T)  # (r, K)
-    Qb, R = torch.linalg.qr(B)
-    Yq = (xy.T @ (P / d.sqrt())) @ Qb  # (C, K): column k = Y q_k
-    # a feature that adds nothing new (R_kk ~ 0, e.g. a zero feature beyond the span) adds no energy
-    new = R.diagonal().abs() > rtol * R.diagonal().abs().max()
-    energy = (Yq ** 2).sum(0) * new  # ||q_k^T Y^T||^2
-    ## err(K) = ||Y||^2 - sum_{k <= K} ||q_k^T Y^T||^2  (one-hot Y: ||Y||^2 = N)
-    err = counts.sum() - torch.cumsum(energy, 0)
-    ## The two normalised scores of the spec. Projection energy: 100 ||P_K Y|| / ||P_D Y||.
-    projection = 100 * (torch.cumsum(energy, 0) / energy.sum()).sqrt()
-    ## The authors' code: 100 sqrt(cumsum ||Y^T Y q_k / N||^2) / (value at K = D); for one-hot Y,
-    ## ||Y^T Y q_k||^2 = sum_c n_c (Y q_k)_c^2, so it equals the projection score for balanced classes.
-    authors_energy = (counts[:, None] * Yq ** 2).sum(0) * new
-    authors = 100 * (torch.cumsum(authors_energy, 0) / authors_energy.sum()).sqrt()
-    return dict(err=err, projection=projection, authors=authors)
-
-
-def principal_angles(A, B):
-    """The K principal angles in degrees (ascending) between the row spaces of A (K, D) and B (K, D)."""
-    Qa, Qb = torch.linalg.qr(A.T)[0], torch.linalg.qr(B.T)[0]
-    cosines = torch.linalg.svdvals(Qa.T @ Qb)  # descending
-    ## sin of the same angles from the part of B outside A: accurate for tiny angles, where acos is not
-    sines = torch.linalg.svdvals(Qb - Qa @ (Qa.T @ Qb)).flip(0)  # ascending
-    return torch.rad2deg(torch.atan2(sines, cosines))
-
-
-def max_principal_angle(A, B):
-    return float(principal_angles(A, B).max())
-
-
-def variance_subspace(eigvals, eigvecs, fraction, end):
-    """The columns of the eigenbasis (descending eigenvalues) that keep `fraction` of the variance:
-    the fewest LEADING ('top') or TRAILING ('bottom') eigenvectors whose variance reaches it.
-    Returns basis (D, k) and the fraction it really keeps."""
-    variance = eigvals.clamp_min(0)
-    ordered = variance if end == "top" else variance.flip(0)
-    cumulative = torch.cumsum(ordered, 0) / variance.sum()
-    k = min(int(torch.searchsorted(cumulative, torch.tensor([fraction], dtype=cumulative.dtype))) + 1, len(eigvals))
-    columns = torch.arange(k) if end == "top" else torch.arange(len(eigvals) - k, len(eigvals))
-    return eigvecs[:, columns], float(cumulative[k - 1])
-
-
-def gradient_flow_band_error(eigvals, bands, times):
-    """The linear model W (D, D), loss mean ||x - W x||^2, gradient flow from W = 0: I - W(t) = exp(-2 Sigma t),
-    so the error along eigen-direction k decays as exp(-4 lambda_k t): large-variance directions first.
-    eigvals (D,) of the covariance Sigma, bands [(start, stop)], times (T,) -> relative error per band (T, bands)."""
-    decay = torch.exp(-4 * times[:, None] * eigvals[None, :])  # (T, D)
-    return torch.stack([(decay[:, a:b] * eigvals[a:b]).sum(1) / eigvals[a:b].sum() for a, b in bands], 1)
-
-
-# =============================================================================================
-# Gradient-based references: the same models trained by Adam / L-BFGS on the expected loss and by
-# SGD on freshly sampled corruptions (what `verify` and the tests compare the closed forms with)
-# =============================================================================================
-
-def sample_corruption(X, gen, noise="none", sigma=0.0, p=0.0, patch=1, image_shape=None):
-    """One draw Xt ~ q(. | X) for X (D, N): a fresh noise or mask for every sample."""
-    if noise == "gaussian":
-        return X + sigma * torch.randn(X.shape, generator=gen, dtype=X.dtype)
-    if noise == "mask":
-        ids = patch_ids(image_shape, patch) if image_shape is not None else torch.arange(X.shape[0])
-        kept = torch.rand(int(ids.max()) + 1, X.shape[1], generator=gen) >= p  # (patches, N)
-        return X * kept[ids].to(X.dtype)  # (D, N): every coordinate of a patch shares its draw
-    return X
-
-
-def init_params(shapes, seed, scale=0.1):
-    gen = torch.Generator().manual_seed(seed)
-    return [(scale * torch.randn(s, generator=gen, dtype=torch.float64)).requires_grad_() for s in shapes]
-
-
-def minimise(loss_fn, params, method, steps, lr=1e-2):
-    """Minimise loss_fn() over params with 'lbfgs' (strong Wolfe) or 'adam' (cosine lr decay)."""
-    if method == "lbfgs":
-        optimizer = torch.optim.LBFGS(params, lr=1, max_iter=steps, max_eval=2 * steps, history_size=50,
-                                      tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            return loss
-        optimizer.step(closure)
-        return params
-    optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss_fn().backward()
-        optimizer.step()
-        schedule.step()
-    return params
-
-
-def train_dae_expected(X, K, method, steps, seed, **corruption):
-    """A linear DAE trained on the exact expected loss. Returns E (K, D), G (D, K) (detached)."""
-    X = as_float64(X)
-    gram = X @ X.T
-    C, S = corruption_moments(gram, X.shape[1], **corruption)
-    scale = 1 / gram.trace()  # an O(1) loss for the optimiser; the minimiser does not change
-    E, G = init_params([(K, X.shape[0]), (X.shape[0], K)], seed)
-    minimise(lambda: scale * expected_dae_loss(E, G, gram, C, S), [E, G], method, steps)
-    return E.detach(), G.detach()
-
-
-def train_dae_sampled(X, K, steps, seed, lr=0.05, **corruption):
-    """A linear DAE trained by SGD (momentum 0.9, cosine lr) on ||X - G E Xt||^2 with a fresh
-    corruption Xt at every step: the way such a model is trained in practice."""
-    X = as_float64(X)
-    gen = torch.Generator().manual_seed(seed + 1)
-    E, G = init_params([(K, X.shape[0]), (X.shape[0], K)], seed)
-    scale = 1 / (X ** 2).sum()
-    optimizer = torch.optim.SGD([E, G], lr=lr, momentum=0.9)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    for _ in range(steps):
-        X_tilde = sample_corruption(X, gen, **corruption)
-        loss = scale * ((X - G @ (E @ X_tilde)) ** 2).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return E.detach(), G.detach()
-
-
-def train_bilinear(X, Y, K, lam, steps, seed):
-    """Theorem 1's model trained by L-BFGS. Returns V (D, K), W (K, C), Z (K, D)."""
-    X, Y = as_float64(X), as_float64(Y)
-    V, W, Z = init_params([(X.shape[0], K), (K, Y.shape[0]), (K, X.shape[0])], seed)
-    scale = 1 / ((Y ** 2).sum() + lam * (X ** 2).sum())
-    minimise(lambda: scale * bilinear_loss(V, W, Z, X, Y, lam), [V, W, Z], "lbfgs", steps)
-    return V.detach(), W.detach(), Z.detach()
-
-
-def toy_data(image_shape=(2, 4, 4), n=400, num_classes=3, seed=0):
-    """Small correlated 'images' X (D, N), centred, with a decaying spectrum, and one-hot labels
-    Y (classes, N) set by random directions (so they do not follow the top principal components)."""
-    gen = torch.Generator().manual_seed(seed)
-    dim = math.prod(image_shape)
-    basis = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0]
-    scales = 0.92 ** torch.arange(dim, dtype=torch.float64)
-    X = basis @ (scales[:, None] * torch.randn(dim, n, generator=gen, dtype=torch.float64))
-    X = X - X.mean(1, keepdim=True)
-    labels = (torch.randn(num_classes, dim, generator=gen, dtype=torch.float64) @ X).argmax(0)
-    return X, F.one_hot(labels, num_classes).T.double()
-
-
-# =============================================================================================
-# Experiments
-# =============================================================================================
-
-def verify(cfg, device):
-    """Every closed form against gradient-based training of the same model, on toy data.
-    Prints one row per check with its gap and the bound it must meet; exit code 1 if one fails."""
-    if not cfg.threads:
-        # toy sizes (D = 32): one thread is fastest, and immune to oversubscribed cores (2 threads on a
-        # busy 2-core machine made this 15x slower)
-        torch.set_num_threads(1)
-    image_shape, K = (2, 4, 4), 4
-    X, Y = toy_data(image_shape, seed=cfg.seed)
-    gram, n = X @ X.T, X.shape[1]
-    pca = torch.linalg.eigh(gram)[1].flip(1)[:, :K].T  # (K, D) top-K principal directions
-    rows = []  # (case, check, value, bound, "<=" or ">=")
-
-    def rel_gap(loss, best):
-        return abs(loss - best) / abs(best)
-
-    cases = [dict(noise="none"), dict(noise="gaussian", sigma=0.5),
-             dict(noise="mask", p=0.5, patch=2, image_shape=image_shape)]
-    for corruption in cases:
-        name = corruption_name(corruption)
-        E, G, best, _ = dae_from_gram(gram, n, K, **corruption)
-        C, S = corruption_moments(gram, n, **corruption)
-        for method, steps, bound in (("lbfgs", 500, 1e-9), ("adam", 3000, 1e-6)):
-            E_fit, G_fit = train_dae_expected(X, K, method, steps, cfg.seed, **corruption)
-            rows.append((name, f"{method} on the expected loss: relative loss gap",
-                         rel_gap(float(expected_dae_loss(E_fit, G_fit, gram, C, S)), best), bound, "<="))
-            if method == "lbfgs":
-                rows.append((name, "lbfgs: angle between learned subspaces (deg)", max_principal_angle(E_fit, E), 1e-2, "<="))
-        E_fit, G_fit = train_dae_sampled(X, K, 3000, cfg.seed, **corruption)
-        rows.append((name, "SGD on sampled corruptions: relative loss gap",
-                     rel_gap(float(expected_dae_loss(E_fit, G_fit, gram, C, S)), best), 1e-4, "<="))
-
-    # the moments themselves: Monte Carlo average of the masking second moment
-    mask = dict(noise="mask", p=0.5, patch=2, image_shape=image_shape)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    draws = 4000
-    S_mc = sum(Xt @ Xt.T for Xt in (sample_corruption(X, gen, **mask) for _ in range(draws))) / draws
-    S = corruption_moments(gram, n, **mask)[1]
-    rows.append(("mask moments", f"Monte Carlo S ({draws} draws) vs (X X^T) o M: relative error",
-                 float((S_mc - S).norm() / S.norm()), 1e-2, "<="))
-
-    # Gaussian noise: eigenvalues d^2 / (d + N sigma^2), PCA eigenvectors, for any sigma
-    d = torch.linalg.eigvalsh(gram).flip(0)
-    for sigma in (0.1, 1.0, 10.0):
-        E, _, _, mu = dae_from_gram(gram, n, K, "gaussian", sigma)
-        predicted = d[:K] ** 2 / (d[:K] + n * sigma ** 2)
-        rows.append((f"gaussian s={sigma:g}", "eigenvalues vs d^2/(d + N s^2): relative error",
-                     float(((mu - predicted).abs() / predicted).max()), 1e-10, "<="))
-        rows.append((f"gaussian s={sigma:g}", "angle to the PCA subspace (deg)", max_principal_angle(E, pca), 1e-9, "<="))
-
-    # masking: entry-wise on standardised data is PCA; patches (or raw data) move the subspace
-    X_std = X / X.std(1, keepdim=True)
-    E_std = dae_closed_form(X_std, K, "mask", p=0.5)[0]
-    pca_std = torch.linalg.eigh(X_std @ X_std.T)[1].flip(1)[:, :K].T
-    rows.append(("mask entry-wise, standardised", "angle to PCA (deg)", max_principal_angle(E_std, pca_std), 1e-9, "<="))
-    E_patch = dae_closed_form(X_std, K, "mask", p=0.5, patch=2, image_shape=image_shape)[0]
-    rows.append(("mask patch=2, standardised", "angle to PCA (deg): it MOVES", max_principal_angle(E_patch, pca_std), 1.0, ">="))
-
-    # Theorem 1 for several lambda, against L-BFGS, reduced-rank regression and PCA
-    for lam in (0.0, 0.5, 10.0):
-        V, W, Z, best = bilinear_closed_form(X, Y, 2, lam)
-        V_fit, W_fit, Z_fit = train_bilinear(X, Y, 2, lam, 1000, cfg.seed)
-        rows.append((f"theorem 1 lambda={lam:g}", "lbfgs: relative loss gap",
-                     rel_gap(float(bilinear_loss(V_fit, W_fit, Z_fit, X, Y, lam)), best), 1e-9, "<="))
-    rows.append(("theorem 1 lambda=0", "vs reduced-rank regression: relative loss gap",
-                 rel_gap(bilinear_closed_form(X, Y, 2, 0.0)[3], reduced_rank_regression_loss(X, Y, 2)), 1e-10, "<="))
-    V = bilinear_closed_form(X, Y, K, 1e8)[0]
-    rows.append(("theorem 1 lambda=1e8", "angle to PCA (deg)", max_principal_angle(V.T, pca), 1e-4, "<="))
-
-    # alignment: the nested-QR error of every K against a direct least-squares solve per K
-    E = dae_closed_form(X, X.shape[0], "mask", p=0.5, patch=2, image_shape=image_shape)[0]
-    curve = alignment_curve(E, torch.linalg.eigh(gram), X @ Y.T, Y.sum(1))
-    direct = torch.stack([((Y.T - (E[:k] @ X).T @ torch.linalg.lstsq((E[:k] @ X).T, Y.T).solution) ** 2).sum()
-                          for k in range(1, X.shape[0] + 1)])
-    rows.append(("alignment", "err(K) vs least squares, every K: max relative gap",
-                 float(((curve["err"] - direct).abs() / direct).max()), 1e-9, "<="))
-
-    width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    print(f"{'case':<{width[0]}}  {'check':<{width[1]}}  {'gap':>9}  bound")
-    failed = 0
-    for case, check, value, bound, sense in rows:
-        ok = value <= bound if sense == "<=" else value >= bound
-        failed += not ok
-        print(f"{case:<{width[0]}}  {check:<{width[1]}}  {value:9.2e}  {sense} {bound:.0e}  {'ok' if ok else 'FAILED'}")
-    print(f"{len(rows) - failed}/{len(rows)} checks passed")
-    return 1 if failed else 0
-
-
-def reduced_rank_regression_loss(X, Y, K):
-    """The textbook reduced-rank regression (Izenman 1975): project the least-squares fit
-    Yhat = Y X^T (X X^T)^{-1} X onto its top-K left singular vectors."""
-    fitted = Y @ X.T @ torch.linalg.solve(X @ X.T, X)  # (C, N)
-    U = torch.linalg.svd(fitted, full_matrices=False)[0][:, :K]
-    return float(((Y - U @ U.T @ fitted) ** 2).sum())
-
-
-def align(cfg, device):
-    """The paper's Figure 2: how well the optimal K reconstruction features explain the labels, for
-    every K, per dataset and corruption; and a table of how much each corruption changes it."""
-    import matplotlib.pyplot as plt
-    linalg = float64_device(device)
-    corruptions = [parse_corruption(c) for c in cfg.corruptions.split(",")]
-    table_ks = parse_list(cfg.ks, "--ks", int)
-    results, fig = {}, plt.figure(figsize=(12, 4.5))
-    by_k, by_fraction = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, name in enumerate(dataset_names(cfg)):
-        start = time.time()
-        images, labels, num_classes, _ = load_train(name, cfg)
-        stats = pixel_statistics(images, labels, num_classes, linalg)
-        stats = standardized(stats) if cfg.standardize else stats
-        dim, n = stats["gram"].shape[0], stats["n"]
-        print(f"{name}: N = {n}, D = {dim}; the closed forms need about {10 * dim * dim * 8 / 1e9:.2f} GB "
-              f"(pixel statistics {time.time() - start:.1f} s)")
-        gram_eig = torch.linalg.eigh(stats["gram"])  # once per dataset, reused by every corruption
-        d, P = gram_eig[0].flip(0), gram_eig[1].flip(1)  # descending
-        ks = [k for k in table_ks if k <= dim]
-        results[name] = {"N": n, "D": dim, "corruptions": {}}
-        for corruption in corruptions:
-            tick = time.time()
-            kwargs = {**corruption, "image_shape": stats["image_shape"]} if corruption["noise"] == "mask" else corruption
-            E, _, loss, mu = dae_from_gram(stats["gram"], n, dim, **kwargs, gram_eig=gram_eig)
-            curve = alignment_curve(E, gram_eig, stats["xy"], stats["counts"])
-            entry = {"projection_score": curve["projection"].tolist(), "authors_score": curve["authors"].tolist(),
-                     "err": curve["err"].tolist(),
-                     "angles_to_pca_deg": {k: principal_angles(E[:k], P[:, :k].T).tolist() for k in ks}}
-            if corruption["noise"] == "gaussian":
-                predicted = d ** 2 / (d + n * corruption["sigma"] ** 2)
-                entry["eigenvalue_formula_gap"] = float((mu - predicted).abs().max() / mu[0])
-            results[name]["corruptions"][corruption_name(corruption)] = entry
-            style = ["-", "--", ":", "-."][corruptions.index(corruption) % 4]
-            K = np.arange(1, dim + 1)
-            label = f"{name}, {corruption_name(corruption)}"
-            by_k.plot(K, entry["projection_score"], style, color=colours[index % len(colours)], label=label)
-            by_fraction.plot(K / dim, entry["projection_score"], style, color=colours[index % len(colours)], label=label)
-            print(f"  {corruption_name(corruption):<22} " + "  ".join(f"K={k}: {entry['projection_score'][k - 1]:5.1f}%" for k in ks)
-                  + f"  (largest angle to PCA {largest_angle(entry):.2g} deg, {time.time() - tick:.1f} s)")
-        results[name]["seconds"] = time.time() - start
-    for axis, xlabel in ((by_k, "K (number of features)"), (by_fraction, "K / D")):
-        axis.set_xscale("log")
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel("alignment: projection score (%)")
-        axis.grid(alpha=0.3)
-    by_fraction.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle("How well the K optimal linear (denoising) autoencoder features explain the labels: "
-                 "100 ||P_K Y|| / ||P_D Y|| (Balestriero & LeCun 2024, Fig. 2)", fontsize=10)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    save_figure(fig, os.path.join(cfg.out_dir, "alignment.png"))
-    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "alignment.json"))
-    print(corruption_table(results, table_ks))
-    print(f"wrote {cfg.out_dir}/alignment.png and alignment.json")
-    return 0
-
-
-def largest_angle(entry):
-    """The largest principal angle to PCA over every tabulated K (~0 for Gaussian noise, whatever sigma)."""
-    return max((max(angles) for angles in entry["angles_to_pca_deg"].values()), default=0.0)
-
-
-def corruption_table(results, ks):
-    """Markdown: per dataset and corruption, the score at each K, its largest change against no
-    corruption, and how far the learned subspace moved from PCA (largest angle over K; mean angle at the first K)."""
-    lines = ["| dataset | corruption | " + " | ".join(f"K={k}" for k in ks)
-             + f" | largest change (points) | largest angle to PCA (deg) | mean angle to PCA at K={ks[0]} (deg) |",
-             "|---" * (len(ks) + 5) + "|"]
-    for name, result in results.items():
-        base = result["corruptions"].get("none")
-        for corruption, entry in result["corruptions"].items():
-            kk = [k for k in ks if k <= result["D"]]
-            scores = [f"{entry['projection_score'][k - 1]:.1f}" for k in kk] + ["-"] * (len(ks) - len(kk))
-            change = max((abs(entry["projection_score"][k - 1] - base["projection_score"][k - 1]) for k in kk),
-                         default=float("nan")) if base else float("nan")
-            first = entry["angles_to_pca_deg"].get(ks[0])
-            mean_angle = f"{np.mean(first):.2g}" if first else "-"
-            lines.append(f"| {name} | {corruption} | " + " | ".join(scores)
-                         + f" | {change:.2g} | {largest_angle(entry):.2g} | {mean_angle} |")
-    return "\n".join(lines)
-
-
-def small_cnn(in_channels, num_classes, width):
-    """Three conv-BN-ReLU blocks (width, 2 width, 4 width channels), two max-pools, global average pool, linear."""
-    def block(c_in, c_out):
-        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-    return nn.Sequential(*block(in_channels, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
-                         *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
-
-
-@torch.no_grad()
-def project_images(images, mean, basis, device, chunk=4096):
-    """x -> mean + basis basis^T (x - mean) for uint8 images (N, C, H, W); float32 (N, C, H, W) in [0, 1] units."""
-    basis, mean = basis.to(device, torch.float32), mean.to(device, torch.float32)
-    out = []
-    for start in range(0, len(images), chunk):
-        x = torch.from_numpy(images[start:start + chunk].copy()).to(device).float().div_(255)
-        centred = x.flatten(1) - mean  # (B, D)
-        out.append(((centred @ basis) @ basis.T + mean).view(x.shape))
-    return torch.cat(out)
-
-
-def train_classifier(train_x, train_y, test_x, test_y, num_classes, cfg, seed, device):
-    """The same small CNN for every projection: inputs standardised by the train set (mean image,
-    one scalar std), AdamW + cosine, no augmentation. Returns the FINAL epoch's test accuracy."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    mean, std = train_x.mean(0, keepdim=True), train_x.std().clamp_min(1e-8)
-    model = small_cnn(train_x.shape[1], num_classes, cfg.width).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=5e-4)
-    steps = cfg.epochs * math.ceil(len(train_x) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for _ in range(cfg.epochs):
-        model.train()
-        order = torch.randperm(len(train_x), generator=gen).to(device)
-        for start in range(0, len(train_x), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            with autocast:
-                loss = F.cross_entropy(model((train_x[idx] - mean) / std), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-    with torch.no_grad(), autocast:
-        correct = sum(int((model((test_x[i:i + 1024] - mean) / std).argmax(1) == test_y[i:i + 1024]).sum())
-                      for i in range(0, len(test_x), 1024))
-    return correct / len(test_x)
-
-
-def subspace(cfg, device):
-    """The paper's Figures 1 and 4: classify images projected onto the top-variance eigenvectors
-    (p% of the variance) or the bottom ones (q%) with the same small CNN."""
-    import matplotlib.pyplot as plt
-    linalg = float64_device(device)
-    seeds = parse_list(cfg.seeds, "--seeds", int)
-    results = {}
-    for name in dataset_names(cfg):
-        start = time.time()
-        images, labels, num_classes, parts = load_train(name, cfg)
-        stats = pixel_statistics(images, labels, num_classes, linalg)
-        eigvals, eigvecs = torch.linalg.eigh(stats["gram"] / stats["n"])  # covariance, once
-        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)  # descending
-        dim = len(eigvals)
-        projections = [("full", 1.0, None)] + [(f"top {100 * f:g}%", f, "top") for f in parse_list(cfg.top, "--top")] \
-            + [(f"bottom {100 * f:g}%", f, "bottom") for f in parse_list(cfg.bottom, "--bottom")]
-        test_images, test_labels = parts["test"]
-        train_y, test_y = torch.from_numpy(labels).to(device), torch.from_numpy(test_labels).to(device)
-        rows, examples = [], []
-        example_ids = torch.from_numpy(np.unique(test_labels, return_index=True)[1][:8]).to(device)  # one per class
-        for label, fraction, end in projections:
-            basis, kept = (eigvecs, 1.0) if end is None else variance_subspace(eigvals, eigvecs, fraction, end)
-            train_x = project_images(images, stats["mean"], basis, device)
-            test_x = project_images(test_images, stats["mean"], basis, device)
-            tick = time.time()
-            accuracies = [train_classifier(train_x, train_y, test_x, test_y, num_classes, cfg, s, device) for s in seeds]
-            rows.append(dict(projection=label, directions=basis.shape[1], variance_kept=kept,
-                             accuracy_mean=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
-                             accuracies=accuracies, seconds_per_run=(time.time() - tick) / len(seeds)))
-            examples.append((label, test_x[example_ids].cpu()))
-            print(f"{name} {label:<12} {basis.shape[1]:5d}/{dim} directions ({100 * kept:5.1f}% of the variance): "
-                  f"test accuracy {100 * rows[-1]['accuracy_mean']:.1f} +- {100 * rows[-1]['accuracy_std']:.1f}% "
-                  f"({rows[-1]['seconds_per_run']:.0f} s per run)")
-        results[name] = dict(N_train=len(images), N_test=len(test_images), D=dim, rows=rows, seconds=time.time() - start)
-        save_figure(example_grid(examples, name), os.path.join(cfg.out_dir, f"subspace_{safe_name(name)}.png"))
-    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "subspace.json"))
-    print(subspace_table(results, len(seeds)))
-    print(f"wrote {cfg.out_dir}/subspace_*.png and subspace.json")
-    return 0
-
-
-def safe_name(name):
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-
-
-def example_grid(examples, name):
-    """Rows: projections; columns: test images. Each image is min-max stretched on its own so that
-    the low-variance (bottom) projections are visible at all."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(examples), 8, figsize=(8 * 1.1, len(examples) * 1.2), squeeze=False)
-    for row, (label, images) in enumerate(examples):
-        for col in range(min(8, len(images))):
-            image = images[col]
-            image = ((image - image.min()) / (image.max() - image.min()).clamp_min(1e-8)).permute(1, 2, 0)
-            axes[row, col].imshow(image.squeeze(-1).numpy(), cmap="gray" if image.shape[-1] == 1 else None)
-            axes[row, col].set_xticks([])
-            axes[row, col].set_yticks([])
-        axes[row, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle(f"{name}: test images projected onto variance subspaces (each image min-max stretched)", fontsize=9)
-    return fig
-
-
-def subspace_table(results, num_seeds):
-    lines = [f"| dataset | projection | directions kept | variance kept | test accuracy (%, {num_seeds} seed(s)) |",
-             "|---|---|---|---|---|"]
-    for name, result in results.items():
-        for row in result["rows"]:
-            lines.append(f"| {name} | {row['projection']} | {row['directions']}/{result['D']} | "
-                         f"{100 * row['variance_kept']:.1f}% | {100 * row['accuracy_mean']:.1f} +- {100 * row['accuracy_std']:.1f} |")
-    return "\n".join(lines)
-
-
-def eigen_bands(dim):
-    """Bands of eigen-directions 1, 2-4, 5-16, 17-64, ... (powers of 4), as (start, stop) index pairs."""
-    edges = [0] + [4 ** i for i in range(0, 10) if 4 ** i < dim] + [dim]
-    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def deep_autoencoder(dim, hidden, bottleneck):
-    """D -> hidden -> bottleneck -> hidden -> D with ReLUs. Every layer keeps PyTorch's default init
-    except the last, which starts at zero so the reconstruction error starts at exactly 100% per direction."""
-    model = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, bottleneck), nn.ReLU(),
-                          nn.Linear(bottleneck, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-    nn.init.zeros_(model[-1].weight)
-    nn.init.zeros_(model[-1].bias)
-    return model
-
-
-def order(cfg, device):
-    """The paper's Figure 1 (bottom) / Figure 3: a deep autoencoder fits the large-variance
-    eigen-directions first, like the linear model's gradient flow predicts in closed form.
-    Trains on the first --train-limit images (10000 when it is 0)."""
-    import matplotlib.pyplot as plt
-    linalg = float64_device(device)
-    results = {}
-    for name in dataset_names(cfg):
-        start = time.time()
-        images, labels, num_classes, _ = load_train(name, cfg)
-        images, labels = images[:cfg.train_limit or 10000], labels[:cfg.train_limit or 10000]
-        stats = pixel_statistics(images, labels, num_classes, linalg)
-        eigvals, eigvecs = torch.linalg.eigh(stats["gram"] / stats["n"])
-        eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
-        dim = len(eigvals)
-        bands = eigen_bands(dim)
-        X = (torch.from_numpy(images.copy()).reshape(len(images), dim).to(device).float() / 255
-             - stats["mean"].to(device, torch.float32))  # (N, D) centred
-        probe = X[:2000]
-        probe_energy = (probe @ eigvecs.to(device, torch.float32)) ** 2  # (B, D)
-        torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        model = deep_autoencoder(dim, cfg.ae_hidden, cfg.ae_bottleneck).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.ae_lr)
-        checkpoints = sorted({0, cfg.ae_steps} | {int(s) for s in np.geomspace(1, cfg.ae_steps, 30)})
-        history = []
-        for step in range(cfg.ae_steps + 1):
-            if step in checkpoints:
-                with torch.no_grad():
-                    error = ((probe - model(probe)) @ eigvecs.to(device, torch.float32)) ** 2  # (B, D)
-                history.append([float(error[:, a:b].sum() / probe_energy[:, a:b].sum()) for a, b in bands])
-            if step == cfg.ae_steps:
-                break
-            idx = torch.randint(0, len(X), (256,), generator=gen).to(device)
-            loss = ((X[idx] - model(X[idx])) ** 2).sum(1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        history = np.array(history)  # (checkpoints, bands)
-        ## The linear prediction, in closed form: relative error exp(-4 lambda_k t) per direction.
-        times = torch.logspace(math.log10(0.01 / eigvals[0]), math.log10(10 / eigvals[min(255, dim - 1)].clamp_min(1e-12)), 200,
-                               dtype=torch.float64)
-        linear = gradient_flow_band_error(eigvals, bands, times).numpy()
-        band_names = [f"directions {a + 1}-{b}" if b > a + 1 else f"direction {b}" for a, b in bands]
-        half_step = [next((checkpoints[i] for i in range(len(checkpoints)) if history[i, j] < 0.5), None) for j in range(len(bands))]
-        results[name] = dict(bands=band_names, checkpoints=checkpoints, deep_error=history.tolist(),
-                             linear_times=times.tolist(), linear_error=linear.tolist(), first_step_below_half=half_step,
-                             seconds=time.time() - start)
-        print(f"{name}: step at which each band's relative error falls below 50% (deep AE, Adam): "
-              + ", ".join(f"{b}: {'not reached' if s is None else s}" for b, s in zip(band_names, half_step)) + f" ({time.time() - start:.0f} s)")
-        fig, (deep, flow) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for j, band in enumerate(band_names):
-            deep.plot(np.maximum(checkpoints, 0.8), history[:, j], marker=".", label=band)
-            flow.plot(times.numpy(), linear[:, j], label=band)
-        deep.set(xscale="log", xlabel="Adam step (step 0 drawn at 0.8)", ylabel="relative reconstruction error in the band",
-                 title=f"deep autoencoder on {name}")
-        flow.set(xscale="log", xlabel="gradient-flow time t", ylabel="relative error  sum lambda e^{-4 lambda t} / sum lambda",
-                 title="linear model, closed form")
-        for axis in (deep, flow):
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
-        save_figure(fig, os.path.join(cfg.out_dir, f"order_{safe_name(name)}.png"))
-    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "order.json"))
-    print(f"wrote {cfg.out_dir}/order_*.png and order.json")
-    return 0
-
-
-# =============================================================================================
-# Main
+# Main: parse and check the command line, run one command; a user's mistake ends in one sentence.
 # =============================================================================================
 
 def main(argv=None):
