@@ -37,7 +37,9 @@ A features file (.npz, or .pt read with torch.load(weights_only=True)) holds tra
 ids; any other key is metadata, copied into the JSON. Defaults: k-NN on L2-normalised features
 with exp(sim / 0.07) votes, k = 10, 20, 100, 200 from one search; linear probe = standardise by
 train statistics + one Linear layer, AdamW, weight decay 0, cosine schedule, the FINAL epoch's
-test accuracy; effective rank of the train features, not centred.
+test accuracy; effective rank of the train features, not centred. Several inputs are evaluated
+one by one: a bad one (unreadable, malformed, too few samples for a k you typed) is reported in one
+sentence at the end with exit status 2, and the others keep their rows in the table and the JSON.
 
 Reading order: the Config (the knobs), THE IDEA (the protocols, each beside its equation), the
 evaluation driver, the report; the plumbing (command line, data loaders, file I/O) comes last.
@@ -83,11 +85,11 @@ class UserError(Exception):
 class Config:
     # --- input (feature files are positional arguments) ---
     pixels: str = ""              # also evaluate raw pixels: shapes | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
-    data_dir: str = "data"        # where --pixels datasets are looked for, and downloaded to
+    data_dir: str = "data"        # where --pixels datasets are looked for and downloaded to, and folder:PATH's resized copy is cached
     download: bool = True         # download a missing --pixels dataset (checksum verified before use)
     img_size: int = 32            # side that folder:PATH images are resized to
     # --- k-NN (DINO protocol) ---
-    knn_k: str = "10,20,100,200"  # comma list of neighbour counts, all answered by one top-k search
+    knn_k: str = "10,20,100,200"  # comma list of neighbour counts from one top-k search (the default's ks above the train size are skipped)
     knn_t: float = 0.07           # temperature of the exp(sim / T) vote weights
     majority: bool = False        # also report plain majority votes (every neighbour weighs 1)
     # --- linear probe ---
@@ -305,9 +307,9 @@ def knn_accuracies(train_x, train_y, test_x, test_y, ks, temperature, num_classe
     return {k: (predicted == test_y).float().mean().item() for k, predicted in predictions.items()}
 
 
-def evaluate_features(train_x, train_y, test_x, test_y, cfg):
+def evaluate_features(train_x, train_y, test_x, test_y, ks, cfg):
     """k-NN (weighted, and majority on request), linear probe and effective rank of one feature set."""
-    ks, num_classes = parse_ks(cfg.knn_k), int(train_y.max()) + 1
+    num_classes = int(train_y.max()) + 1
     result = {"dim": train_x.shape[1], "knn": knn_accuracies(train_x, train_y, test_x, test_y, ks, cfg.knn_t, num_classes)}
     if cfg.majority:
         ## A majority vote is the same vote with T = infinity: exp(sim / T) = 1 for every neighbour.
@@ -320,14 +322,11 @@ def evaluate_features(train_x, train_y, test_x, test_y, cfg):
     return result
 
 
-def evaluate(arrays, cfg, device):
+def evaluate(arrays, ks, cfg, device):
     """Every number for one input: the full features, then each --subspace projection (its 'dim' is
     the number of principal directions kept)."""
     train_x, train_y, test_x, test_y = (arrays[key].to(device) for key in FEATURE_KEYS)
-    if max(parse_ks(cfg.knn_k)) > len(train_x):
-        raise UserError(f"--knn-k asks for {max(parse_ks(cfg.knn_k))} neighbours but there are only {len(train_x)} "
-                        f"training samples; lower --knn-k.")
-    result = evaluate_features(train_x, train_y, test_x, test_y, cfg)
+    result = evaluate_features(train_x, train_y, test_x, test_y, ks, cfg)
     subspaces = parse_subspaces(cfg.subspace)
     if subspaces:
         mean, variances, vectors = principal_directions(train_x)
@@ -335,9 +334,42 @@ def evaluate(arrays, cfg, device):
         for side, percent in subspaces:
             index, kept = subspace_directions(variances, side, percent)
             basis = vectors[:, index]  # (D, K)
-            numbers = evaluate_features(project(train_x, mean, basis), train_y, project(test_x, mean, basis), test_y, cfg)
+            numbers = evaluate_features(project(train_x, mean, basis), train_y, project(test_x, mean, basis), test_y, ks, cfg)
             result["subspace"][f"{side}:{percent:g}"] = {"variance_kept": kept, **numbers, "dim": len(index)}
     return result
+
+
+def usable_ks(cfg, num_train, source):
+    """The neighbour counts to evaluate on an input with num_train training samples. A k that was
+    typed with --knn-k must fit, or the input is refused before anything is computed; the default
+    list (10, 20, 100, 200) quietly keeps the ks that fit, as mae_decay.py's extra ks do."""
+    ks = parse_ks(cfg.knn_k)
+    fitting = [k for k in ks if k <= num_train]
+    if len(fitting) < len(ks) and (ks != parse_ks(Config.knn_k) or not fitting):
+        raise UserError(f"{source} has only {num_train} training samples, too few for --knn-k {cfg.knn_k}; "
+                        f"give --knn-k values up to {num_train}.")
+    return fitting
+
+
+def evaluate_input(source, cfg, device):
+    """Read, check and evaluate one input: a features file, or 'pixels:DATASET'. Returns the result
+    (every number, the metadata, the settings) and the singular values of the train features (for
+    --plot; None without it). Every problem with the input is one UserError naming it."""
+    start = time.time()
+    if source.startswith("pixels:"):
+        name = source[len("pixels:"):]
+        arrays, metadata = pixel_features(name, cfg.data_dir, cfg.img_size, cfg.download), {"pixels": name}
+    else:
+        arrays, metadata = read_features_file(source)
+    arrays = check_features(arrays, source)
+    train_x, test_x = arrays["train_features"], arrays["test_features"]
+    ks = usable_ks(cfg, len(train_x), source)
+    print(f"{source}: {len(train_x)} train and {len(test_x)} test samples, {train_x.shape[1]} dimensions, on {device}",
+          flush=True)
+    numbers = evaluate(arrays, ks, cfg, device)
+    result = {"input": source, "metadata": metadata, "num_train": len(train_x), "num_test": len(test_x), **numbers,
+              "seconds": time.time() - start, "settings": settings(cfg, device)}
+    return result, torch.linalg.svdvals(train_x.double()).numpy() if cfg.plot else None
 
 
 # =============================================================================================
@@ -346,9 +378,11 @@ def evaluate(arrays, cfg, device):
 # =============================================================================================
 
 def table_row(label, numbers, cfg, seconds=""):
+    """One row of cells; '-' for a k that this input has too few training samples for."""
+    percent = lambda accuracies, k: f"{100 * accuracies[k]:.2f}" if k in accuracies else "-"
     ks = parse_ks(cfg.knn_k)
-    cells = [label, str(numbers["dim"])] + [f"{100 * numbers['knn'][k]:.2f}" for k in ks]
-    cells += [f"{100 * numbers['knn_majority'][k]:.2f}" for k in ks] if cfg.majority else []
+    cells = [label, str(numbers["dim"])] + [percent(numbers["knn"], k) for k in ks]
+    cells += [percent(numbers["knn_majority"], k) for k in ks] if cfg.majority else []
     cells += [f"{100 * numbers['linear_probe']:.2f}"] if cfg.probe_epochs else []
     return cells + [f"{numbers['effective_rank']:.1f}", seconds]
 
@@ -378,9 +412,13 @@ def settings(cfg, device):
 
 
 def write_json(results, path):
-    """One object for one input, a list of them for several."""
-    text = json.dumps(results[0] if len(results) == 1 else results, indent=2)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text + "\n"))
+    """One object for one input, a list of them for several (an input that failed: its error)."""
+    text = json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def plot_spectra(spectra, path):
@@ -405,29 +443,41 @@ def plot_spectra(spectra, path):
 # skip on a first read: read only if you add a flag
 # =============================================================================================
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, a value of the wrong type) are one UserError sentence."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help).")
+
+
 def knob_help():
-    """The comment after each Config field, so `--help` and the code share one description."""
-    helps = {}
+    """{section: {field: comment}} from Config's source, so `--help` and the code share one text."""
+    sections, section = {}, "options"
     for line in inspect.getsource(Config).splitlines():
-        name, _, comment = line.partition("#")
-        if ":" in name and "=" in name and comment:
-            helps[name.split(":")[0].strip()] = comment.strip()
-    return helps
+        code, _, comment = line.partition("#")
+        if not code.strip() and comment.strip().startswith("---"):
+            section = comment.strip(" -")
+        elif ":" in code and "=" in code and comment:
+            sections.setdefault(section, {})[code.split(":")[0].strip()] = comment.strip()
+    return sections
 
 
 def parse_config(argv=None):
-    """Returns (Config, list of feature-file paths)."""
-    parser = argparse.ArgumentParser(description="Frozen-feature evaluation: k-NN, linear probe, effective rank, "
-                                     "subspace probes.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Returns (Config, list of feature-file paths), every flag checked before anything is read."""
+    parser = ArgumentParser(prog="probe.py", description="Frozen-feature evaluation: k-NN, linear probe, effective rank, "
+                            "subspace probes. The text of each option is its comment in probe.py's Config.")
     parser.add_argument("features", nargs="*", help="features files (.npz or .pt) with train/test features and labels")
-    helps = knob_help()
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=helps[field.name])
-        else:
-            kind = {"int": int, "float": float, "str": str}[getattr(field.type, "__name__", field.type)]
-            parser.add_argument(flag, type=kind, default=field.default, help=helps[field.name])
+    for section, knobs in knob_help().items():
+        group = parser.add_argument_group(section)
+        for name, comment in knobs.items():
+            default = getattr(Config, name)
+            ## argparse %-formats help strings: a literal % in a comment ("p% of") must be doubled.
+            text = f"{comment} (default: {default if default != '' else 'none'})".replace("%", "%%")
+            flag = "--" + name.replace("_", "-")
+            if isinstance(default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            else:
+                group.add_argument(flag, type=type(default), default=default, help=text)
     args = vars(parser.parse_args(argv))
     paths = args.pop("features")
     cfg = Config(**args)
@@ -460,19 +510,51 @@ def parse_subspaces(text):
     return subspaces
 
 
+def nearest_existing(path):
+    """path itself if it exists, else its closest ancestor that does (never empty)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_config(cfg, paths):
-    """Every bad value a user can type ends here with one sentence naming the fix."""
+    """Every bad value a user can type ends here with one sentence naming the fix, before anything is
+    read, computed or written: a run never fails at the end for a reason known at the start.
+    Creates nothing."""
     def need(ok, message):
         if not ok:
             raise UserError(message)
     need(paths or cfg.pixels, "nothing to evaluate: give one or more features files (.npz or .pt), or --pixels DATASET.")
     parse_ks(cfg.knn_k)
     parse_subspaces(cfg.subspace)
-    need(cfg.knn_t > 0, f"--knn-t must be positive, got {cfg.knn_t}.")
-    need(cfg.probe_epochs >= 0 and cfg.probe_batch_size >= 0, "--probe-epochs and --probe-batch-size cannot be negative.")
-    need(cfg.probe_lr > 0, f"--probe-lr must be positive, got {cfg.probe_lr}.")
-    need(cfg.img_size > 0, f"--img-size must be positive, got {cfg.img_size}.")
+    for flag, value in (("--knn-t", cfg.knn_t), ("--probe-lr", cfg.probe_lr)):
+        need(math.isfinite(value) and value > 0, f"{flag} must be a positive finite number, got {value}.")
+    need(cfg.probe_epochs >= 0, f"--probe-epochs must be at least 1 (or 0 to skip the probe), got {cfg.probe_epochs}.")
+    need(cfg.probe_batch_size >= 0, f"--probe-batch-size must be at least 1 (or 0 for full batch), got {cfg.probe_batch_size}.")
+    need(cfg.img_size >= 1, f"--img-size must be at least 1, got {cfg.img_size}.")
+    need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+    if cfg.pixels:
+        folder = cfg.pixels[len("folder:"):] if cfg.pixels.startswith("folder:") else None
+        need(folder is not None or cfg.pixels in ("shapes", *CIFAR, *IDX),
+             f"--pixels must be shapes, {', '.join([*CIFAR, *IDX])} or folder:PATH, got '{cfg.pixels}'.")
+        need(folder is None or os.path.isdir(folder), f"--pixels {cfg.pixels}: there is no folder {folder}.")
+        if cfg.pixels != "shapes":  # --data-dir is read, and written to by a download or an image-folder cache
+            need(cfg.data_dir, "--data-dir is empty; give a folder.")
+            ancestor = nearest_existing(cfg.data_dir)
+            need(os.path.isdir(ancestor), f"--data-dir {cfg.data_dir} cannot be a folder: {ancestor} is a file.")
+    outputs = [(flag, path) for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)) if path]
+    for flag, path in outputs:
+        need(not path.endswith(("/", os.sep)) and not os.path.isdir(path), f"{flag} {path} is a folder; give a file name.")
+        need(not os.path.exists(path) or os.path.isfile(path), f"{flag} {path} exists and is not a regular file.")
+        need(os.path.realpath(path) not in {os.path.realpath(p) for p in paths},
+             f"{flag} {path} is one of the inputs; writing it would destroy it.")
+        ancestor = nearest_existing(os.path.dirname(os.path.abspath(path)))
+        need(os.path.isdir(ancestor), f"{flag} {path} cannot be created: {ancestor} is a file, not a folder.")
+        need(os.access(ancestor, os.W_OK | os.X_OK), f"{flag} {path} cannot be written: {ancestor} is not writable.")
+    need(len(outputs) < 2 or os.path.realpath(cfg.json) != os.path.realpath(cfg.plot),
+         f"--json and --plot name the same file {cfg.json}; give two names.")
 
 
 def pick_device(name):
@@ -632,7 +714,10 @@ def load_image_resized(path, size):
     then the centre crop. Decoding goes through matplotlib (PNG natively, other formats through
     the Pillow it depends on), so the scripts need no image package of their own."""
     import matplotlib.image
-    image = torch.as_tensor(np.array(matplotlib.image.imread(path)))  # (H, W[, C]): uint8, or float in [0, 1] (PNG)
+    try:
+        image = torch.as_tensor(np.array(matplotlib.image.imread(path)))  # (H, W[, C]): uint8, or float in [0, 1] (PNG)
+    except Exception as e:  # not an image, truncated, unsupported format
+        raise UserError(f"{path} could not be read as an image ({type(e).__name__}: {e}); fix or remove it.") from None
     image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
     image = image[:, :, None] if image.ndim == 2 else image
     image = image[:, :, :3].expand(-1, -1, 3).permute(2, 0, 1)[None]  # grey -> RGB, alpha dropped; (1, 3, H, W)
@@ -644,39 +729,59 @@ def load_image_resized(path, size):
     return (crop.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def load_folder(root, size):
-    """train/<class>/* and val/<class>/* resized once (shorter side, centre crop) and cached."""
-    cache = os.path.join(root, f"cache_{size}px.pt")
-    if os.path.exists(cache):
-        try:
-            blob = torch.load(cache, weights_only=True)
-            return {s: (blob[f"{s}_x"].numpy(), blob[f"{s}_y"].numpy()) for s in ("train", "test")}
-        except Exception as e:
-            raise UserError(f"the cache {cache} is unreadable ({type(e).__name__}); delete it to rebuild it.") from None
+def load_folder(root, size, cache_dir):
+    """train/<class>/* and val/<class>/* (or test/<class>/*) resized once (shorter side, centre crop)
+    and cached under cache_dir/image_folder_cache/, never inside the dataset (it may be read-only).
+    The cache holds a fingerprint of every image's path, byte size and modification time: adding,
+    removing or editing an image rebuilds it. A cache that cannot be written costs time, not the run."""
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
         raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
-    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
-    parts = {}
+    subfolders = lambda d: {n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)) and not n.startswith(".")}
+    classes = sorted(subfolders(train_dir))
+    files = {}  # split -> [(path, label)]
     for split, folder in (("train", train_dir), ("test", test_dir)):
-        paths, labels = [], []
+        strays = sorted(subfolders(folder) - set(classes))
+        if strays:
+            raise UserError(f"{os.path.join(folder, strays[0])} has no class folder of that name in {train_dir}; "
+                            f"add one there or remove it.")
+        files[split] = []
         for label, cls in enumerate(classes):
             cls_dir = os.path.join(folder, cls)
-            names = sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []
-            paths += [os.path.join(cls_dir, n) for n in names if n.endswith(IMAGE_EXTENSIONS)]
-            labels += [label] * (len(paths) - len(labels))
-        if not paths:
-            raise UserError(f"{folder} holds no images in class folders named like those of {train_dir}.")
-        print(f"{folder}: resizing {len(paths)} images to {size}px once (cached in {cache})")
+            if not os.path.isdir(cls_dir):
+                continue  # a class may be absent from the test split
+            names = sorted(n for n in os.listdir(cls_dir) if n.endswith(IMAGE_EXTENSIONS))
+            if not names:
+                raise UserError(f"the class folder {cls_dir} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...); "
+                                f"add some or remove it.")
+            files[split] += [(os.path.join(cls_dir, n), label) for n in names]
+        if not files[split]:
+            raise UserError(f"{folder} holds no class folders of images named like those of {train_dir}.")
+    listing = sorted((os.path.relpath(p, root), os.stat(p)) for pairs in files.values() for p, _ in pairs)
+    fingerprint = hashlib.sha256("\n".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}" for n, st in listing).encode()).hexdigest()
+    where = os.path.realpath(root)
+    cache = os.path.join(cache_dir, "image_folder_cache",
+                         f"{os.path.basename(where)}_{hashlib.sha256(where.encode()).hexdigest()[:12]}_{size}px.pt")
+    if os.path.exists(cache):
         try:
-            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
-                images = list(tqdm(pool.map(lambda p: load_image_resized(p, size), paths), total=len(paths)))
+            blob = torch.load(cache, weights_only=True)
+            if blob["fingerprint"] == fingerprint:
+                return {s: (blob[f"{s}_x"].numpy(), blob[f"{s}_y"].numpy()) for s in ("train", "test")}
+            print(f"{root} changed since it was cached: rebuilding {cache}")
         except Exception as e:
-            raise UserError(f"an image under {folder} could not be read ({type(e).__name__}: {e}); remove or fix it.") from None
-        parts[split] = (np.stack(images), np.asarray(labels, dtype=np.int64))
+            print(f"the cache {cache} is unreadable ({type(e).__name__}): rebuilding it")
+    parts = {}
+    for split, pairs in files.items():
+        print(f"{root}: resizing {len(pairs)} {split} images to {size}px once (cached in {cache})")
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
+            images = list(tqdm(pool.map(lambda pair: load_image_resized(pair[0], size), pairs), total=len(pairs)))
+        parts[split] = (np.stack(images), np.asarray([label for _, label in pairs], dtype=np.int64))
     blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
-    atomic_save(blob, cache)
+    try:
+        atomic_save({**blob, "fingerprint": fingerprint}, cache)
+    except OSError as e:
+        print(f"could not write the cache {cache} ({e.strerror}); continuing without it")
     return parts
 
 
@@ -760,7 +865,7 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name in IDX:
         parts = load_idx(name, data_dir, allow_download)
     elif name.startswith("folder:"):
-        parts = load_folder(name[len("folder:"):], size)
+        parts = load_folder(name[len("folder:"):], size, data_dir)
     else:
         raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
@@ -861,14 +966,6 @@ def check_features(arrays, source):
     return checked
 
 
-def load_input(source, cfg):
-    """(arrays, metadata) for a features file, or for 'pixels:DATASET'."""
-    if source.startswith("pixels:"):
-        name = source[len("pixels:"):]
-        return pixel_features(name, cfg.data_dir, cfg.img_size, cfg.download), {"pixels": name}
-    return read_features_file(source)
-
-
 def atomic_write(path, write):
     """write(temporary path), then rename: a crash never leaves half a file behind."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -885,32 +982,38 @@ def main(argv=None):
     try:
         cfg, paths = parse_config(argv)
         device = pick_device(cfg.device)
-        results, spectra = [], []
-        for source in ([f"pixels:{cfg.pixels}"] if cfg.pixels else []) + paths:
-            start = time.time()
-            arrays, metadata = load_input(source, cfg)
-            arrays = check_features(arrays, source)
-            train_x = arrays["train_features"]
-            print(f"{source}: {len(train_x)} train and {len(arrays['test_features'])} test samples, "
-                  f"{train_x.shape[1]} dimensions, on {device}", flush=True)
-            numbers = evaluate(arrays, cfg, device)
-            results.append({"input": source, "metadata": metadata, "num_train": len(train_x),
-                            "num_test": len(arrays["test_features"]), **numbers, "seconds": time.time() - start,
-                            "settings": settings(cfg, device)})
-            if cfg.plot:
-                spectra.append((source, torch.linalg.svdvals(train_x.double()).numpy(), numbers["effective_rank"]))
-        print(format_table(results, cfg))
-        if cfg.json:
-            write_json(results, cfg.json)
-            print(f"wrote {cfg.json}")
-        if cfg.plot:
-            plot_spectra(spectra, cfg.plot)
-            print(f"wrote {cfg.plot}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
-
+    results, spectra, errors = [], [], []
+    try:
+        for source in ([f"pixels:{cfg.pixels}"] if cfg.pixels else []) + paths:
+            try:
+                result, singular_values = evaluate_input(source, cfg, device)
+                spectra.append((source, singular_values, result["effective_rank"]))
+            except (UserError, OSError) as e:  # one bad input must not cost the others their results
+                message = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}."
+                named = source.removeprefix("pixels:").removeprefix("folder:") in message  # most errors name the file
+                result = {"input": source, "error": message if named else f"{source}: {message}"}
+                errors.append(result["error"])
+                print(f"{source}: not evaluated, see the error at the end", flush=True)
+            results.append(result)
+        if len(errors) < len(results):
+            print(format_table([r for r in results if "error" not in r], cfg))
+            if cfg.json:
+                write_json(results, cfg.json)
+                print(f"wrote {cfg.json}")
+            if cfg.plot:
+                plot_spectra(spectra, cfg.plot)
+                print(f"wrote {cfg.plot}")
+    except KeyboardInterrupt:
+        print("interrupted; only the files reported as written were written", file=sys.stderr)
+        return 130
+    except OSError as e:  # the output folder filled up or changed after the checks
+        errors.append(f"could not write {e.filename}: {e.strerror}.")
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    return 2 if errors else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,10 +1,13 @@
 """Tests for probe.py: k-NN against a brute-force loop, the linear probe on separable and shuffled
 data, effective-rank properties, the subspace projection, every user error, and agreement with the
 copies in mae_decay.py. Deterministic, CPU only, a few seconds; files only under tmp_path."""
+import dataclasses
 import inspect
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -232,15 +235,172 @@ def test_user_errors_are_one_sentence(name, tmp_path, capsys):
     assert phrase in err and err.startswith("error: ") and err.count("\n") == 0 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv,phrase", [
-    (["--knn-k", "400"], "only 300 training samples"),
-    (["--subspace", "middle:50"], "--subspace items"),
+def tree(root):
+    """Every file and folder under root with its size and modification time: equal trees mean that
+    nothing was created, changed or removed."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            found[os.path.relpath(path, root)] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return found
+
+
+## Bad command lines: (the flags after one good features file "ok.npz", a phrase the error must hold).
+## Run in a folder that also holds a regular file "afile" and a folder "adir" to aim paths at.
+BAD_FLAGS = [
     (["--knn-k", "ten"], "--knn-k"),
-])
-def test_bad_flags_are_one_sentence(argv, phrase, tmp_path, capsys):
+    (["--knn-k", "0,10"], "at least 1"),
+    (["--knn-k", ","], "--knn-k"),
+    (["--knn-k", "400"], "only 300 training samples"),  # known once the file is read, still before computing
+    (["--knn-t", "0"], "--knn-t"),
+    (["--knn-t", "-0.1"], "--knn-t"),
+    (["--knn-t", "nan"], "--knn-t"),
+    (["--knn-t", "inf"], "--knn-t"),
+    (["--knn-t", "warm"], "invalid float value"),
+    (["--probe-epochs", "-1"], "--probe-epochs"),
+    (["--probe-epochs", "2.5"], "invalid int value"),
+    (["--probe-lr", "0"], "--probe-lr"),
+    (["--probe-lr", "-1e-3"], "--probe-lr"),
+    (["--probe-lr", "inf"], "--probe-lr"),
+    (["--probe-batch-size", "-8"], "--probe-batch-size"),
+    (["--img-size", "0"], "--img-size"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2 ** 64)], "--seed"),
+    (["--device", "tpu"], "--device"),
+    (["--subspace", "middle:50"], "--subspace items"),
+    (["--subspace", "top:0"], "--subspace items"),
+    (["--subspace", "bottom:101"], "--subspace items"),
+    (["--subspace", "top:half"], "--subspace items"),
+    (["--pixels", "imagenet"], "--pixels must be"),
+    (["--pixels", "folder:no_such_folder"], "there is no folder"),
+    (["--pixels", "cifar10", "--data-dir", "afile"], "is a file"),
+    (["--pixels", "cifar10", "--data-dir", "afile/data"], "is a file"),
+    (["--pixels", "cifar10", "--data-dir", ""], "--data-dir is empty"),
+    (["--json", "afile/results.json"], "is a file, not a folder"),
+    (["--json", "afile/deeper/results.json"], "is a file, not a folder"),
+    (["--json", "adir"], "is a folder"),
+    (["--json", "new/"], "is a folder"),
+    (["--json", "ok.npz"], "one of the inputs"),
+    (["--plot", "afile/spectrum.png"], "is a file, not a folder"),
+    (["--plot", "adir"], "is a folder"),
+    (["--json", "same", "--plot", "same"], "the same file"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--majority=yes"], "--majority"),
+]
+
+
+def run_main(argv, capsys):
+    """probe.main in-process, as the command line runs it: (exit code, stdout, stderr)."""
+    try:
+        code = probe.main(argv)
+    except SystemExit as e:  # argparse's --help
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error(err, phrase):
+    """Exactly one `error: ...` line holding the phrase (beside, at most, tqdm's progress bars), no traceback."""
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and phrase in errors[0], err
+    assert all("it/s" in line for line in lines if line not in errors), err  # anything else is a progress bar
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,phrase", BAD_FLAGS, ids=[" ".join(argv) for argv, _ in BAD_FLAGS])
+def test_bad_flags_are_one_sentence_and_touch_nothing(argv, phrase, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_features("ok.npz", good_arrays())
+    (tmp_path / "afile").write_text("a regular file\n")
+    (tmp_path / "adir").mkdir()
+    before = tree(tmp_path)
+    code, _, err = run_main(["ok.npz", *argv], capsys)
+    assert code == 2
+    assert_one_error(err, phrase)
+    assert tree(tmp_path) == before
+
+
+def test_nothing_to_evaluate(capsys):
+    code, _, err = run_main([], capsys)
+    assert code == 2
+    assert_one_error(err, "nothing to evaluate")
+
+
+def test_help_shows_the_real_defaults_by_section(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    out = " ".join(out.split())  # argparse wraps lines at the terminal width
+    assert "(default: 10,20,100,200)" in out and "(default: 0.07)" in out and "(default: True)" in out
+    assert "p% of the variance" in out  # the literal % that used to crash --help
+    for section in ("input", "k-NN (DINO protocol):", "linear probe:", "analysis:", "system:"):
+        assert section in out
+    assert all("--" + field.name.replace("_", "-") in out for field in dataclasses.fields(probe.Config))
+
+
+def test_real_command_line_bad_flag(tmp_path):
+    """One bad flag through a real process, as a user runs it: exit status 2 from sys.exit(main()),
+    one line on stderr, nothing created (one subprocess: a few seconds of torch import)."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "probe.py")
+    done = subprocess.run([sys.executable, script, "x.npz", "--knn-t", "warm"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert_one_error(done.stderr, "--knn-t")
+    assert os.listdir(tmp_path) == []
+
+
+def test_one_bad_file_keeps_the_good_results(tmp_path, capsys):
+    good = write_features(tmp_path / "good.npz", good_arrays(0))
+    bad = write_features(tmp_path / "bad.npz", break_arrays(lambda a: a.pop("test_labels")))
+    other = write_features(tmp_path / "other.pt", good_arrays(2))
+    out, plot = tmp_path / "results.json", tmp_path / "spectrum.png"
+    code, table, err = run_main([good, bad, str(tmp_path / "missing.npz"), other, *FAST, "--json", str(out),
+                                 "--plot", str(plot)], capsys)
+    assert code == 2
+    errors = err.strip().splitlines()
+    assert len(errors) == 2 and "Traceback" not in err
+    assert errors[0].startswith(f"error: {bad}") and "lacks test_labels" in errors[0]
+    assert errors[1].startswith("error: ") and "missing.npz does not exist" in errors[1]
+    assert good in table and other in table and "bad.npz: not evaluated" in table
+    results = json.loads(out.read_text())
+    assert [r["input"] for r in results] == [good, bad, str(tmp_path / "missing.npz"), other]
+    assert results[0]["linear_probe"] > 0.9 and results[3]["linear_probe"] > 0.9
+    assert "lacks test_labels" in results[1]["error"] and "knn" not in results[1]
+    assert plot.stat().st_size > 1000
+
+
+def test_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
     path = write_features(tmp_path / "ok.npz", good_arrays())
-    assert probe.main([path, "--probe-epochs", "0", *argv]) == 2
-    assert phrase in capsys.readouterr().err
+    before = tree(tmp_path)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(probe, "evaluate", interrupted)
+    code, _, err = run_main([path, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "s.png")], capsys)
+    assert code == 130 and err.strip().splitlines() == ["interrupted; only the files reported as written were written"]
+    assert tree(tmp_path) == before
+
+
+def test_default_ks_are_limited_to_the_train_size_typed_ks_are_not(tmp_path, capsys):
+    """The k policy shared by every script: the default list keeps the ks that fit; a k the user
+    typed must fit; an input too small for any k is refused."""
+    arrays = good_arrays()
+    small = {**arrays, "train_features": arrays["train_features"][:50], "train_labels": arrays["train_labels"][:50]}
+    path = write_features(tmp_path / "small.npz", small)
+    out = tmp_path / "small.json"
+    code, table, _ = run_main([path, "--probe-epochs", "0", "--json", str(out)], capsys)
+    assert code == 0 and set(json.loads(out.read_text())["knn"]) == {"10", "20"}
+    row = next(line for line in table.splitlines() if line.startswith(path + " ")).split()
+    assert row[4:6] == ["-", "-"]  # knn@100 and knn@200: too few training samples
+    code, _, err = run_main([path, "--probe-epochs", "0", "--knn-k", "10,60"], capsys)
+    assert code == 2
+    assert_one_error(err, "only 50 training samples, too few for --knn-k 10,60")
+    tiny = write_features(tmp_path / "tiny.npz", {**small, "train_features": small["train_features"][:5],
+                                                   "train_labels": small["train_labels"][:5]})
+    code, _, err = run_main([tiny, "--probe-epochs", "0"], capsys)
+    assert code == 2
+    assert_one_error(err, "only 5 training samples")
 
 
 def test_integral_float_labels_and_missing_file(tmp_path, capsys):
@@ -248,6 +408,96 @@ def test_integral_float_labels_and_missing_file(tmp_path, capsys):
     assert probe.main([write_features(tmp_path / "f.npz", arrays), *FAST]) == 0  # 0.0, 1.0, 2.0 are class ids
     assert probe.main([str(tmp_path / "missing.npz")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- image folders (--pixels folder:PATH) ----------------------------------------------------
+
+def write_images(root, layout, seed=0, ext="png"):
+    """layout {split: {class: count}}: random 12x18 RGB images, written with matplotlib."""
+    import matplotlib.image
+    rng = np.random.default_rng(seed)
+    for split, classes in layout.items():
+        for cls, count in classes.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                matplotlib.image.imsave(root / split / cls / f"{i}.{ext}", rng.integers(0, 256, (12, 18, 3), dtype=np.uint8))
+
+
+LAYOUT = {"train": {"cat": 3, "dog": 2}, "val": {"cat": 1, "dog": 2}}
+
+
+def test_image_folder_cache_lives_outside_the_dataset_and_follows_its_contents(tmp_path, monkeypatch):
+    root, data_dir = tmp_path / "images", tmp_path / "data"
+    write_images(root, LAYOUT)
+    load = lambda size=8: probe.load_dataset(f"folder:{root}", str(data_dir), size=size)
+    dataset = tree(root)
+    parts = load()
+    assert parts["train"][0].shape == (5, 3, 8, 8) and parts["train"][0].dtype == np.uint8
+    assert parts["train"][1].tolist() == [0, 0, 0, 1, 1] and parts["test"][1].tolist() == [0, 1, 1]
+    assert tree(root) == dataset  # nothing written inside the dataset folder
+    cache_folder = data_dir / "image_folder_cache"
+    assert [p.name.endswith("_8px.pt") for p in cache_folder.iterdir()] == [True]
+    # unchanged folder: the cache answers and no image is decoded
+    with monkeypatch.context() as patch:
+        patch.setattr(probe, "load_image_resized", lambda path, size: pytest.fail("decoded an image of a cached folder"))
+        assert np.array_equal(load()["train"][0], parts["train"][0])
+    # a new class, a deleted image, an edited image: each one rebuilds the cache
+    write_images(root, {"train": {"eel": 2}, "val": {"eel": 1}}, seed=1)
+    assert load()["train"][1].tolist() == [0, 0, 0, 1, 1, 2, 2]
+    (root / "val" / "dog" / "1.png").unlink()
+    assert load()["test"][1].tolist() == [0, 1, 2]
+    import matplotlib.image
+    edited = root / "train" / "cat" / "0.png"
+    stat = edited.stat()
+    matplotlib.image.imsave(edited, np.full((12, 18, 3), 77, dtype=np.uint8))
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # a new mtime, whatever the clock's resolution
+    assert (load()["train"][0][0] == 77).all()
+    assert len(list(cache_folder.iterdir())) == 1  # one cache per folder and size, replaced in place
+    assert load(size=6)["train"][0].shape == (7, 3, 6, 6) and len(list(cache_folder.iterdir())) == 2
+
+
+def test_image_folder_bad_cache_is_rebuilt_and_unwritable_cache_is_skipped(tmp_path, capsys):
+    root = tmp_path / "images"
+    write_images(root, LAYOUT)
+    first = probe.load_dataset(f"folder:{root}", str(tmp_path / "data"), size=8)
+    (cache,) = (tmp_path / "data" / "image_folder_cache").iterdir()
+    cache.write_bytes(b"garbage")
+    again = probe.load_dataset(f"folder:{root}", str(tmp_path / "data"), size=8)
+    assert np.array_equal(again["train"][0], first["train"][0]) and "unreadable" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("a regular file\n")
+    unwritable = probe.load_dataset(f"folder:{root}", str(tmp_path / "afile"), size=8)  # no cache folder can go there
+    assert np.array_equal(unwritable["train"][0], first["train"][0])
+    assert "continuing without it" in capsys.readouterr().out
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+FOLDER_ERRORS = {  # name: (damage done to a good folder, the path the sentence must name, a phrase)
+    "not an image": (lambda r: (r / "train/cat/1.png").write_bytes(b"not a png"), "train/cat/1.png", "could not be read"),
+    "truncated png": (lambda r: truncate(r / "val/dog/0.png"), "val/dog/0.png", "could not be read"),
+    "truncated jpeg": (lambda r: truncate(r / "train/dog/0.jpg"), "train/dog/0.jpg", "could not be read"),
+    "empty train class": (lambda r: (r / "train/fox").mkdir(), "train/fox", "holds no images"),
+    "val class of non-images": (lambda r: [p.rename(p.with_suffix(".txt")) for p in (r / "val/cat").iterdir()],
+                                "val/cat", "holds no images"),
+    "val class not in train": (lambda r: write_images(r, {"val": {"owl": 1}}), "val/owl", "no class folder"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOLDER_ERRORS))
+def test_image_folder_errors_name_the_file_or_folder(name, tmp_path, capsys):
+    damage, culprit, phrase = FOLDER_ERRORS[name]
+    root = tmp_path / "images"
+    write_images(root, LAYOUT)
+    write_images(root, {"train": {"dog": 1}}, seed=2, ext="jpg")  # train/dog/0.jpg beside the PNGs
+    damage(root)
+    code, _, err = run_main(["--pixels", f"folder:{root}", "--img-size", "8", "--data-dir", str(tmp_path / "data"),
+                             "--knn-k", "1", "--probe-epochs", "0"], capsys)
+    assert code == 2
+    assert_one_error(err, phrase)
+    assert str(root / culprit) in err
 
 
 # --- the copies in mae_decay.py -------------------------------------------------------------
@@ -270,9 +520,15 @@ COPIED = ["knn_predict", "linear_probe", "AUTHORS_PROBE", "effective_rank", "DAT
           "download", "_ArraysOnly", "read_cifar_batch", "load_cifar", "read_idx", "load_idx", "IMAGE_EXTENSIONS",
           "load_image_resized", "load_folder", "SHAPE_NAMES", "shape_signed_distance", "make_shapes",
           "load_dataset", "atomic_save"]
+## (lead propagates) probe.py holds the new text of these shared copies (issue 12: the image-folder
+## cache keyed by a fingerprint and kept under --data-dir, errors naming the file, empty class
+## folders refused); they differ from mae_decay.py's until the lead copies them into the other
+## three scripts. Remove this set then: the test must hold for every name.
+PENDING = {"load_image_resized", "load_folder", "load_dataset"}
 
 
-@pytest.mark.parametrize("name", COPIED)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(reason="(lead propagates)", strict=False))
+                                  if name in PENDING else name for name in COPIED])
 def test_copied_code_is_verbatim(name):
     ours, theirs = getattr(probe, name), getattr(mae_decay, name)
     if callable(ours):
