@@ -10,22 +10,32 @@ Learning" (arXiv 2404.10947). Every residual sub-layer x_{k+1} = x_k + f_k(x_k) 
 
 over ALL blocks of the network. The paper's diffusion claim (SiT-XL/2, ImageNet 256, 400k steps,
 no guidance): FID 17.2 baseline, 16.5 with U-ViT long skips, 11.8 with long skips and alpha_min 0.8.
-Implemented as the authors' SiT code does it: adaLN-Zero blocks, one alpha per sub-layer,
-x = x + Linear(skip) into each decoder-half block, linear interpolant x_t = (1 - t) x_0 + t noise
-with a velocity target. The three rows of the paper are one flag apart:
+As the authors' SiT code (SiT/models.py): adaLN-Zero blocks, one alpha per sub-layer over all
+blocks, x = x + Linear(skip) into each decoder-half block, the straight path between data and
+noise with a velocity target, uniform training times. The paper's three rows are one flag apart:
 
     --skips off --alpha-min 1.0     baseline DiT / SiT
     --skips on  --alpha-min 1.0     + long skips
-    --skips on  --alpha-min 0.3     + long skips + decayed shortcuts
+    --skips on  --alpha-min 0.8     + long skips + decayed shortcuts (the authors' value at depth 28;
+                                    the CPU demo uses 0.3 at depth 6, see PRESETS for why)
 
-Run (each command prints what it does; `--help` lists every knob):
+Where we differ from the authors' SiT, and why: pixels instead of Stable-Diffusion VAE latents (no
+extra download); time runs from data (t = 0) to noise (t = 1), the reverse of SiT's, which changes
+nothing a network can tell (see the flow section); t is multiplied by 1000 before the sinusoidal
+time embedding, as DiT's integer steps (SiT feeds t in [0, 1], where most of the embedding is
+nearly constant; --time-scale 1 is SiT's); exact GELU instead of its tanh approximation; a
+fixed-step Heun sampler instead of dopri5; a cosine learning-rate schedule with warm-up and an EMA
+warm-up (SiT: constant lr 1e-4, EMA 0.9999 from step 0); unconditional by default (--class-cond).
+
+Run (each command prints what it does; `--help` lists every knob with its default):
 
     python diffusion_decay.py                       # CPU demo: skips off/on x alpha_min 1.0/0.3, built-in shapes 16px
     python diffusion_decay.py --preset cifar --compile                    # DiT-S/2 on CIFAR-10, one GPU
     python diffusion_decay.py --dataset fashion-mnist --img-size 28 --train-limit 10000 --epochs 3 --eval-every 0
     python diffusion_decay.py --class-cond --cfg-scale 2.0 --skips on --alpha-min 0.3   # class-conditional + CFG
     python diffusion_decay.py --preset cifar --benchmark --compile        # img/s, ms/step, memory, MFU
-    python diffusion_decay.py --alpha-eff 1,3e-3 --skips on               # choose alpha_min by prod(alphas)
+    python diffusion_decay.py --alpha-eff 1,2.4e-3 --skips on             # our tool: alpha_min from a target prod(alphas)
+    python diffusion_decay.py --probe authors       # the authors' linear probe (raw features, 200 epochs) instead of ours
 
 Several GPUs (PyTorch DDP: one process per GPU; --batch-size stays the GLOBAL batch, split evenly,
 and the run follows the one-process trajectory; only rank 0 prints and writes files):
@@ -37,8 +47,9 @@ and the run follows the one-process trajectory; only rank 0 prints and writes fi
 
 Outputs go to --out-dir (default runs/diffusion): config.json, the cached reference classifier
 (fd_reference_*.pt), one folder per (skips, alpha_min, seed) with ckpt.pt (model, EMA, optimizer,
-RNG, step, config), samples.png and features.npz (the format probe.py reads), results.json, and
-the plots curves.png (loss, FD and k-NN over training) and samples.png (grids side by side).
+RNG, step, config), samples.png and features.npz (the format probe.py reads; features_t<t>.npz
+for the other noise levels), results.json, and the plots curves.png (loss, FD, k-NN and both
+effective ranks over training) and samples.png (grids side by side).
 
 What is measured, and how:
 * Generation: "FD-smallcnn", the Frechet distance between generated images (EMA weights,
@@ -47,33 +58,14 @@ What is measured, and how:
   FID: numbers are comparable only within one dataset, image size and --fd-samples. Real-vs-real
   (training images) and noise-vs-real values are printed next to it as floor and ceiling.
 * Representation: tokens at the end of the ENCODER HALF (the U-ViT bottleneck) of the EMA model,
-  mean-pooled, for a clean (t = 0) or lightly noised input, null class; k-NN (DINO protocol), linear
-  probe (final epoch), effective rank (not centred), as in probe.py.
+  mean-pooled, null class, for the image noised along the path to each --feature-t (default 0.1,
+  0.25, 0.5: levels that uniform training visits; a clean t = 0 input is one it almost never sees).
+  The headline is the FIRST level, fixed in advance (never picked on test labels); every level is
+  printed in a second table. k-NN (DINO protocol), linear probe (final epoch; ours or, with
+  --probe authors, the authors'), effective rank uncentred (RankMe) and centred.
 
-Known-good numbers (this file, `python diffusion_decay.py`, 2-core CPU, 1 thread, torch 2.13):
-    python diffusion_decay.py       # 6 min 17 s wall (4 runs of 624 steps, evaluation included)
-
-    shapes 16px, DiT 64x6/4, 8 epochs, seed 0; FD-smallcnn of 500 EMA samples (Heun, 10 steps) vs
-    the 2000 test images (real vs real 0.15, noise vs real 2283); reference CNN test accuracy 0.50;
-    features: encoder-half output at t=0, mean-pooled (chance is 0.10)
-    skips alpha_min alpha_eff  FD-smallcnn  k-NN@20  linear probe  eff. rank  loss (last ep)  train s
-      off       1.0  1.00e+00       9.44     0.1155        0.1075      11.64          0.2612       67
-      off       0.3  2.64e-03      12.03     0.1085        0.0940      10.15          0.2811       66
-       on       1.0  1.00e+00       7.83     0.1115        0.0940      10.24          0.2659       77
-       on       0.3  2.64e-03       7.64     0.1070        0.1110      13.85          0.2532       72
-
-    One seed, one tiny model, so no claim: long skips lowered the FD, decay without skips raised it,
-    decay with skips changed it little (7.83 -> 7.64). The features of a model this small and this
-    briefly trained are at chance on shapes for every setting (see README "Known issues").
-
-    python diffusion_decay.py --dataset fashion-mnist --img-size 28 --train-limit 10000 --epochs 3 --eval-every 0
-    (~12.5 min wall for the 4 runs; reference CNN test accuracy 0.74; real vs real 0.06, noise vs real 38.3;
-    10000 test images; chance 0.10)
-    skips alpha_min alpha_eff  FD-smallcnn  k-NN@20  linear probe  eff. rank  loss (last ep)  train s
-      off       1.0  1.00e+00      11.08     0.6234        0.6000       7.06          0.4554       94
-      off       0.3  2.64e-03      25.99     0.5708        0.5461       4.43          0.6400      101
-       on       1.0  1.00e+00      11.40     0.6270        0.6408       7.89          0.4620      100
-       on       0.3  2.64e-03      12.00     0.6659        0.6507       8.30          0.4756      100
+Known-good numbers: being re-measured for this version of the file (the previous tables probed
+clean t = 0 inputs of a model trained with logit-normal times, and are no longer what it prints).
 
 Two comment layers: `##` lines teach (why a line exists, which equation it implements) and can be
 stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
@@ -127,11 +119,12 @@ class Config:
     mlp_ratio: float = 4.0        # MLP hidden width / width
     skips: str = "off,on"         # comma list of on|off: U-ViT long skips between the halves; one run per value
     alpha_min: str = "1.0,0.3"    # comma list: one run per value (times each --skips value), identical settings
-    alpha_eff: str = ""           # instead of alpha_min: comma list of targets for prod(alphas) over all blocks
+    alpha_eff: str = ""           # instead of alpha_min: comma list of targets for prod(alphas) over all blocks (our tool)
     class_cond: bool = False      # class-conditional model (labels would leak into the probed features: off by default)
     class_dropout: float = 0.1    # with --class-cond: fraction of training labels replaced by the null class (CFG)
     # --- flow training ---
-    time_dist: str = "logit-normal"  # logit-normal | uniform: distribution of the training time t
+    time_dist: str = "uniform"    # uniform (SiT's default) | logit-normal (SD3's): distribution of the training time t
+    time_scale: float = 1000.0    # t is multiplied by this before the sinusoidal time embedding (DiT's steps: 1000; SiT: 1)
     epochs: int = 8               # passes over the training set
     max_steps: int = 0            # stop after this many optimizer steps (0 = all); the schedule still spans --epochs
     batch_size: int = 128         # images per optimizer step
@@ -150,9 +143,10 @@ class Config:
     ref_epochs: int = 3           # epochs of the reference CNN whose features define FD-smallcnn
     # --- representation ---
     eval_every: int = 4           # FD + cheap k-NN + effective rank every N epochs (0 = only at the end)
-    feature_t: str = "0,0.1"      # comma list of noise levels t of the probed input (first one is the headline)
+    feature_t: str = "0.1,0.25,0.5"  # comma list of noise levels t of the probed input; the FIRST is the headline
     knn_k: int = 20               # neighbours for the headline k-NN number (DINO protocol)
     knn_t: float = 0.07           # k-NN temperature
+    probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2, batch 256, 200 epochs)
     probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); one default in every script
     probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); one default in every script
     # --- system ---
@@ -172,11 +166,13 @@ class Config:
 PRESETS = {
     ## The CPU demo (= the defaults above): a DiT of width 64, depth 6, patch 4 on 16x16 built-in
     ## shapes (16 tokens), 8 epochs, the four combinations of skips off/on and alpha_min 1.0/0.3.
-    ## At depth 6 the paper's rule of thumb (prod(alphas) in [1e-3, 1e-2)) asks for alpha_min
-    ## between 0.23 and 0.41: 0.3 gives 2.6e-3.
+    ## Our choice of 0.3: at depth 6 it gives prod(alphas) = 2.6e-3, the TOTAL shortcut decay of the
+    ## authors' SiT-XL/2 (alpha_min 0.8 at depth 28: 2.4e-3); the authors' 0.8 itself would give only
+    ## 0.27 at depth 6. Which of the two carries over to a small model is open: compare them with
+    ## --skips on --alpha-min 1.0,0.8,0.3.
     "quick": dict(),
-    ## DiT-S/2 (width 384, depth 12, 6 heads) on 32x32 CIFAR-10: 256 tokens. At depth 12 the rule of
-    ## thumb asks for alpha_min 0.53-0.66; SiT's 0.8 at depth 28 gives prod(alphas) 2.4e-3.
+    ## DiT-S/2 (width 384, depth 12, 6 heads) on 32x32 CIFAR-10: 256 tokens, with the authors' SiT
+    ## value alpha_min 0.8 (at depth 12: prod(alphas) 7.6e-2).
     "cifar": dict(dataset="cifar10", img_size=32, patch_size=2, embed_dim=384, depth=12, num_heads=6,
                   skips="off,on", alpha_min="1.0,0.8", epochs=100, batch_size=256, base_lr=2e-4, warmup_epochs=2,
                   ema_decay=0.9999, sample_steps=32, fd_samples=10000, ref_epochs=15, eval_every=10,
@@ -278,26 +274,30 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def timestep_embedding(t, dim=256, max_period=10000):
-    """(B,) continuous times in [0, 1] -> (B, dim) sinusoidal features (cos half, then sin half)."""
-    ## The sinusoid of DiT / GLIDE expects integer steps 0..999; a continuous t in [0, 1] at max period
-    ## 10000 would give nearly constant features, so t is scaled by 1000 first.
+def timestep_embedding(t, dim=256, max_period=10000, scale=1000.0):
+    """(B,) continuous times in [0, 1] -> (B, dim) sinusoidal features (cos half, then sin half) of
+    scale * t at dim/2 frequencies from 1 down to 1/max_period (GLIDE's and DiT's formula)."""
+    ## What we do and why. DiT feeds integer steps 0..999 to this sinusoid. The authors' SiT feeds
+    ## the continuous t in [0, 1] UNSCALED (SiT/models.py, TimestepEmbedder), and then the angles
+    ## t * freq stay below 0.1 rad for 96 of the 128 frequencies over the whole range of t: most
+    ## features are nearly constant and the network sees time only through the few fastest ones.
+    ## We multiply t by --time-scale 1000 first (DiT's range); --time-scale 1 is SiT's convention.
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)  # (half,)
+    angles = scale * t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
     """t (B,) -> (B, D): the sinusoid above, then a two-layer MLP (DiT's TimestepEmbedder)."""
 
-    def __init__(self, dim, frequency_dim=256):
+    def __init__(self, dim, frequency_dim=256, time_scale=1000.0):
         super().__init__()
-        self.frequency_dim = frequency_dim
+        self.frequency_dim, self.time_scale = frequency_dim, time_scale
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):  # (B,) -> (B, D)
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
+        return self.mlp(timestep_embedding(t, self.frequency_dim, scale=self.time_scale))
 
 
 class FinalLayer(nn.Module):
@@ -319,7 +319,7 @@ class DiT(nn.Module):
     the rest the decoder half; decayed shortcuts in ALL blocks (the authors' SiT)."""
 
     def __init__(self, img_size=16, patch_size=4, in_chans=3, embed_dim=96, depth=6, num_heads=4,
-                 mlp_ratio=4.0, alpha_min=1.0, skips=True, num_classes=0):
+                 mlp_ratio=4.0, alpha_min=1.0, skips=True, num_classes=0, time_scale=1000.0):
         super().__init__()
         self.patch_size, self.in_chans, self.skips, self.num_classes = patch_size, in_chans, skips, num_classes
         ## U-ViT splits the blocks in two: the first half (the "encoder half") feeds the long skips,
@@ -332,7 +332,7 @@ class DiT(nn.Module):
         ## Fixed (not learned) 2D sin-cos position embeddings, added to the tokens.
         ## DiT has no cls token: drop the zero cls row of the MAE table.
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid)[1:][None], persistent=False)  # (1, L, D)
-        self.t_embedder = TimestepEmbedder(embed_dim)
+        self.t_embedder = TimestepEmbedder(embed_dim, time_scale=time_scale)
         ## Class embedding with one extra row, index num_classes = the null class. Classifier-free
         ## guidance (Ho & Salimans 2022) trains on null labels with probability --class-dropout.
         self.y_embedder = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None
@@ -421,7 +421,7 @@ def init_weights(model):
 
 def build_model(cfg, alpha_min, skips, in_chans, num_classes):
     return DiT(cfg.img_size, cfg.patch_size, in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
-               alpha_min, skips, num_classes if cfg.class_cond else 0)
+               alpha_min, skips, num_classes if cfg.class_cond else 0, cfg.time_scale)
 
 
 ## The rest of part 1 is shared verbatim with mae_decay.py: our bisection tool behind --alpha-eff,
@@ -465,26 +465,54 @@ def unpatchify(x, p, channels):
 # and the ODE sampler that generates with it. Read this second.
 # =============================================================================================
 
+## A flow model (rectified flow, Liu et al. 2023; stochastic interpolants, Albergo & Vanden-Eijnden
+## 2023; SiT, Ma et al. 2024) learns to move noise into data along straight lines. Each training
+## image x_0 is paired with Gaussian noise and a random time t in [0, 1]; the network sees the
+## mixture x_t and learns the direction (the velocity) from data to noise. Sampling runs that
+## velocity field backwards, from pure noise at t = 1 to an image at t = 0.
+##
+## SiT's convention, and where ours differs: the authors' SiT (SiT/transport) uses the same straight
+## path with time running the other way (its t = 1 is the data, t = 0 the noise) and the velocity
+## data - noise. Ours is the rectified-flow / SD3 direction (t = 0 is the data). Nothing a network
+## can tell changes: with t -> 1 - t and v -> -v the path, the loss and the sampler are the same,
+## and the sinusoid of (1 - t) is a FIXED orthogonal map (a reflection) of each (cos, sin) pair of
+## the sinusoid of t, which the first Linear of the time MLP absorbs (its i.i.d. normal init is
+## invariant under orthogonal maps, so even the initial network has the same distribution).
+
 def sample_time(n, gen, time_dist):
-    """Training times t in (0, 1): logit-normal (sigmoid of a standard normal; SD3, Esser et al.
-    2024, which puts more steps at middle noise levels) or uniform (SiT's default)."""
+    """Training times t in (0, 1): uniform (SiT's default: Transport.sample draws t ~ U[0, 1] for a
+    velocity model) or logit-normal (sigmoid of a standard normal; SD3, Esser et al. 2024, which puts
+    more steps at middle noise levels and almost none near the clean image: P(t < 0.05) = 0.0016)."""
     if time_dist == "logit-normal":
         return torch.sigmoid(torch.randn(n, generator=gen))
     return torch.rand(n, generator=gen)
 
 
+def time_cdf(t, time_dist):
+    """P(training time <= t) for --time-dist, in closed form: t (uniform), or Phi(logit(t))
+    (logit-normal). Tells how often training visits a probed noise level (and tests sample_time)."""
+    t = min(max(float(t), 0.0), 1.0)
+    if time_dist == "uniform" or t in (0.0, 1.0):
+        return t
+    return 0.5 * (1 + math.erf(math.log(t / (1 - t)) / math.sqrt(2)))
+
+
 def interpolate(x0, noise, t):
-    """The linear path of SiT: x_t = (1 - t) x_0 + t * noise; t (B,) broadcast."""
-    t = t.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+    """The straight path between an image and its noise: x_t = (1 - t) x_0 + t * noise; t (B,) broadcast."""
+    ## t = 0: the clean image; t = 1: pure noise; in between, a mixture whose noise share grows linearly.
+    t = t.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)  # (B, 1, 1, 1)
     return (1 - t) * x0 + t * noise
 
 
 def flow_loss(model, x0, noise, t, y=None):
     """Mean squared error between the predicted and the true velocity of the path,
-    d x_t / dt = noise - x_0 (SiT's velocity objective). model(x_t, t, y) -> velocity."""
+    d x_t / dt = noise - x_0 (SiT's velocity objective, with the sign of our time direction).
+    model(x_t, t, y) -> velocity."""
+    ## The target does not depend on t: along a straight line the velocity is constant. The network
+    ## only sees x_t, so it learns the AVERAGE of noise - x_0 over all pairs that pass through x_t.
     target = noise - x0
     prediction = model(interpolate(x0, noise, t), t, y)
-    return ((prediction.float() - target.float()) ** 2).mean()
+    return ((prediction.float() - target.float()) ** 2).mean()  ## averaged over pixels and batch, in fp32
 
 
 @torch.no_grad()
@@ -553,7 +581,7 @@ def generate(model, n, cfg, device, seed, in_chans, num_classes=0, batch_size=50
 
 ## Keys that change what a run computes: a checkpoint resumes only under identical values.
 TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "embed_dim", "depth", "num_heads",
-                   "mlp_ratio", "class_cond", "class_dropout", "time_dist", "epochs", "batch_size", "base_lr", "min_lr",
+                   "mlp_ratio", "class_cond", "class_dropout", "time_dist", "time_scale", "epochs", "batch_size", "base_lr", "min_lr",
                    "warmup_epochs", "weight_decay", "beta2", "ema_decay")
 
 
@@ -917,12 +945,32 @@ def evaluate_cheap(model, cfg, data, reference, device, seed):
     pred = knn_predict(feats["train"], data["train_y"][subset["train"]], feats["test"], min(cfg.knn_k, len(feats["train"])),
                        cfg.knn_t, num_classes=len(data["classes"]))
     return {"fd": fd, "knn": (pred == data["test_y"][subset["test"]]).float().mean().item(),
-            "effective_rank": effective_rank(feats["train"])}, images
+            "effective_rank": effective_rank(feats["train"]),
+            "effective_rank_centered": effective_rank(feats["train"], center=True)}, images
+
+
+def probe_settings(cfg):
+    """The keyword arguments of linear_probe for --probe: ours (standardised) or the authors'."""
+    return AUTHORS_PROBE if cfg.probe == "authors" else {"epochs": cfg.probe_epochs, "lr": cfg.probe_lr}
+
+
+def describe_probe(cfg):
+    if cfg.probe == "authors":
+        return "the authors' (raw features, AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch)"
+    return f"standardised features, AdamW lr {cfg.probe_lr:g}, batch 1024, {cfg.probe_epochs} epochs, cosine, final epoch"
+
+
+def training_visits(level, time_dist, window=0.05):
+    """The share of training times t within +-window of a probed noise level: how familiar the
+    network is with inputs at that level (logit-normal training puts 0.0016 of its steps below 0.05)."""
+    return time_cdf(level + window, time_dist) - time_cdf(level - window, time_dist)
 
 
 def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch):
     """Final evaluation of the EMA model: FD-smallcnn (also the last curve point), the full k-NN /
-    probe / effective rank at every --feature-t, the features file and the sample grid."""
+    probe / effective ranks at every --feature-t, the features files and the sample grid.
+    The headline numbers are those of the FIRST --feature-t (default 0.1), fixed before any run:
+    the level is never chosen by looking at test labels. The other levels are reported beside it."""
     rank = rank_and_world()[0]
     started = time.perf_counter()
     num_classes = len(data["classes"])
@@ -936,11 +984,15 @@ def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_d
         test_f = extract_features(model, data["test_x"], cfg, level, device)
         ks = [k for k in sorted({10, 20, 100, 200, cfg.knn_k}) if k <= len(train_f)]
         preds = knn_predict(train_f, data["train_y"], test_f, ks, cfg.knn_t, num_classes=num_classes)
-        probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], epochs=cfg.probe_epochs, lr=cfg.probe_lr,
-                             seed=seed, num_classes=num_classes)
-        ## Effective rank on at most 25,600 training features (RankMe's sample size), not centred.
-        by_level.append({"t": level, "knn": {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()},
-                         "linear_probe": probe, "effective_rank": effective_rank(train_f[:25600])})
+        probe = linear_probe(train_f, data["train_y"], test_f, data["test_y"], seed=seed, num_classes=num_classes,
+                             **probe_settings(cfg))
+        ## Effective rank on at most 25,600 training features (RankMe's sample size), uncentred
+        ## (RankMe's convention) and centred: mean-pooled tokens share a large common mean, and the
+        ## uncentred value then mostly measures that mean.
+        by_level.append({"t": level, "train_visits": training_visits(level, cfg.time_dist),
+                         "knn": {k: (p == data["test_y"]).float().mean().item() for k, p in preds.items()},
+                         "linear_probe": probe, "effective_rank": effective_rank(train_f[:25600]),
+                         "effective_rank_centered": effective_rank(train_f[:25600], center=True)})
         file = "features.npz" if j == 0 else f"features_t{level:g}.npz"
         if rank == 0:  # every process evaluated the gathered features; one writes them
             save_features(os.path.join(run_dir, file), train_f, data["train_y"], test_f, data["test_y"],
@@ -956,7 +1008,8 @@ def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_d
     return {"skips": skips, "alpha_min": alpha_min, "alpha_eff": math.prod(model.alphas), "seed": seed, "steps": state["step"],
             "fd": fd, "fd_real_vs_real": reference["sanity"]["real_vs_real"], "fd_noise_vs_real": reference["sanity"]["noise_vs_real"],
             "knn": by_level[0]["knn"], "knn_k": cfg.knn_k, "linear_probe": by_level[0]["linear_probe"],
-            "effective_rank": by_level[0]["effective_rank"], "by_noise_level": by_level,
+            "effective_rank": by_level[0]["effective_rank"], "effective_rank_centered": by_level[0]["effective_rank_centered"],
+            "feature_t": by_level[0]["t"], "probe": describe_probe(cfg), "by_noise_level": by_level,
             "final_loss": losses[-1] if losses else float("nan"),
             "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
             "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
@@ -1060,17 +1113,36 @@ def mean_std(values):
 
 
 def results_table(results):
-    """One row per (skips, alpha_min), mean +- std over seeds (sample std) when there are several."""
+    """One row per (skips, alpha_min), mean +- std over seeds (sample std) when there are several.
+    The representation columns are at the headline noise level (the first --feature-t)."""
     k = results[0]["knn_k"]
     header = f"{'skips':>5} {'alpha_min':>9} {'alpha_eff':>9} {'seeds':>5} {'FD-smallcnn':>13} {f'k-NN@{k}':>15} " \
-             f"{'linear probe':>15} {'eff. rank':>15} {'loss (last ep)':>15} {'train s':>8}"
+             f"{'linear probe':>15} {'eff. rank':>15} {'centred rank':>15} {'loss (last ep)':>15} {'train s':>8}"
     rows = [header, "-" * len(header)]
     for skips, alpha in dict.fromkeys((r["skips"], r["alpha_min"]) for r in results):
         group = [r for r in results if (r["skips"], r["alpha_min"]) == (skips, alpha)]
         rows.append(f"{'on' if skips else 'off':>5} {alpha:>9.4g} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
                     f"{mean_std([r['fd'] for r in group]):>13} {mean_std([r['knn'][k] for r in group]):>15} "
                     f"{mean_std([r['linear_probe'] for r in group]):>15} {mean_std([r['effective_rank'] for r in group]):>15} "
+                    f"{mean_std([r['effective_rank_centered'] for r in group]):>15} "
                     f"{mean_std([r['last_epoch_loss'] for r in group]):>15} {np.mean([r['seconds'] for r in group]):>8.0f}")
+    return "\n".join(rows)
+
+
+def noise_level_table(results):
+    """The representation at every probed noise level t, one row per (skips, alpha_min, t), with
+    the share of training times within +-0.05 of t (how often training saw inputs like these)."""
+    k = results[0]["knn_k"]
+    header = f"{'skips':>5} {'alpha_min':>9} {'t':>5} {'train visits':>12} {f'k-NN@{k}':>15} {'linear probe':>15} " \
+             f"{'eff. rank':>15} {'centred rank':>15}"
+    rows = [header, "-" * len(header)]
+    for skips, alpha in dict.fromkeys((r["skips"], r["alpha_min"]) for r in results):
+        group = [r for r in results if (r["skips"], r["alpha_min"]) == (skips, alpha)]
+        for j, level in enumerate(group[0]["by_noise_level"]):
+            at = [r["by_noise_level"][j] for r in group]
+            rows.append(f"{'on' if skips else 'off':>5} {alpha:>9.4g} {level['t']:>5.3g} {level['train_visits']:>12.4f} "
+                        f"{mean_std([a['knn'][k] for a in at]):>15} {mean_std([a['linear_probe'] for a in at]):>15} "
+                        f"{mean_std([a['effective_rank'] for a in at]):>15} {mean_std([a['effective_rank_centered'] for a in at]):>15}")
     return "\n".join(rows)
 
 
@@ -1086,7 +1158,8 @@ def image_grid(images, rows=8):
 
 
 def save_plots(results, out_dir):
-    """curves.png (loss, FD-smallcnn and k-NN over training) and samples.png (grids side by side)."""
+    """curves.png (loss, FD-smallcnn, k-NN and both effective ranks over training) and samples.png
+    (grids side by side)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1100,7 +1173,7 @@ def save_plots(results, out_dir):
         plt.close(fig)
         os.replace(tmp, os.path.join(out_dir, name))
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for r in results:
         setting = (r["skips"], r["alpha_min"])
         label = f"{setting_name(*setting)} seed={r['seed']}"
@@ -1108,9 +1181,13 @@ def save_plots(results, out_dir):
         epochs = [e["epoch"] for e in r["evals"]]
         axes[1].plot(epochs, [e["fd"] for e in r["evals"]], "o-", color=colour[setting], label=label)
         axes[2].plot(epochs, [e["knn"] for e in r["evals"]], "o-", color=colour[setting], label=label)
+        axes[3].plot(epochs, [e["effective_rank"] for e in r["evals"]], "o-", color=colour[setting], label=label)
+        axes[3].plot(epochs, [e["effective_rank_centered"] for e in r["evals"]], "s--", color=colour[setting])
     axes[1].axhline(results[0]["fd_real_vs_real"], color="grey", ls="--", label="real vs real")
+    t = results[0]["feature_t"]
     for ax, title in zip(axes, ["flow loss (epoch mean)", "FD-smallcnn of EMA samples (lower is better)",
-                                f"k-NN@{results[0]['knn_k']} accuracy (5k train / 1k test)"]):
+                                f"k-NN@{results[0]['knn_k']} at t={t:g} (5k train / 1k test)",
+                                f"effective rank at t={t:g} (dashed: centred)"]):
         ax.set_title(title)
         ax.set_xlabel("epoch")
     axes[0].set_yscale("log")
@@ -1263,6 +1340,8 @@ def check_config(cfg):
          f"--depth must be even and at least 2 (an encoder half and a decoder half), got {cfg.depth}.")
     skip_settings(cfg)
     need(cfg.time_dist in ("logit-normal", "uniform"), f"--time-dist must be logit-normal or uniform, got '{cfg.time_dist}'.")
+    need(math.isfinite(cfg.time_scale) and cfg.time_scale > 0, f"--time-scale must be a positive number, got {cfg.time_scale}.")
+    need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(0.0 <= cfg.class_dropout < 1.0, f"--class-dropout must be in [0, 1), got {cfg.class_dropout}.")
     need(cfg.cfg_scale >= 0, f"--cfg-scale cannot be negative, got {cfg.cfg_scale}.")
     need(cfg.cfg_scale == 1.0 or cfg.class_cond, "--cfg-scale other than 1 needs a class-conditional model: add --class-cond.")
@@ -1843,6 +1922,8 @@ def main(argv=None):
     ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
     ## CIFAR-size data, and each process still works only on its own slice of each batch).
     data = to_device(parts, device, cfg.train_limit)
+    if cfg.knn_k > len(data["train_x"]):
+        raise UserError(f"--knn-k {cfg.knn_k} asks for more neighbours than the {len(data['train_x'])} training images; lower it.")
     if rank == 0:  # only the first process prints and writes files
         print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
               f"{tuple(data['train_x'].shape[1:])} (model sees {cfg.img_size}px), {len(data['classes'])} classes; device {device}"
@@ -1861,8 +1942,10 @@ def main(argv=None):
         print(f"\n{cfg.dataset}, {cfg.img_size}px; generation: FD-smallcnn of {cfg.fd_samples} EMA samples ({cfg.sampler}, "
               f"{cfg.sample_steps} steps{f', CFG {cfg.cfg_scale:g}' if cfg.class_cond else ''}) vs the test set "
               f"(real vs real {sanity['real_vs_real']:.2f}, noise vs real {sanity['noise_vs_real']:.2f}); "
-              f"features: {results[0]['feature']}; k-NN: DINO protocol, T={cfg.knn_t}; linear probe: final epoch of "
-              f"{cfg.probe_epochs}\n{results_table(results)}")
+              f"features: {results[0]['feature']} (the headline level: the first --feature-t, fixed in advance); "
+              f"k-NN: DINO protocol, T={cfg.knn_t}; linear probe: {describe_probe(cfg)}\n{results_table(results)}")
+        print(f"\nthe features at every probed noise level t (train visits: share of training times within +-0.05 of t, "
+              f"--time-dist {cfg.time_dist})\n{noise_level_table(results)}")
         summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "processes": world_size,
                    "fd_reference": {"test_accuracy": reference["accuracy"], **sanity},
                    "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}

@@ -120,6 +120,46 @@ def test_timestep_embedding_scales_continuous_time():
     assert (emb[1] - emb[0]).abs().max() > 0.5  # t = 0 and t = 0.001 are told apart
 
 
+def test_time_embedding_scale_and_the_direction_of_time():
+    t = torch.tensor([0.0, 0.013, 0.5, 0.97], dtype=torch.float64)
+    freqs = 10000.0 ** (-np.arange(128) / 128)  # GLIDE / DiT / SiT: exp(-log(max_period) * i / half)
+    for scale in (1.0, 1000.0):  # SiT's convention (t in [0, 1] as is) and ours (DiT's 0..1000)
+        emb = d.timestep_embedding(t.float(), 256, scale=scale).double().numpy()
+        angles = scale * t.numpy()[:, None] * freqs[None]
+        np.testing.assert_allclose(emb, np.concatenate([np.cos(angles), np.sin(angles)], 1), atol=2e-4)  # fp32 angles up to 1000
+        # the reversed time 1 - t (SiT's direction) is a FIXED orthogonal map of each (cos, sin) pair:
+        # cos(c - a) = cos c cos a + sin c sin a, sin(c - a) = sin c cos a - cos c sin a, c = scale * freq
+        c = scale * freqs
+        cos_a, sin_a = emb[:, :128], emb[:, 128:]
+        reversed_emb = d.timestep_embedding((1 - t).float(), 256, scale=scale).double().numpy()
+        np.testing.assert_allclose(reversed_emb[:, :128], np.cos(c) * cos_a + np.sin(c) * sin_a, atol=5e-4)
+        np.testing.assert_allclose(reversed_emb[:, 128:], np.sin(c) * cos_a - np.cos(c) * sin_a, atol=5e-4)
+    # SiT's unscaled convention: 96 of the 128 frequencies turn by less than 0.1 rad over all of [0, 1]
+    assert (freqs <= 0.1).sum() == 96
+    cfg = tiny_cfg("--time-scale", "1")
+    assert d.build_model(cfg, 1.0, True, 3, 10).t_embedder.time_scale == 1.0
+    assert d.Config().time_scale == 1000.0 and d.Config().time_dist == "uniform"  # SiT's time distribution by default
+
+
+def test_probed_noise_levels_are_ones_training_visits():
+    for preset in ("quick", "cifar"):
+        cfg = d.parse_config(["--preset", preset])
+        levels = d.noise_levels(cfg)
+        assert 0.0 not in levels and levels[0] == 0.1  # the headline level, fixed in advance
+        for level in levels:
+            # uniform training puts 0.1 of its times within +-0.05 of any interior level; demand at least half that
+            assert d.training_visits(level, cfg.time_dist) >= 0.05, (preset, level)
+    # the closed form against the sampler itself: 10^5 draws, binomial standard error sqrt(p(1-p)/n) <= 1.6e-3,
+    # so 5 standard errors are 8e-3
+    n = 100_000
+    for time_dist in ("uniform", "logit-normal"):
+        samples = d.sample_time(n, torch.Generator().manual_seed(0), time_dist)
+        for level in (0.0, 0.1, 0.25, 0.5, 0.9):
+            empirical = ((samples - level).abs() <= 0.05).float().mean().item()
+            assert abs(empirical - d.training_visits(level, time_dist)) < 8e-3, (time_dist, level)
+    assert d.training_visits(0.0, "logit-normal") < 0.002  # why t = 0 is no longer probed: training almost never sees it
+
+
 def test_flop_count_matches_a_direct_count():
     cfg = tiny_cfg("--class-cond")
     model = d.build_model(cfg, 1.0, True, 3, 10)
@@ -301,6 +341,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     (["--ema-decay", "1"], "--ema-decay"),
     (["--device", "tpu"], "--device"),
     (["--seeds", "0.5"], "--seeds"),
+    (["--probe", "mine"], "--probe"),
+    (["--time-scale", "0"], "--time-scale"),
 ])
 def test_bad_flags_give_one_clear_sentence(flags, message):
     with pytest.raises(d.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -317,18 +359,30 @@ def test_command_line_errors_have_no_traceback(tmp_path):
 def test_main_writes_table_json_features_samples_and_plots(tmp_path, capsys):
     out = tmp_path / "out"
     results = d.main(TINY[:-5] + ["--plots", "--eval-every", "1", "--epochs", "2", "--skips", "off,on", "--alpha-min", "1.0",
-                                  "--train-limit", "128", "--feature-t", "0,0.2", "--out-dir", str(out),
+                                  "--train-limit", "128", "--feature-t", "0.1,0.2", "--out-dir", str(out), "--probe", "authors",
                                   "--json", str(tmp_path / "r.json"), "--device", "cpu"])
     text = capsys.readouterr().out
     assert "FD-smallcnn" in text and "k-NN@20" in text and "real vs real" in text and len(results) == 2
+    assert "centred rank" in text and "train visits" in text and "linear probe: the authors'" in text
     summary = json.loads((tmp_path / "r.json").read_text())
     run = summary["runs"][1]
-    for key in ("fd", "knn", "linear_probe", "effective_rank", "final_loss", "seconds", "config"):
+    for key in ("fd", "knn", "linear_probe", "effective_rank", "effective_rank_centered", "final_loss", "seconds", "config"):
         assert key in run, key
+    assert all("effective_rank_centered" in e and "effective_rank" in e for e in run["evals"])
+    # the headline numbers are those of the first --feature-t, recomputed here from its features file
+    with np.load(out / "skipson_alpha1_seed0" / "features.npz") as f:
+        train_f, test_f = torch.from_numpy(f["train_features"]), torch.from_numpy(f["test_features"])
+        train_y, test_y = torch.from_numpy(f["train_labels"]), torch.from_numpy(f["test_labels"])
+        assert float(f["noise_level"]) == 0.1 == run["feature_t"]
+    assert run["linear_probe"] == d.linear_probe(train_f, train_y, test_f, test_y, seed=0, num_classes=10, **d.AUTHORS_PROBE)
+    assert run["effective_rank"] == d.effective_rank(train_f)
+    assert run["effective_rank_centered"] == d.effective_rank(train_f, center=True) != run["effective_rank"]
+    assert run["probe"].startswith("the authors'") and d.probe_settings(d.parse_config([])) == {"epochs": 20, "lr": 3e-3}
     assert run["skips"] is True and run["alpha_min"] == 1.0 and set(run["knn"]) == {"10", "20", "100"}
     assert run["config"]["skips"] == "on" and summary["config"]["skips"] == "off,on"
     assert [e["epoch"] for e in run["evals"]] == [0, 1, 2] and run["evals"][-1]["fd"] == run["fd"]
-    assert [level["t"] for level in run["by_noise_level"]] == [0.0, 0.2]
+    assert [level["t"] for level in run["by_noise_level"]] == [0.1, 0.2]
+    assert all("effective_rank_centered" in level and level["train_visits"] > 0.05 for level in run["by_noise_level"])
     assert summary["fd_reference"]["noise_vs_real"] > summary["fd_reference"]["real_vs_real"]
     for name in ("curves.png", "samples.png", "results.json", "config.json", "fd_reference_shapes_8px.pt"):
         assert (out / name).exists(), name
@@ -337,6 +391,12 @@ def test_main_writes_table_json_features_samples_and_plots(tmp_path, capsys):
             assert (out / folder / name).exists(), (folder, name)
     arrays, metadata = probe.read_features_file(str(out / "skipson_alpha1_seed0" / "features.npz"))  # probe.py reads it
     assert arrays["train_features"].shape[0] == 128
+
+
+def test_knn_k_larger_than_the_training_set_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(d.UserError, match="--knn-k 20 asks for more neighbours than the 16 training images"):
+        d.main(TINY + ["--train-limit", "16", "--batch-size", "8", "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_benchmark_reports_throughput(capsys):
