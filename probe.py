@@ -15,19 +15,20 @@ Run (`--help` lists every knob):
 
 Known-good numbers produced by this file (2-core CPU, torch 2.13, numpy 2.4, default settings):
 
-    python probe.py --pixels shapes --img-size 16
-    input          dim  knn@10  knn@20  knn@100  knn@200  linear  erank
-    pixels:shapes  768   21.95   22.25    16.95    15.25   12.90  162.9
+    python probe.py --pixels shapes --img-size 16            # ~15 s
+    input          dim  knn@10  knn@20  knn@100  knn@200  linear  erank  erank_c
+    pixels:shapes  768   21.95   22.25    16.95    15.25   12.90  162.9    248.8
+    (--probe authors: linear 16.15, ~20 s)
 
-    python probe.py --pixels fashion-mnist --subspace top:100,top:90,bottom:20
+    python probe.py --pixels fashion-mnist --subspace top:100,top:90,bottom:20   # an earlier commit, before erank_c
     input                    dim  knn@10  knn@20  knn@100  knn@200  linear  erank
     pixels:fashion-mnist     784   85.59   84.59    80.92    79.13   84.43  344.6
       top:100 (100.0% var)   784   86.62   86.05    83.67    82.91   84.43  416.5
       top:90 (90.1% var)      84   86.84   86.43    84.25    83.36   83.48   59.0
       bottom:20 (20.3% var)  761   87.91   87.88    87.21    86.90   45.82  574.9
 
-    python probe.py --pixels cifar10 --data-dir data   # knn@10 37.43, knn@20 36.30, linear 40.69, erank 455.1
-    python probe.py --pixels shapes                     # knn@10 21.95, knn@20 21.70, linear 15.00, erank 607.4
+    python probe.py --pixels cifar10 --data-dir data   # (earlier commit) knn@10 37.43, knn@20 36.30, linear 40.69, erank 455.1
+    python probe.py --pixels shapes                     # knn@10 21.95, knn@20 21.70, linear 15.00, erank 607.4, erank_c 884.5
 
     (Public raw-pixel Fashion-MNIST benchmarks: k-NN about 85-86 %, logistic regression about 84 %.)
     Wall times, hardware and known issues are in README.md.
@@ -37,9 +38,11 @@ A features file (.npz, or .pt read with torch.load(weights_only=True)) holds tra
 ids; any other key is metadata, copied into the JSON. Defaults: k-NN on L2-normalised features
 with exp(sim / 0.07) votes, k = 10, 20, 100, 200 from one search; linear probe = standardise by
 train statistics + one Linear layer, AdamW, weight decay 0, cosine schedule, the FINAL epoch's
-test accuracy; effective rank of the train features, not centred. Several inputs are evaluated
-one by one: a bad one (unreadable, malformed, too few samples for a k you typed) is reported in one
-sentence at the end with exit status 2, and the others keep their rows in the table and the JSON.
+test accuracy (`--probe authors`: the decay paper's authors' raw-feature probe); effective rank
+of the train features, not centred (erank, RankMe's convention) and centred (erank_c).
+Several inputs are evaluated one by one: a bad one (unreadable, malformed, too few samples for a
+k you typed) is reported in one sentence at the end with exit status 2, and the others keep
+their rows in the table and the JSON.
 
 Reading order: the Config (the knobs), THE IDEA (the protocols, each beside its equation), the
 evaluation driver, the report; the plumbing (command line, data loaders, file I/O) comes last.
@@ -93,9 +96,10 @@ class Config:
     knn_t: float = 0.07           # temperature of the exp(sim / T) vote weights
     majority: bool = False        # also report plain majority votes (every neighbour weighs 1)
     # --- linear probe ---
-    probe_epochs: int = 20        # epochs; the final one is reported, never the best (0 = skip the probe)
-    probe_lr: float = 3e-3        # AdamW peak lr (cosine schedule, weight decay 0)
-    probe_batch_size: int = 1024  # samples per step; 0 = full batch (fastest on a GPU, wants a higher lr)
+    probe: str = "standard"       # standard (train-standardised features, the three knobs below) | authors (the decay paper's: raw features, AdamW lr 1e-2, batch 256, 200 epochs)
+    probe_epochs: int = 20        # standard probe's epochs; the final one is reported, never the best (0 = no probe at all)
+    probe_lr: float = 3e-3        # standard probe's AdamW peak lr (cosine schedule, weight decay 0)
+    probe_batch_size: int = 1024  # standard probe's samples per step; 0 = full batch (fastest on a GPU, wants a higher lr)
     seed: int = 0                 # seeds the probe's init and sample order (k-NN has no randomness)
     # --- analysis ---
     subspace: str = ""            # e.g. top:90,bottom:20: probe the principal subspaces explaining p% of the variance
@@ -315,10 +319,13 @@ def evaluate_features(train_x, train_y, test_x, test_y, ks, cfg):
         ## A majority vote is the same vote with T = infinity: exp(sim / T) = 1 for every neighbour.
         result["knn_majority"] = knn_accuracies(train_x, train_y, test_x, test_y, ks, math.inf, num_classes)
     if cfg.probe_epochs:
-        batch_size = cfg.probe_batch_size or len(train_x)  # full batch: one step per epoch, features stay put
-        result["linear_probe"] = linear_probe(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
-                                              batch_size=batch_size, seed=cfg.seed, num_classes=num_classes)
-    result["effective_rank"] = effective_rank(float64_ready(train_x))
+        ## --probe authors: the decay paper's authors' settings exactly, raw features included.
+        knobs = AUTHORS_PROBE if cfg.probe == "authors" else dict(
+            epochs=cfg.probe_epochs, lr=cfg.probe_lr, batch_size=cfg.probe_batch_size or len(train_x))  # 0: full batch
+        result["linear_probe"] = linear_probe(train_x, train_y, test_x, test_y, seed=cfg.seed, num_classes=num_classes,
+                                              **knobs)
+    result["effective_rank"] = effective_rank(float64_ready(train_x))  # RankMe's convention: not centred
+    result["effective_rank_centered"] = effective_rank(float64_ready(train_x), center=True)
     return result
 
 
@@ -384,14 +391,14 @@ def table_row(label, numbers, cfg, seconds=""):
     cells = [label, str(numbers["dim"])] + [percent(numbers["knn"], k) for k in ks]
     cells += [percent(numbers["knn_majority"], k) for k in ks] if cfg.majority else []
     cells += [f"{100 * numbers['linear_probe']:.2f}"] if cfg.probe_epochs else []
-    return cells + [f"{numbers['effective_rank']:.1f}", seconds]
+    return cells + [f"{numbers['effective_rank']:.1f}", f"{numbers['effective_rank_centered']:.1f}", seconds]
 
 
 def format_table(results, cfg):
     """Accuracies in percent; one row per input, then one per --subspace projection of it."""
     ks = parse_ks(cfg.knn_k)
     header = ["input", "dim"] + [f"knn@{k}" for k in ks] + ([f"maj@{k}" for k in ks] if cfg.majority else [])
-    header += (["linear"] if cfg.probe_epochs else []) + ["erank", "time"]
+    header += (["linear"] if cfg.probe_epochs else []) + ["erank", "erank_c", "time"]
     rows = [header]
     for result in results:
         rows.append(table_row(result["input"], result, cfg, f"{result['seconds']:.1f}s"))
@@ -400,15 +407,31 @@ def format_table(results, cfg):
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
-    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+    caption = [f"k-NN: DINO protocol, votes exp(sim / {cfg.knn_t:g}); linear probe: {describe_probe(cfg)}",
+               "erank, erank_c: effective rank of the train features, not centred (RankMe) and centred"]
+    return "\n".join(caption + [lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def describe_probe(cfg):
+    """Which linear probe produced the numbers, in words, for the table and the JSON."""
+    if not cfg.probe_epochs:
+        return "none (--probe-epochs 0)"
+    if cfg.probe == "authors":
+        knobs = AUTHORS_PROBE
+        return (f"the decay paper's authors' (raw features, AdamW lr {knobs['lr']:g}, batch {knobs['batch_size']}, "
+                f"cosine, final epoch of {knobs['epochs']})")
+    batch = cfg.probe_batch_size or "full"
+    return (f"standard (features standardised by train statistics, AdamW lr {cfg.probe_lr:g}, batch {batch}, "
+            f"cosine, final epoch of {cfg.probe_epochs})")
 
 
 def settings(cfg, device):
     """The exact settings, with the conventions spelled out, for the JSON file."""
     return {**dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "numpy": np.__version__,
             "knn_protocol": "DINO: L2-normalised features, cosine similarity, votes exp(sim / knn_t)",
-            "probe_protocol": "standardise by train statistics, Linear, cross-entropy, AdamW wd 0, cosine, final epoch",
-            "effective_rank_of": "train features, not centred (subspace rows: centred projections)"}
+            "probe_protocol": f"{describe_probe(cfg)}; one Linear layer, cross-entropy, weight decay 0",
+            "effective_rank_of": "train features: effective_rank not centred (RankMe), effective_rank_centered after "
+                                 "subtracting their mean (subspace rows are centred projections: the two agree)"}
 
 
 def write_json(results, path):
@@ -535,6 +558,7 @@ def check_config(cfg, paths):
     need(cfg.img_size >= 1, f"--img-size must be at least 1, got {cfg.img_size}.")
     need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+    need(cfg.probe in ("standard", "authors"), f"--probe must be standard or authors, got '{cfg.probe}'.")
     if cfg.pixels:
         folder = cfg.pixels[len("folder:"):] if cfg.pixels.startswith("folder:") else None
         need(folder is not None or cfg.pixels in ("shapes", *CIFAR, *IDX),

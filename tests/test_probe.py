@@ -188,11 +188,18 @@ def test_main_table_json_and_formats(tmp_path, capsys):
                        "--json", str(out), "--plot", str(tmp_path / "spectrum.png")]) == 0
     table = capsys.readouterr().out
     assert "knn@5" in table and "maj@20" in table and "top:90" in table and "bottom:20" in table
+    assert "erank_c" in table and "linear probe: standard (features standardised by train statistics" in table
     results = json.loads(out.read_text())
     assert [r["input"] for r in results] == [npz, pt]
     npz_result, pt_result = results
-    for key in ("knn", "knn_majority", "linear_probe", "effective_rank", "subspace"):
+    for key in ("knn", "knn_majority", "linear_probe", "effective_rank", "effective_rank_centered", "subspace"):
         assert npz_result[key] == pt_result[key]  # the same arrays in both formats give the same numbers
+    train_x = torch.as_tensor(good_arrays(0)["train_features"])
+    assert npz_result["effective_rank"] == probe.effective_rank(train_x)
+    assert npz_result["effective_rank_centered"] == probe.effective_rank(train_x, center=True)
+    assert npz_result["effective_rank_centered"] != npz_result["effective_rank"]
+    for row in npz_result["subspace"].values():  # projections are centred: both ranks agree to rounding
+        assert row["effective_rank_centered"] == pytest.approx(row["effective_rank"], rel=1e-6)
     assert set(npz_result["knn"]) == {"5", "20"} and 0.9 < npz_result["linear_probe"] <= 1
     assert npz_result["metadata"] == {"alpha_min": 0.6} and npz_result["settings"]["knn_t"] == 0.07
     assert npz_result["subspace"]["top:90"]["variance_kept"] >= 0.9
@@ -206,6 +213,22 @@ def test_main_pixels_shapes_one_object(tmp_path, monkeypatch):
     assert probe.main(["--pixels", "shapes", *FAST, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["input"] == "pixels:shapes" and result["dim"] == 3 * 8 * 8 and result["num_train"] == 200
+
+
+def test_authors_probe_is_one_flag_away_and_named_in_the_table(tmp_path, capsys):
+    """--probe authors runs linear_probe(..., **AUTHORS_PROBE) exactly (raw features, lr 1e-2, batch
+    256, 200 epochs); the table and the JSON say which probe made the number."""
+    arrays = good_arrays(0)
+    shifted = {**arrays, "train_features": 3 * arrays["train_features"] + 2, "test_features": 3 * arrays["test_features"] + 2}
+    path = write_features(tmp_path / "a.npz", shifted)
+    out = tmp_path / "a.json"
+    code, table, _ = run_main([path, "--knn-k", "5", "--probe", "authors", "--json", str(out)], capsys)
+    assert code == 0 and "linear probe: the decay paper's authors' (raw features, AdamW lr 0.01, batch 256" in table
+    result = json.loads(out.read_text())
+    tensors = [torch.as_tensor(shifted[key]) for key in probe.FEATURE_KEYS]
+    assert result["linear_probe"] == probe.linear_probe(*tensors, seed=0, num_classes=3, **probe.AUTHORS_PROBE)
+    assert result["linear_probe"] != probe.linear_probe(*tensors, seed=0, num_classes=3)  # not the standard probe
+    assert "authors'" in result["settings"]["probe_protocol"] and result["settings"]["probe"] == "authors"
 
 
 def break_arrays(change):
