@@ -58,8 +58,10 @@ import math
 import numbers
 import os
 import pickle
+import signal
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -77,6 +79,10 @@ from tqdm import tqdm
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: the run stopped between two steps and saved a checkpoint."""
 
 
 # =============================================================================================
@@ -137,6 +143,7 @@ class Config:
     out_dir: str = "runs/mae"     # where checkpoints, features, plots and results go
     resume: bool = False          # continue each run from its checkpoint in out_dir
     ckpt_every: int = 5           # write a checkpoint every N epochs (and at the end)
+    ckpt_minutes: float = 10.0    # ... and whenever this many minutes of training passed since the last one
     log_every: int = 20           # steps between progress-bar updates (each one syncs the device)
     json: str = ""                # also write every run's final numbers to this file
     plots: bool = True            # write the PNG plots
@@ -591,6 +598,8 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
     progress = tqdm(total=stop_step, initial=state["step"], desc=f"alpha_min={alpha_min:g} seed={seed}",
                     dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
     last_time, last_step = time.perf_counter(), state["step"]
+    last_save = time.perf_counter()
+    ctrl_c = catch_ctrl_c() if world_size == 1 else {"stop": False}  # under torchrun, torchrun handles Ctrl-C
 
     def flush():
         nonlocal pending, last_time, last_step
@@ -644,16 +653,23 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
         pending.append(loss.detach())
         state["step"] = step + 1
         end_of_epoch = i == steps_per_epoch - 1
-        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step:
-            flush()
-        if end_of_epoch:
-            done = epoch + 1
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
-                evaluate_periodic(done)
-                last_time = time.perf_counter()  # evaluation time is not training time
-            if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
+        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step or ctrl_c["stop"]:
+            flush()  # every process flushes at the same steps (a collective under torchrun)
+            save_now = time.perf_counter() - last_save > 60 * cfg.ckpt_minutes or ctrl_c["stop"]
+            if end_of_epoch:
+                done = epoch + 1
+                if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
+                    evaluate_periodic(done)
+                    last_time = time.perf_counter()  # evaluation time is not training time
+                save_now |= done % cfg.ckpt_every == 0 or done == cfg.epochs
+            if save_now and rank == 0:
                 save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
-                last_time = time.perf_counter()
+                last_time = last_save = time.perf_counter()
+            if ctrl_c["stop"]:
+                progress.close()
+                raise Interrupted(f"interrupted at step {state['step']}/{total_steps}; checkpoint {ckpt_path} saved: "
+                                  f"rerun the same command with --resume to continue")
+    release_ctrl_c()
     progress.close()
     if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
         save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
@@ -1047,18 +1063,21 @@ def knob_help():
 
 
 def parse_config(argv=None):
-    """Defaults < preset < command line. Returns a Config."""
-    parser = argparse.ArgumentParser(description="MAE with decayed identity shortcuts (arXiv 2404.10947).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="a set of defaults")
-    helps = knob_help()
+    """Defaults < preset < command line. Returns a checked Config (UserError on any bad value)."""
+    parser = argparse.ArgumentParser(description="MAE with decayed identity shortcuts (arXiv 2404.10947).")
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                        help="a set of defaults: " + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the defaults'}"
+                                                           for name, values in PRESETS.items()).replace("%", "%%"))
+    helps, defaults = knob_help(), dataclasses.asdict(Config())
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
+        text = f"{helps.get(field.name, '')} (default: {defaults[field.name]!r})".replace("%", "%%")
+        ## default=None marks "not given", so that a preset's value survives unless the flag is typed.
         if field.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=helps.get(field.name))
+            parser.add_argument(flag, type=kind, default=None, help=text)
     args = parser.parse_args(argv)
     values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
@@ -1078,17 +1097,23 @@ def parse_floats(text, flag):
 
 
 def check_config(cfg):
-    """Every bad value a user can type ends here with one sentence naming the fix."""
+    """Every bad value a user can type ends here, before anything is computed or written, with one
+    sentence naming the fix."""
     def need(ok, message):
         if not ok:
             raise UserError(message)
-    need(cfg.img_size > 0 and cfg.patch_size > 0 and cfg.img_size % cfg.patch_size == 0,
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        need(not isinstance(value, float) or math.isfinite(value), f"--{field.name.replace('_', '-')} must be a finite number, got {value}.")
+    need(cfg.img_size >= 1 and cfg.patch_size >= 1 and cfg.img_size % cfg.patch_size == 0,
          f"--img-size ({cfg.img_size}) must be a positive multiple of --patch-size ({cfg.patch_size}).")
-    need(cfg.embed_dim % 4 == 0 and cfg.decoder_dim % 4 == 0,
-         "--embed-dim and --decoder-dim must be multiples of 4 (2D sin-cos position embeddings).")
+    need(cfg.embed_dim >= 4 and cfg.decoder_dim >= 4 and cfg.embed_dim % 4 == 0 and cfg.decoder_dim % 4 == 0,
+         "--embed-dim and --decoder-dim must be positive multiples of 4 (2D sin-cos position embeddings).")
+    need(cfg.num_heads >= 1 and cfg.decoder_heads >= 1, "--num-heads and --decoder-heads must be at least 1.")
     need(cfg.embed_dim % cfg.num_heads == 0, f"--embed-dim ({cfg.embed_dim}) must be divisible by --num-heads ({cfg.num_heads}).")
     need(cfg.decoder_dim % cfg.decoder_heads == 0,
          f"--decoder-dim ({cfg.decoder_dim}) must be divisible by --decoder-heads ({cfg.decoder_heads}).")
+    need(int(min(cfg.embed_dim, cfg.decoder_dim) * cfg.mlp_ratio) >= 1, f"--mlp-ratio must be positive, got {cfg.mlp_ratio}.")
     need(cfg.depth >= 1 and cfg.decoder_depth >= 1, "--depth and --decoder-depth must be at least 1.")
     need(cfg.decoder in ("unet", "mae"), f"--decoder must be 'unet' or 'mae', got '{cfg.decoder}'.")
     need(cfg.decoder != "unet" or cfg.decoder_depth >= cfg.depth // 2,
@@ -1100,19 +1125,50 @@ def check_config(cfg):
     need(cfg.epochs >= 1 and cfg.batch_size >= 1, "--epochs and --batch-size must be at least 1.")
     need(cfg.max_steps >= 0 and cfg.train_limit >= 0, "--max-steps and --train-limit cannot be negative.")
     need(cfg.base_lr > 0 and cfg.probe_lr > 0, "--base-lr and --probe-lr must be positive.")
+    need(cfg.min_lr >= 0 and cfg.weight_decay >= 0, "--min-lr and --weight-decay cannot be negative.")
+    need(0.0 <= cfg.beta2 < 1.0, f"--beta2 must be in [0, 1), got {cfg.beta2}.")
     need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs={cfg.epochs}].")
-    need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(cfg.feature in ("mean", "cls"), f"--feature must be 'mean' or 'cls', got '{cfg.feature}'.")
     need(0 <= cfg.feature_block <= cfg.depth, f"--feature-block must be in [0, --depth={cfg.depth}] (0 = last).")
     need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
+    need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
+    need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
+    need(cfg.eval_train >= 0 and cfg.eval_test >= 0, "--eval-train and --eval-test cannot be negative (0 = all).")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
-    need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0,
-         "--log-every and --ckpt-every must be at least 1, --eval-every at least 0.")
+    need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0 and cfg.ckpt_minutes > 0,
+         "--log-every and --ckpt-every must be at least 1, --eval-every at least 0, --ckpt-minutes positive.")
     alphas = alpha_settings(cfg)
     need(all(0.0 < a <= 1.0 for a in alphas), f"every alpha_min must be in (0, 1], got {alphas}.")
     parse_seeds(cfg.seeds)
+    if not cfg.benchmark:  # a run must never fail at its end for a reason known at its start
+        check_writable(cfg.out_dir, "--out-dir", directory=True)
+        if cfg.json:
+            check_writable(cfg.json, "--json", directory=False)
+        if cfg.dataset not in ("shapes",) and not cfg.dataset.startswith("folder:"):
+            check_writable(cfg.data_dir, "--data-dir", directory=True)
+
+
+def check_writable(path, flag, directory):
+    """Refuses a path that cannot be written, without creating anything: an existing path must be
+    a directory (or a regular file when directory=False) we may write to; otherwise its nearest
+    existing ancestor must be a directory we may write into."""
+    if not path:
+        raise UserError(f"{flag} is empty: give a path.")
+    if os.path.exists(path):
+        if directory != os.path.isdir(path):
+            raise UserError(f"{flag} {path} exists and is {'not ' if directory else ''}a directory; choose another path.")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path} is not writable; choose another path.")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path} lies under {parent}, which is a file, not a directory; choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} cannot be created: {parent} is not writable; choose another path.")
 
 
 def parse_seeds(text):
@@ -1490,6 +1546,24 @@ def load_checkpoint(path, model, optimizer, cfg, alpha_min, seed):
     return ckpt["state"]
 
 
+def catch_ctrl_c():
+    """The first Ctrl-C (SIGINT) only raises a flag, which the training loop checks after every step:
+    the run then stops between two steps with a checkpoint. A second Ctrl-C interrupts at once."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+    return flag
+
+
+def release_ctrl_c():
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1672,9 +1746,22 @@ def main(argv=None):
     return results
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with the two ways a run ends early: a UserError is one `error:` line and exit code 2;
+    Ctrl-C is one line and exit code 130 (after a checkpoint when it came during training)."""
     try:
-        main()
+        main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(str(e) if isinstance(e, Interrupted) else "interrupted (not during a training step: nothing new was saved); "
+              "rerun the same command with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        release_ctrl_c()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

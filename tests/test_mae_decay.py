@@ -548,3 +548,181 @@ def test_image_resize_keeps_content_and_handles_grey_and_alpha(tmp_path):
     assert (out[0] == out[1]).all() and (out[1] == out[2]).all()  # grey stays grey, alpha dropped
     row = out[0, 5].astype(int)
     assert (np.diff(row) > 0).all() and abs(row.mean() - 127.5) < 8  # the centre of the ramp, increasing
+
+
+# --------------------------------------------------------------------------- the method, pinned on non-trivial weights
+
+def randomise(module, seed=1, scale=0.2):
+    """Random values in EVERY parameter (zero-initialised branch outputs included): at the real
+    initialisation each branch outputs zero, and a wrong residual rule would go unnoticed."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(scale * torch.randn(param.shape, generator=gen) + (1.0 if param.ndim == 1 and param.shape == () else 0))
+    return module
+
+
+def reference_attention(x, qkv, proj, heads):
+    """Multi-head self-attention written out from the definition, independent of the model's code."""
+    B, T, D = x.shape
+    q, k, v = (x @ qkv.weight.T + qkv.bias).split(D, dim=-1)
+    split = lambda t: t.reshape(B, T, heads, D // heads).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // heads), dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(B, T, D) @ proj.weight.T + proj.bias
+
+
+def test_block_applies_the_papers_rule_per_sub_layer_on_random_weights():
+    block = randomise(m.Block(16, 2, 4.0, alpha_attn=0.9, alpha_mlp=0.6))
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+    ln = lambda t, norm: torch.nn.functional.layer_norm(t, (16,), norm.weight, norm.bias, eps=1e-6)  # noqa: E731
+    ## the paper's equation, one alpha per residual sub-layer:
+    ##   h = a_attn * x + attn(norm1(x)),   out = a_mlp * h + mlp(norm2(h))
+    h = 0.9 * x + reference_attention(ln(x, block.norm1), block.attn.qkv, block.attn.proj, 2)
+    mlp = block.mlp
+    out = 0.6 * h + (torch.nn.functional.gelu(ln(h, block.norm2) @ mlp.fc1.weight.T + mlp.fc1.bias) @ mlp.fc2.weight.T + mlp.fc2.bias)
+    ## float32 on values of order 1 through two sub-layers: ~1e-6 rounding; a wrong rule such as
+    ## alpha * (x + f(x)) moves the output by (1 - alpha) * |f| ~ 0.1, five orders more.
+    torch.testing.assert_close(block(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_every_encoder_block_carries_the_authors_alphas():
+    depth, alpha_min = 6, 0.7
+    model = m.MaskedAutoencoder(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2, decoder_dim=32,
+                                decoder_depth=3, decoder_heads=2, alpha_min=alpha_min)
+    reference = 1 - np.linspace(0, 1, 2 * depth) * (1 - alpha_min)  # the authors' MAE code, one alpha per sub-layer
+    got = [a for block in model.blocks for a in (block.alpha_attn, block.alpha_mlp)]
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-15)
+    assert all(b.alpha_attn == 1.0 and b.alpha_mlp == 1.0 for b in model.decoder_blocks)  # decay in the encoder only
+
+
+def test_features_are_the_mean_of_all_last_block_tokens_without_a_final_norm():
+    data = tiny_data(64, 8)
+    for flags in ([], ["--feature", "cls"], ["--feature-block", "2"], ["--final-norm"]):
+        cfg = tiny_cfg(*flags)
+        torch.manual_seed(0)
+        model = randomise(m.build_model(cfg, 0.5, 3))
+        feats = m.extract_features(model, data["test_x"], cfg, data, torch.device("cpu"))
+        ## the encoder run by hand on the whole, unmasked image: cls + every patch token, block by block
+        x = (data["test_x"].float() / 255 - data["mean"]) / data["std"]
+        h = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(len(x), -1, -1),
+                       model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed[:, 1:]], dim=1)
+        outputs = []
+        for block in model.blocks:
+            h = block(h)
+            outputs.append(h)
+        last = model.norm(outputs[-1]) if "--final-norm" in flags else outputs[-1]  # vanilla MAE: after its final LayerNorm
+        tokens = outputs[1] if "--feature-block" in flags else last  # --feature-block 2 (1-indexed)
+        expected = tokens[:, 0] if "cls" in flags else tokens.mean(1)  # mean over ALL tokens, cls included
+        torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model.norm(outputs[-1]).mean(1), outputs[-1].mean(1), atol=1e-3)  # the norm matters
+
+
+def test_augmentation_really_crops_and_flips():
+    ## An image whose pixel value is its column index: a crop of width w shows ~w of the columns,
+    ## a flip reverses their order. With crop areas in [0.2, 1] and aspect ratios in [3/4, 4/3]
+    ## most crops are narrower than the image.
+    size, n = 32, 400
+    columns = torch.arange(size).repeat(size, 1).float() / (size - 1)  # (H, W), 0..1 left to right
+    images = (columns * 255).round().byte()[None, None].expand(n, 3, size, size)
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    out = m.augment(images, size, torch.Generator().manual_seed(0), 0.2, zero, one)[:, 0]  # (n, H, W)
+    width = out[:, size // 2].max(1).values - out[:, size // 2].min(1).values  # value span of a middle row
+    assert (width < 0.9).float().mean() > 0.5 and width.min() < 0.6  # crops, not the whole image
+    slope = out[:, size // 2, -1] - out[:, size // 2, 0]
+    flipped = (slope < 0).float().mean()
+    assert 0.4 < flipped < 0.6  # p = 0.5 flips: 400 draws give a standard error of 0.025
+    full = m.augment(images[:4], size, torch.Generator().manual_seed(0), 1.0, zero, one)[:, 0]
+    assert ((full[:, size // 2].max(1).values - full[:, size // 2].min(1).values) > 0.7).all()  # area >= 1: near-full view
+
+
+# --------------------------------------------------------------------------- robustness of the command line
+
+def tree(root):
+    """Every file under root with its size and modification time: what a failed command must not change."""
+    return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(root) for f in files}
+
+
+BAD_FLAGS = [  # (flags, a fragment of the one error sentence)
+    (["--embed-dim", "0"], "multiples of 4"), (["--embed-dim", "-12"], "multiples of 4"),
+    (["--num-heads", "0"], "at least 1"), (["--decoder-heads", "0"], "at least 1"),
+    (["--mlp-ratio", "-1"], "--mlp-ratio"), (["--decoder-dim", "0"], "multiples of 4"),
+    (["--beta2", "1.5"], "--beta2"), (["--probe-epochs", "0"], "--probe-epochs"), (["--probe-epochs", "-1"], "--probe-epochs"),
+    (["--weight-decay", "-1"], "cannot be negative"), (["--min-lr", "-1"], "cannot be negative"),
+    (["--base-lr", "nan"], "finite"), (["--ckpt-minutes", "0"], "--ckpt-minutes"), (["--probe", "best"], "--probe"),
+    (["--out-dir", ""], "--out-dir is empty"), (["--out-dir", "afile/out"], "is a file"),
+    (["--json", "afile/r.json"], "is a file"), (["--json", "adir"], "is a directory"),
+    (["--dataset", "cifar10", "--data-dir", "afile/data"], "is a file"),
+    (["--knn-k", "100000", "--train-limit", "64"], "--knn-k 100000"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_input_exits_2_with_one_sentence_and_changes_nothing(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a regular file")
+    (tmp_path / "adir").mkdir()
+    before = tree(tmp_path)
+    code = m.cli(["--out-dir", "out", "--device", "cpu"] + flags)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert tree(tmp_path) == before  # nothing created, nothing changed
+
+
+def test_existing_checkpoint_is_refused_before_config_json_is_touched(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "alpha1_seed0").mkdir(parents=True)
+    (tmp_path / "out" / "alpha1_seed0" / "ckpt.pt").write_bytes(b"x")
+    (tmp_path / "out" / "config.json").write_text("{}")
+    before = tree(tmp_path)
+    assert m.cli(TINY + ["--out-dir", "out", "--alpha-min", "1.0", "--train-limit", "64"]) == 2
+    assert "already exists: pass --resume" in capsys.readouterr().err and tree(tmp_path) == before
+
+
+def test_help_shows_the_real_defaults():
+    for script in ("mae_decay.py",):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "default: None" not in proc.stdout
+        assert "(default: 10)" in proc.stdout and "(default: 'unet')" in proc.stdout  # --epochs, --decoder
+
+
+def test_first_ctrl_c_only_raises_a_flag_and_the_second_interrupts():
+    import signal
+    flag = m.catch_ctrl_c()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag["stop"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        m.release_ctrl_c()
+
+
+def test_ctrl_c_during_training_checkpoints_the_step_and_resume_matches(tmp_path, monkeypatch):
+    full = run_training(tmp_path, "full", "--epochs", "2")
+    flag, get_lr = {"stop": False}, m.get_lr
+
+    def interrupting_get_lr(step, *args):  # a Ctrl-C arriving during step 5 (mid-epoch)
+        flag["stop"] |= step == 5
+        return get_lr(step, *args)
+    monkeypatch.setattr(m, "catch_ctrl_c", lambda: flag)
+    monkeypatch.setattr(m, "get_lr", interrupting_get_lr)
+    with pytest.raises(m.Interrupted, match="interrupted at step 6/16"):
+        run_training(tmp_path, "part", "--epochs", "2")
+    monkeypatch.setattr(m, "get_lr", get_lr)
+    flag["stop"] = False
+    resumed = run_training(tmp_path, "part", "--epochs", "2", "--resume")
+    assert resumed["losses"] == full["losses"] and resumed["knn"] == full["knn"]  # bit-identical continuation
+
+
+def test_vanilla_arm_is_the_standard_mae_in_the_same_table(tmp_path, capsys):
+    results = m.main(TINY + ["--vanilla", "--alpha-min", "1.0,0.5", "--epochs", "1", "--train-limit", "64",
+                             "--no-pixels", "--out-dir", str(tmp_path / "out")])
+    assert [r["setting"] for r in results] == ["vanilla MAE", "alpha_min=1", "alpha_min=0.5"]
+    assert "final LayerNorm" in results[0]["feature"] and "final LayerNorm" not in results[1]["feature"]
+    assert os.path.exists(tmp_path / "out" / "vanilla_seed0" / "features.npz")
+    out = capsys.readouterr().out
+    assert "vanilla MAE" in out and "alpha_min=0.5 vs alpha_min=1" in out
