@@ -11,7 +11,8 @@ A corruption can move the learned subspace only by changing the second moment S 
 differently in different directions: additive Gaussian noise adds N sigma^2 I and never moves it,
 whatever sigma; masking multiplies S entry-wise and does.
 
-Run (each command prints what it does; `--help` lists every knob with its default).
+Run (each command prints what it does; `--help` lists every knob with its default; a bad flag or output
+path ends in one `error:` sentence, exit code 2, before anything is computed or written; Ctrl-C exits 130).
 Timings: 2-core CPU, OMP_NUM_THREADS=1:
 
     python linear_theory.py verify      # 27 checks: every closed form against Adam / L-BFGS / sampled-noise SGD (16-35 s)
@@ -569,9 +570,8 @@ def align(cfg, device):
     corruptions = [parse_corruption(c) for c in cfg.corruptions.split(",")]
     table_ks = parse_list(cfg.ks, "--ks", int)
     results = {}
-    for name in dataset_names(cfg):
+    for name, (images, labels, num_classes, _) in load_datasets(cfg).items():
         start = time.time()
-        images, labels, num_classes, _ = load_train(name, cfg)
         stats = pixel_statistics(images, labels, num_classes, linalg)
         stats = standardized(stats) if cfg.standardize else stats
         dim, n = stats["gram"].shape[0], stats["n"]
@@ -658,9 +658,8 @@ def subspace(cfg, device):
     linalg = float64_device(device)
     seeds = parse_list(cfg.seeds, "--seeds", int)
     results = {}
-    for name in dataset_names(cfg):
+    for name, (images, labels, num_classes, parts) in load_datasets(cfg).items():
         start = time.time()
-        images, labels, num_classes, parts = load_train(name, cfg)
         stats = pixel_statistics(images, labels, num_classes, linalg)
         eigvals, eigvecs = torch.linalg.eigh(stats["gram"] / stats["n"])  # covariance, once
         eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)  # descending
@@ -714,9 +713,8 @@ def order(cfg, device):
     Trains on the first --train-limit images (10000 when it is 0)."""
     linalg = float64_device(device)
     results = {}
-    for name in dataset_names(cfg):
+    for name, (images, labels, num_classes, _) in load_datasets(cfg).items():
         start = time.time()
-        images, labels, num_classes, _ = load_train(name, cfg)
         images, labels = images[:cfg.train_limit or 10000], labels[:cfg.train_limit or 10000]
         stats = pixel_statistics(images, labels, num_classes, linalg)
         eigvals, eigvecs = torch.linalg.eigh(stats["gram"] / stats["n"])
@@ -887,33 +885,52 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
 
 
+DATASETS = ("shapes", "cifar10", "cifar100", "fashion-mnist", "mnist")  # and folder:PATH
+OUTPUTS = {"verify": [], "align": ["alignment.png", "alignment.json"],  # what each command writes to --out-dir
+           "subspace": ["subspace_{}.png", "subspace.json"], "order": ["order_{}.png", "order.json"]}
+
+
 def knob_help():
-    """The comment after each Config field, so `--help` and the code share one description."""
-    helps = {}
+    """The comment after each Config field and the `# --- section ---` line above it, so `--help`
+    and the code share one description. Returns {field: help}, {field: section}."""
+    helps, sections, section = {}, {}, "options"
     for line in inspect.getsource(Config).splitlines():
         name, _, comment = line.partition("#")
-        if ":" in name and "=" in name and comment:
-            helps[name.split(":")[0].strip()] = comment.strip().replace("%", "%%")  # argparse formats help with %
-    return helps
+        if not name.strip() and comment.strip().startswith("---"):
+            section = comment.strip(" -")
+        elif ":" in name and "=" in name and comment:
+            field = name.split(":")[0].strip()
+            helps[field], sections[field] = comment.strip().replace("%", "%%"), section  # argparse formats help with %
+    return helps, sections
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """argparse's own complaints (unknown flag, 'x' for an int) become one sentence, like ours."""
+        raise UserError(f"{message} (see --help).")
 
 
 def parse_config(argv=None):
-    """Defaults < command line. Returns (command, Config)."""
-    parser = argparse.ArgumentParser(description="Closed-form linear autoencoders and the alignment theorem (arXiv 2402.11337).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS, help="what to run")
-    helps = knob_help()
+    """Defaults < command line, then one validation pass. Returns (command, Config)."""
+    parser = OneLineArgumentParser(description="Closed-form linear autoencoders and the alignment theorem (arXiv 2402.11337).",
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("command", choices=COMMANDS, help="verify: the closed forms against optimisers; align: Figure 2; "
+                        "subspace: Figures 1 and 4; order: Figure 3")
+    helps, sections = knob_help()
+    groups = {}
     for field in dataclasses.fields(Config):
+        group = groups.get(sections[field.name]) or groups.setdefault(sections[field.name],
+                                                                       parser.add_argument_group(sections[field.name]))
         flag = "--" + field.name.replace("_", "-")
         if field.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=helps.get(field.name))
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=helps[field.name])
         else:
-            kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
-            parser.add_argument(flag, type=kind, default=field.default, help=helps.get(field.name))
+            kind = {"int": int, "float": float, "str": str}[getattr(field.type, "__name__", field.type)]
+            group.add_argument(flag, type=kind, default=field.default, help=helps[field.name])
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     cfg = Config(**args)
-    check_config(cfg)
+    check_config(cfg, command)
     return command, cfg
 
 
@@ -933,13 +950,13 @@ def parse_corruption(text):
     try:
         if parts == ["none"]:
             return dict(noise="none")
-        if parts[0] == "gaussian" and len(parts) == 2 and float(parts[1]) > 0:
+        if parts[0] == "gaussian" and len(parts) == 2 and 0 < float(parts[1]) < math.inf:
             return dict(noise="gaussian", sigma=float(parts[1]))
         if parts[0] == "mask" and len(parts) == 3 and 0 < float(parts[1]) < 1 and int(parts[2]) >= 1:
             return dict(noise="mask", p=float(parts[1]), patch=int(parts[2]))
     except ValueError:
         pass
-    raise UserError(f"--corruptions entry '{text}' is not none, gaussian:SIGMA (SIGMA > 0) or mask:P:PATCH "
+    raise UserError(f"--corruptions entry '{text}' is not none, gaussian:SIGMA (0 < SIGMA, finite) or mask:P:PATCH "
                     f"(0 < P < 1, PATCH a whole number of pixels), e.g. mask:0.75:4.")
 
 
@@ -951,27 +968,103 @@ def corruption_name(kwargs):
     return "none"
 
 
-def check_config(cfg):
-    """Every bad value a user can type ends here with one sentence naming the fix."""
+def dataset_names(cfg):
+    return [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+
+
+def dataset_dim(name, img_size):
+    """D = C * H * W of a dataset, known before loading it (folder images are read as RGB)."""
+    return {"cifar10": 3072, "cifar100": 3072, "fashion-mnist": 784, "mnist": 784}.get(name, 3 * img_size ** 2)
+
+
+def check_writable(path, flag, kind):
+    """An output path we may create: an existing one must be a `kind` ('directory' or 'file') we can
+    write; a missing one must have as nearest existing ancestor a directory we can write to."""
+    if not path:
+        raise UserError(f"{flag} is empty: give a path.")
+    if os.path.exists(path):
+        if not (os.path.isdir(path) if kind == "directory" else os.path.isfile(path)):
+            raise UserError(f"{flag}: {path} exists and is not a {kind}; choose another path.")
+        if not os.access(path if kind == "directory" else os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise UserError(f"{flag}: {path} is not writable; choose another path.")
+        return
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"{flag}: {path} lies under {ancestor}, which is a file, not a directory; choose another path.")
+    if not os.access(ancestor, os.W_OK):
+        raise UserError(f"{flag}: {path} would be created in {ancestor}, which is not writable; choose another path.")
+
+
+def physical_memory(device):
+    """Bytes of memory of the device the float64 linear algebra runs on, or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_config(cfg, command):
+    """One validation pass before anything is loaded, computed or written: every bad value a user can
+    type ends here with one sentence naming the fix. Creates nothing."""
     def need(ok, message):
         if not ok:
             raise UserError(message)
+    for field in dataclasses.fields(Config):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float):
+            need(math.isfinite(value), f"--{field.name.replace('_', '-')} must be a finite number, got {value}.")
+    need(command in COMMANDS, f"the command must be one of {', '.join(COMMANDS)}, got '{command}'.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
-    need(cfg.train_limit >= 0 and cfg.img_size >= 4, "--train-limit cannot be negative and --img-size must be at least 4.")
-    need(cfg.epochs >= 1 and cfg.batch_size >= 1 and cfg.width >= 1, "--epochs, --batch-size and --width must be at least 1.")
-    need(cfg.lr > 0 and cfg.ae_lr > 0, "--lr and --ae-lr must be positive.")
-    need(cfg.ae_steps >= 1 and cfg.ae_hidden >= 1 and cfg.ae_bottleneck >= 1, "--ae-steps, --ae-hidden and --ae-bottleneck must be at least 1.")
-    need(cfg.threads >= 0, "--threads cannot be negative (0 = torch's default).")
-    need(all(k >= 1 for k in parse_list(cfg.ks, "--ks", int)), "every --ks value must be at least 1.")
-    fractions = parse_list(cfg.top, "--top") + parse_list(cfg.bottom, "--bottom")
-    need(all(0 < f <= 1 for f in fractions), f"every --top and --bottom fraction must be in (0, 1], got {fractions}.")
-    parse_list(cfg.seeds, "--seeds", int)
+    need(cfg.train_limit >= 0, f"--train-limit cannot be negative (0 = all images), got {cfg.train_limit}.")
+    need(cfg.img_size >= 4, f"--img-size must be at least 4, got {cfg.img_size}.")
+    for flag in ("epochs", "batch_size", "width", "ae_steps", "ae_hidden", "ae_bottleneck"):
+        need(getattr(cfg, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(cfg, flag)}.")
+    for flag in ("lr", "ae_lr"):
+        need(getattr(cfg, flag) > 0, f"--{flag.replace('_', '-')} must be positive, got {getattr(cfg, flag):g}.")
+    need(cfg.threads >= 0, f"--threads cannot be negative (0 = torch's default), got {cfg.threads}.")
+    need(all(k >= 1 for k in parse_list(cfg.ks, "--ks", int)), f"every --ks value must be at least 1, got '{cfg.ks}'.")
+    for flag in ("top", "bottom"):
+        fractions = parse_list(getattr(cfg, flag), f"--{flag}")
+        need(all(0 < f <= 1 for f in fractions), f"every --{flag} fraction must be in (0, 1], got '{getattr(cfg, flag)}'.")
+    seeds = parse_list(cfg.seeds, "--seeds", int) + [cfg.seed]
+    need(all(0 <= s < 2 ** 63 for s in seeds), f"seeds must be whole numbers in [0, 2^63), got --seeds '{cfg.seeds}' --seed {cfg.seed}.")
     [parse_corruption(c) for c in cfg.corruptions.split(",")]
-    need(bool(dataset_names(cfg)), "--datasets is empty: give at least one, e.g. --datasets shapes.")
-
-
-def dataset_names(cfg):
-    return [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    names = dataset_names(cfg)
+    need(bool(names), "--datasets is empty: give at least one, e.g. --datasets shapes.")
+    need(len(set(names)) == len(names), f"--datasets lists a dataset twice: '{cfg.datasets}'.")
+    for name in names:
+        folder = name[len("folder:"):] if name.startswith("folder:") else None
+        need(name in DATASETS or folder is not None,
+             f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+        if folder is not None and command != "verify":
+            need(os.path.isdir(folder), f"--datasets {name}: {folder} is not a directory of train/<class>/ and val/<class>/ images.")
+            need(os.path.exists(os.path.join(folder, f"cache_{cfg.img_size}px.pt")) or os.access(folder, os.W_OK),
+                 f"--datasets {name}: the resized images are cached inside {folder}, which is not writable; copy the folder somewhere writable.")
+    if command == "verify":
+        return  # verify makes its own toy data and writes no file
+    if any(name in DATASETS[1:] for name in names):
+        need(cfg.data_dir != "", "--data-dir is empty: give a directory, e.g. --data-dir data.")
+        existing = cfg.data_dir
+        while existing and not os.path.exists(existing):
+            existing = os.path.dirname(existing.rstrip(os.sep))
+        need(not existing or os.path.isdir(existing), f"--data-dir {cfg.data_dir} is not a directory" +
+             ("." if existing == cfg.data_dir else f": {existing} is a file."))
+    ## Memory: the closed forms hold about ten dense float64 D x D matrices (the eigendecompositions of
+    ## subspace and order about four), so D is bounded by what the device holds, known before any work.
+    linalg = float64_device(pick_device(cfg.device))
+    available, dim = physical_memory(linalg), max(dataset_dim(name, cfg.img_size) for name in names)
+    needed = (10 if command == "align" else 4) * 8 * dim ** 2
+    need(available is None or needed <= available,
+         f"D = {dim} pixel coordinates needs about {needed / 1e9:.0f} GB of float64 matrices, more than the "
+         f"{available / 1e9 if available else 0:.0f} GB of {linalg.type}; use a smaller --img-size.")
+    check_writable(cfg.out_dir, "--out-dir", "directory")
+    for name in names:
+        for output in OUTPUTS[command]:
+            check_writable(os.path.join(cfg.out_dir, output.format(safe_name(name))), "--out-dir", "file")
 
 
 def pick_device(name):
@@ -1270,13 +1363,21 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     return parts
 
 
-def load_train(name, cfg):
-    """The training split of one dataset, cut to --train-limit: uint8 (N, C, H, W), int64 (N,), #classes."""
-    parts = load_dataset(name, cfg.data_dir, cfg.img_size, cfg.download)
-    images, labels = parts["train"]
-    if cfg.train_limit:
-        images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
-    return images, labels, len(parts["classes"]), parts
+def load_datasets(cfg):
+    """Every dataset of --datasets, loaded (and downloaded) BEFORE any computation, so that a missing or
+    corrupt one stops the run before minutes are spent on the others. Returns {name: (images, labels,
+    number of classes, parts)}: the training split cut to --train-limit, uint8 (N, C, H, W) and int64 (N,)."""
+    loaded = {}
+    for name in dataset_names(cfg):
+        try:
+            parts = load_dataset(name, cfg.data_dir, cfg.img_size, cfg.download)
+        except OSError as e:  # e.g. a read-only --data-dir to download into
+            raise UserError(f"could not read or write the files of {name} ({e}); check --data-dir.") from None
+        images, labels = parts["train"]
+        if cfg.train_limit:
+            images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
+        loaded[name] = (images, labels, len(parts["classes"]), parts)
+    return loaded
 
 
 # =============================================================================================
@@ -1284,11 +1385,18 @@ def load_train(name, cfg):
 # =============================================================================================
 
 def atomic_write(path, write):
-    """write(tmp_path), then rename: a crash never leaves half a file behind."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """write(tmp_path), then rename: a crash or Ctrl-C never leaves half a file behind, nor the temporary one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):  # e.g. the disk filled up: the paths themselves were checked at the start
+            raise UserError(f"could not write {path} ({e}).") from None
+        raise
 
 
 def atomic_save(obj, path):
@@ -1314,8 +1422,9 @@ def save_figure(fig, path):
 # =============================================================================================
 
 def main(argv=None):
+    """Returns the exit code: 0 done, 1 a verify check failed, 2 a user error (one sentence), 130 interrupted."""
     try:
-        command, cfg = parse_config(argv)
+        command, cfg = parse_config(argv)  # every check happens here, before anything is loaded or written
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = pick_device(cfg.device)
@@ -1327,6 +1436,10 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the files written so far are complete, the rest were not written; rerun the command to redo it.",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ training, Monte Carlo, a textbook formula or a direct least-squares solve). Smal
 deterministic; no network, no files."""
 import math
 import os
+import re
+import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +14,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import linear_theory as lt  # noqa: E402
+
+SCRIPT = os.path.abspath(lt.__file__)
 
 torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and CI shares its cores
 
@@ -244,23 +249,149 @@ def test_gradient_flow_prediction_matches_gradient_descent():
     assert bands == [(0, 1), (1, 4), (4, 16)]
 
 
-# --- the command line ------------------------------------------------------------------------------
+# --- the command line: every bad input ends in one sentence, before anything is computed or written ---------
 
-@pytest.mark.parametrize("argv", [["align", "--corruptions", "mask:2:4"], ["align", "--datasets", "nope"],
-                                  ["subspace", "--top", "1.5"], ["align", "--ks", "0"],
-                                  ["align", "--datasets", "cifar10", "--data-dir", "/nonexistent", "--no-download"]])
-def test_bad_input_ends_with_one_sentence(argv, capsys):
-    assert lt.main(argv + ["--out-dir", "/nonexistent/out"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+def tree_snapshot(root):
+    """Every path under root with its kind, size and mtime: 'no file created or changed' is a plain == ."""
+    snapshot = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            snapshot[os.path.relpath(path, root)] = (os.path.isdir(path), info.st_size, info.st_mtime_ns)
+    return snapshot
 
 
-def test_help_lists_every_knob(capsys):
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh cwd with the obstacles the bad paths below point at."""
+    (tmp_path / "afile").write_text("not a directory")
+    (tmp_path / "blocked" / "alignment.json").mkdir(parents=True)  # an output file that is a directory
+    (tmp_path / "blocked2" / "subspace_shapes.png").mkdir(parents=True)
+    (tmp_path / "blocked3" / "order_mnist.png").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+BAD_ARGV = [  # (argv, a word the one-sentence message must contain)
+    ([], "command"), (["bogus"], "invalid choice"), (["align", "--no-such-flag"], "unrecognized"),
+    (["align", "--epochs"], "expected one argument"), (["align", "--epochs", "x"], "invalid int"),
+    (["align", "--lr", "fast"], "invalid float"),
+    (["subspace", "--epochs", "0"], "--epochs"), (["subspace", "--epochs", "-1"], "--epochs"),
+    (["subspace", "--batch-size", "0"], "--batch-size"), (["subspace", "--width", "0"], "--width"),
+    (["subspace", "--lr", "0"], "--lr"), (["subspace", "--lr", "-1e-3"], "--lr"), (["subspace", "--lr", "nan"], "--lr"),
+    (["subspace", "--lr", "inf"], "--lr"), (["order", "--ae-lr", "0"], "--ae-lr"), (["order", "--ae-lr", "-inf"], "--ae-lr"),
+    (["order", "--ae-steps", "0"], "--ae-steps"), (["order", "--ae-hidden", "0"], "--ae-hidden"),
+    (["order", "--ae-bottleneck", "-5"], "--ae-bottleneck"),
+    (["align", "--train-limit", "-1"], "--train-limit"), (["align", "--img-size", "3"], "--img-size"),
+    (["align", "--img-size", "100000"], "GB"), (["align", "--threads", "-1"], "--threads"),
+    (["align", "--ks", "0"], "--ks"), (["align", "--ks", "8,x"], "--ks"), (["align", "--ks", ","], "--ks"),
+    (["subspace", "--top", "1.5"], "--top"), (["subspace", "--top", "0"], "--top"), (["subspace", "--bottom", "nan"], "--bottom"),
+    (["subspace", "--bottom", "-0.2"], "--bottom"), (["subspace", "--seeds", "0,-1"], "seeds"), (["subspace", "--seeds", "a"], "--seeds"),
+    (["align", "--seed", "-3"], "seeds"), (["align", "--seed", str(2 ** 64)], "seeds"),
+    (["align", "--corruptions", "mask:2:4"], "mask:P:PATCH"), (["align", "--corruptions", "mask:0.5:0"], "mask:P:PATCH"),
+    (["align", "--corruptions", "mask:0.5"], "mask:P:PATCH"), (["align", "--corruptions", "gaussian:0"], "gaussian:SIGMA"),
+    (["align", "--corruptions", "gaussian:inf"], "gaussian:SIGMA"), (["align", "--corruptions", "gaussian:nan"], "gaussian:SIGMA"),
+    (["align", "--corruptions", "blur:3"], "--corruptions"), (["verify", "--corruptions", "none,"], "--corruptions"),
+    (["align", "--datasets", "nope"], "unknown dataset"), (["align", "--datasets", ","], "--datasets"),
+    (["align", "--datasets", "shapes,shapes"], "twice"), (["align", "--datasets", "folder:missing"], "not a directory"),
+    (["align", "--datasets", "shapes,folder:afile"], "not a directory"), (["align", "--device", "tpu"], "--device"),
+    (["align", "--out-dir", ""], "--out-dir"), (["align", "--out-dir", "afile"], "not a directory"),
+    (["subspace", "--out-dir", "afile/sub"], "is a file"), (["align", "--out-dir", "blocked"], "alignment.json"),
+    (["subspace", "--out-dir", "blocked2"], "subspace_shapes.png"),
+    (["order", "--datasets", "mnist", "--out-dir", "blocked3", "--data-dir", "empty", "--no-download"], "order_mnist.png"),
+    (["align", "--datasets", "mnist", "--data-dir", "afile"], "--data-dir"),
+    (["align", "--datasets", "mnist", "--data-dir", "afile/x"], "--data-dir"),
+    (["align", "--datasets", "mnist", "--data-dir", ""], "--data-dir"),
+    # data that is missing is found missing before any computation (the shapes come first in the list)
+    (["align", "--datasets", "shapes,cifar10", "--img-size", "8", "--data-dir", "empty", "--no-download"], "cifar10 not found"),
+]
+
+
+@pytest.mark.parametrize("argv,word", BAD_ARGV, ids=[" ".join(a) or "no-args" for a, _ in BAD_ARGV])
+def test_bad_input_ends_with_one_sentence_and_changes_nothing(argv, word, workdir, capsys):
+    before = tree_snapshot(workdir)
+    try:
+        code = lt.main(argv)
+    except SystemExit as e:  # argparse's own exits must not escape either
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    assert word in lines[0]
+    assert tree_snapshot(workdir) == before  # nothing created (not even --out-dir), nothing changed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_refused(workdir, capsys):
+    assert lt.main(["align", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda is not available")
+
+
+def run_cli(*args, cwd, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_real_command_line_bad_flag_and_help(workdir):
+    # the real CLI, as a user types it: exit code 2, one line, no traceback, nothing written
+    before = tree_snapshot(workdir)
+    result = run_cli("align", "--epochs", "0", "--out-dir", "fresh", cwd=workdir)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: --epochs")
+    assert result.stdout == "" and tree_snapshot(workdir) == before
+    result = run_cli("--help", cwd=workdir)
+    assert result.returncode == 0 and result.stderr == "" and "usage:" in result.stdout
+
+
+def test_help_shows_every_knob_with_its_real_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        lt.main(["--help"])
+        lt.main(["-h"])
     assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert all("--" + field.name.replace("_", "-") in out for field in lt.dataclasses.fields(lt.Config))
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word streams
+    body = text[text.index("options:"):]  # the entries, after the usage lines
+    for field in lt.dataclasses.fields(lt.Config):
+        entry = body[re.search(re.escape("--" + field.name.replace("_", "-")) + "[ ,]", body).start():]
+        shown = entry[entry.index("(default: ") + len("(default: "):]
+        assert shown[:shown.index(")")] == str(field.default), field.name  # the first default after the flag is its own
+    assert "(default: None)" not in text
+    for section in ("data:", "align: Figure 2", "subspace: Figures 1 and 4", "order:", "system:"):
+        assert section in text  # grouped by the Config's sections
+
+
+def test_interrupt_ends_with_one_line_and_exit_130(workdir, monkeypatch, capsys):
+    def interrupted(cfg, device):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lt, "align", interrupted)
+    assert lt.main(["align"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted") and "Traceback" not in err
+
+
+def test_real_sigint_during_a_run(workdir):
+    # a real Ctrl-C (SIGINT) in the middle of verify: one line, exit 130. The child restores Python's
+    # default SIGINT handler, since a shell may start background jobs (and so this test) with SIGINT ignored.
+    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"sys.argv = [{SCRIPT!r}, 'verify']; runpy.run_path({SCRIPT!r}, run_name='__main__')")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().startswith("verify on")  # started computing
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err.count("\n") == 1 and err.startswith("interrupted"), err
+
+
+def test_atomic_write_leaves_nothing_behind_when_interrupted(tmp_path):
+    target = tmp_path / "out" / "result.json"
+
+    def half_then_interrupt(tmp):
+        with open(tmp, "w") as f:
+            f.write("{")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        lt.atomic_write(str(target), half_then_interrupt)
+    assert os.listdir(tmp_path / "out") == []  # neither the target nor the temporary file
+    lt.save_json({"a": 1}, str(target))
+    assert target.read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
 
 
 def test_data_loaders_are_identical_copies_of_mae_decays():
