@@ -1,6 +1,10 @@
-"""Tests for probe.py: k-NN against a brute-force loop, the linear probe on separable and shuffled
-data, effective-rank properties, the subspace projection, every user error, and agreement with the
-copies in mae_decay.py. Deterministic, CPU only, a few seconds; files only under tmp_path."""
+"""Tests for probe.py: k-NN against a brute-force loop; the linear probe on data built so that its
+answer is known (separable, shuffled, best epoch != final epoch, a train/test shift that only train
+statistics keep); accuracy additive over disjoint test sets; effective rank against closed forms
+(an uneven spectrum, a removed mean) and a direct SVD; the subspace projection; every user error
+(bad flags from a table, bad files among good ones, image folders) as one sentence that touches
+nothing; and agreement with the copies in mae_decay.py. Deterministic, CPU only, files only under
+tmp_path."""
 import dataclasses
 import inspect
 import json
@@ -105,6 +109,69 @@ def test_linear_probe_deterministic_and_full_batch():
     assert run(batch_size=len(train_x)) == run(batch_size=10 * len(train_x))
 
 
+class RecordingCosine(torch.optim.lr_scheduler.CosineAnnealingLR):
+    """linear_probe's own scheduler, recording the head's (weight, bias) after every step: lets a test
+    watch the test accuracy of every epoch of the very run whose number linear_probe returns."""
+    snapshots = []
+
+    def step(self, *args, **kwargs):
+        super().step(*args, **kwargs)
+        weight, bias = (p.detach().clone() for p in self.optimizer.param_groups[0]["params"])
+        RecordingCosine.snapshots.append((weight, bias))
+
+
+def test_linear_probe_reports_the_final_epoch_not_the_best(monkeypatch):
+    """Data built so that the test accuracy is 1 early in training and 0 at the end. Train, two classes
+    mirrored through the origin: +1 = 90 points at (3, 0) and 10 at (0.1, 1). The bulk pulls the head
+    toward the class-mean direction (mostly x1) first; the logistic loss then keeps pushing toward the
+    margin of the 10 rare points, a direction mostly along x2. The test points (1, -0.5) (class +1)
+    and (-1, 0.5) (class -1) are on the right side of the first direction and the wrong side of the
+    second. Full batch at lr 0.1 for 20 epochs makes the turn happen inside the run."""
+    positive = torch.tensor([[3.0, 0.0]] * 90 + [[0.1, 1.0]] * 10)
+    train_x, train_y = torch.cat([positive, -positive]), torch.tensor([1] * 100 + [0] * 100)
+    test_x, test_y = torch.tensor([[1.0, -0.5]] * 10 + [[-1.0, 0.5]] * 10), torch.tensor([1] * 10 + [0] * 10)
+    RecordingCosine.snapshots = []
+    monkeypatch.setattr(torch.optim.lr_scheduler, "CosineAnnealingLR", RecordingCosine)
+    reported = probe.linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=0.1, batch_size=len(train_x))
+    ## The test side of the same run, epoch by epoch (full batch: one step per epoch), standardised by
+    ## the train statistics as the probe does. Accuracies are multiples of 1/20: exact comparisons.
+    z = (test_x - train_x.mean(0)) / train_x.std(0)
+    after_steps = RecordingCosine.snapshots[1:]  # the scheduler also steps once when it is built, before training
+    per_epoch = [((z @ weight.T + bias).argmax(1) == test_y).float().mean().item() for weight, bias in after_steps]
+    assert len(per_epoch) == 20 and max(per_epoch) == 1.0 and per_epoch[-1] == 0.0  # the construction holds
+    assert reported == per_epoch[-1] == 0.0  # the final epoch, not the best (1.0)
+
+
+def test_linear_probe_standardises_by_train_statistics_only():
+    """Train: x0 = -1 (class 0) or +1 (class 1), plus a pure-noise x1. Test: the same classes, x0 shifted
+    by +3 (2 and 4). With the train statistics the shift survives: every test point lies beyond the
+    learned boundary near 0 and is called class 1, accuracy exactly 1/2. Standardising with the test
+    statistics would remove the shift (x0 back to -1 and +1) and score 1."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 2
+    train_x = torch.stack([2.0 * labels - 1, torch.randn(400, generator=gen)], 1)
+    test_x = torch.stack([2.0 * labels[:100] - 1 + 3, torch.randn(100, generator=gen)], 1)
+    accuracy = probe.linear_probe(train_x, labels, test_x, labels[:100], epochs=30, lr=1e-2, batch_size=64)
+    assert accuracy == 0.5
+    assert probe.linear_probe(train_x, labels, train_x[:100], labels[:100], epochs=30, lr=1e-2, batch_size=64) == 1.0
+
+
+def test_accuracy_is_additive_over_disjoint_test_sets():
+    """Nothing about the test set feeds back into the evaluation, so each test sample is scored alone:
+    the number correct on A + B is the number correct on A plus that on B, exactly. Correct counts are
+    integers and a float32 mean of at most 2**24 zeros and ones is exact before the division, so
+    round(accuracy * n) recovers each count exactly."""
+    train_x, train_y, test_x, test_y = random_features(n_train=400, n_test=300, dim=12, classes=4, seed=3)
+    test_x[120:] += 0.7  # the parts differ in their statistics: anything computed from the test set would differ too
+    correct = lambda accuracy, n: round(accuracy * n)
+    parts = [(0, 300), (0, 120), (120, 300)]
+    probes = [probe.linear_probe(train_x, train_y, test_x[a:b], test_y[a:b], epochs=5, lr=1e-2, batch_size=64) for a, b in parts]
+    assert correct(probes[0], 300) == correct(probes[1], 120) + correct(probes[2], 180)
+    knns = [probe.knn_accuracies(train_x, train_y, test_x[a:b], test_y[a:b], [1, 10, 50], 0.07, 4) for a, b in parts]
+    for k in (1, 10, 50):
+        assert correct(knns[0][k], 300) == correct(knns[1][k], 120) + correct(knns[2][k], 180)
+
+
 # --- effective rank -------------------------------------------------------------------------
 
 def test_effective_rank_properties():
@@ -117,6 +184,61 @@ def test_effective_rank_properties():
     assert probe.effective_rank(rank_7) == pytest.approx(7.0, abs=1e-4)
     assert probe.effective_rank(1e4 * gaussian) == pytest.approx(probe.effective_rank(gaussian), rel=1e-9)
     assert probe.effective_rank(gaussian.numpy()) == probe.effective_rank(gaussian)
+
+
+def with_singular_values(values, n=50, dim=8, seed=0, centred_rows=False):
+    """An (n, dim) float64 matrix whose singular values are exactly `values` (then zeros):
+    U diag(values) V^T with orthonormal U (n, r) and V (dim, r) from QR. centred_rows=True makes U's
+    columns orthogonal to the all-ones vector, so the matrix's column means are exactly zero."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, len(values), generator=gen, dtype=torch.float64)
+    u = torch.linalg.qr(u - u.mean(0) if centred_rows else u)[0]
+    v = torch.linalg.qr(torch.randn(dim, len(values), generator=gen, dtype=torch.float64))[0]
+    return u @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ v.T
+
+
+def erank_by_hand(singular_values):
+    """exp(entropy) of p_i = s_i / sum_j s_j, written out with math, skipping zeros (0 log 0 = 0)."""
+    total = sum(singular_values)
+    return math.exp(-sum(s / total * math.log(s / total) for s in singular_values if s > 0))
+
+
+## Tolerance of the effective-rank tests: effective_rank takes log(p + eps), eps = 1e-7, which lowers
+## the entropy by sum_i p_i * eps / p_i = r * eps for r non-zero singular values, so the result is
+## erank * exp(-r * eps): a relative shift of at most r * 1e-7 (4e-7 for four values, 1.6e-6 for
+## sixteen), while float64 SVD errors are ~1e-15 relative. Hence rel=2e-6.
+ERANK_TOLERANCE = 2e-6
+
+
+def test_effective_rank_of_an_uneven_spectrum():
+    """Singular values 4, 2, 1, 0.5: exp(entropy) = 3.1171; their squares (the variances) would give
+    2.0629, a uniform spectrum 4; a flat spectrum cannot tell these conventions apart, this one can."""
+    assert erank_by_hand([4, 2, 1, 0.5]) == pytest.approx(3.1171, abs=5e-5)  # the number quoted in the issue
+    assert erank_by_hand([16, 4, 1, 0.25]) == pytest.approx(2.0629, abs=5e-5)  # what squaring would give
+    z = with_singular_values([4, 2, 1, 0.5])
+    assert probe.effective_rank(z) == pytest.approx(erank_by_hand([4, 2, 1, 0.5]), rel=ERANK_TOLERANCE)
+    assert probe.effective_rank(z.float()) == pytest.approx(3.1171, abs=5e-4)  # float32 input: ~1e-7 relative SVD error
+    assert probe.effective_rank(3.0 * z) == pytest.approx(probe.effective_rank(z), rel=1e-12)
+
+
+def test_centred_effective_rank_removes_the_mean():
+    """A common mean added to every row adds a large singular value to the uncentred spectrum; the
+    centred rank subtracts it and finds the spectrum underneath (4, 2, 1, 0.5: 3.1171) exactly."""
+    centred = with_singular_values([4, 2, 1, 0.5], centred_rows=True)
+    assert torch.allclose(centred.mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-15)
+    shifted = centred + 10.0 * torch.linspace(-1, 1, 8, dtype=torch.float64)  # the same mean row everywhere
+    assert probe.effective_rank(shifted, center=True) == pytest.approx(erank_by_hand([4, 2, 1, 0.5]), rel=ERANK_TOLERANCE)
+    assert probe.effective_rank(shifted) < 2.5  # uncentred: dominated by the mean's singular value
+
+
+def test_centred_effective_rank_matches_a_direct_computation():
+    """On random data with a mean: numpy's SVD of X - mean(X) and the entropy written out by hand."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 16, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64) + 2.0
+    direct = np.linalg.svd((x - x.mean(0)).numpy(), compute_uv=False)
+    assert probe.effective_rank(x, center=True) == pytest.approx(erank_by_hand(direct.tolist()), rel=ERANK_TOLERANCE)
+    uncentred = np.linalg.svd(x.numpy(), compute_uv=False)
+    assert probe.effective_rank(x) == pytest.approx(erank_by_hand(uncentred.tolist()), rel=ERANK_TOLERANCE)
 
 
 # --- subspace probe -------------------------------------------------------------------------
