@@ -451,9 +451,9 @@ def plot_spectra(spectra, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, singular_values, erank in spectra:
+    for label, singular_values, erank, erank_centered in spectra:
         ax.loglog(np.arange(1, len(singular_values) + 1), singular_values / singular_values[0],
-                  label=f"{label} (erank {erank:.1f})")
+                  label=f"{label} (erank {erank:.1f}, centred {erank_centered:.1f})")
     ax.set(xlabel="index i", ylabel="s_i / s_1", title="singular values of the train features (not centred)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -1000,6 +1000,7 @@ def atomic_write(path, write):
 
 # =============================================================================================
 # Main: validate every flag, evaluate each input, print the table, write the files
+# read: the whole run, in order
 # =============================================================================================
 
 def main(argv=None):
@@ -1014,7 +1015,7 @@ def main(argv=None):
         for source in ([f"pixels:{cfg.pixels}"] if cfg.pixels else []) + paths:
             try:
                 result, singular_values = evaluate_input(source, cfg, device)
-                spectra.append((source, singular_values, result["effective_rank"]))
+                spectra.append((source, singular_values, result["effective_rank"], result["effective_rank_centered"]))
             except (UserError, OSError) as e:  # one bad input must not cost the others their results
                 message = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}."
                 named = source.removeprefix("pixels:").removeprefix("folder:") in message  # most errors name the file
