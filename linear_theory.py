@@ -287,14 +287,15 @@ def alignment_curve(E, gram_eig, xy, counts, rtol=1e-8):
     Yq = (xy.T @ (P / d.sqrt())) @ Qb  # (C, K): column k = Y q_k
     # a feature that adds nothing new (R_kk ~ 0, e.g. a zero feature beyond the span) adds no energy
     new = R.diagonal().abs() > rtol * R.diagonal().abs().max()
-    energy = (Yq ** 2).sum(0) * new  # ||q_k^T Y^T||^2
+    missing = E.shape[0] - len(new)  # the data span r < K directions: features beyond the r-th add nothing
+    energy = F.pad((Yq ** 2).sum(0) * new, (0, missing))  # (K,) ||q_k^T Y^T||^2
     ## err(K) = ||Y||^2 - sum_{k <= K} ||q_k^T Y^T||^2  (one-hot Y: ||Y||^2 = N)
     err = counts.sum() - torch.cumsum(energy, 0)
     ## The two normalised scores. Projection energy: 100 ||P_K Y|| / ||P_D Y||.
     projection = 100 * (torch.cumsum(energy, 0) / energy.sum()).sqrt()
     ## The authors' code: 100 sqrt(cumsum ||Y^T Y q_k / N||^2) / (value at K = D); for one-hot Y,
     ## ||Y^T Y q_k||^2 = sum_c n_c (Y q_k)_c^2, so it equals the projection score for balanced classes.
-    authors_energy = (counts[:, None] * Yq ** 2).sum(0) * new
+    authors_energy = F.pad((counts[:, None] * Yq ** 2).sum(0) * new, (0, missing))
     authors = 100 * (torch.cumsum(authors_energy, 0) / authors_energy.sum()).sqrt()
     return dict(err=err, projection=projection, authors=authors)
 
@@ -319,6 +320,15 @@ def max_principal_angle(A, B):
 ## The paper's Figures 1 and 4 keep only the eigen-directions of the pixel covariance that explain the
 ## top p% (or the bottom q%) of the variance and train a classifier on the projected images; Figure 3
 ## shows that reconstruction fits the top directions first. For the linear model this ordering is exact.
+
+def covariance_eigh(gram, n):
+    """The eigenvalues (r,) in descending order and eigenvectors (D, r) of the pixel covariance X X^T / n,
+    restricted to the span of the data: a constant pixel, or fewer images than pixels, leaves
+    directions without any variance (eigenvalue <= RANK_RTOL * largest), which are dropped."""
+    eigvals, eigvecs = torch.linalg.eigh(gram / n)  # ascending
+    keep = eigvals > RANK_RTOL * eigvals[-1]
+    return eigvals[keep].flip(0), eigvecs[:, keep].flip(1)
+
 
 def variance_subspace(eigvals, eigvecs, fraction, end):
     """The columns of the eigenbasis (descending eigenvalues) that keep `fraction` of the variance:
@@ -575,12 +585,13 @@ def align(cfg, device):
         stats = pixel_statistics(images, labels, num_classes, linalg)
         stats = standardized(stats) if cfg.standardize else stats
         dim, n = stats["gram"].shape[0], stats["n"]
-        print(f"{name}: N = {n}, D = {dim}; the closed forms need about {10 * dim * dim * 8 / 1e9:.2f} GB "
-              f"(pixel statistics {time.time() - start:.1f} s)")
         gram_eig = torch.linalg.eigh(stats["gram"])  # once per dataset, reused by every corruption
         d, P = gram_eig[0].flip(0), gram_eig[1].flip(1)  # descending
+        rank = int((d > RANK_RTOL * d[0]).sum())  # < D with constant pixels or N <= D: K > rank adds nothing
+        print(f"{name}: N = {n}, D = {dim}" + (f", the centred pixels span only {rank} directions" if rank < dim else "")
+              + f"; the closed forms need about {10 * dim * dim * 8 / 1e9:.2f} GB (pixel statistics {time.time() - start:.1f} s)")
         ks = [k for k in table_ks if k <= dim]
-        results[name] = {"N": n, "D": dim, "corruptions": {}}
+        results[name] = {"N": n, "D": dim, "rank": rank, "corruptions": {}}
         for corruption in corruptions:
             tick = time.time()
             kwargs = {**corruption, "image_shape": stats["image_shape"]} if corruption["noise"] == "mask" else corruption
@@ -588,7 +599,7 @@ def align(cfg, device):
             curve = alignment_curve(E, gram_eig, stats["xy"], stats["counts"])
             entry = {"projection_score": curve["projection"].tolist(), "authors_score": curve["authors"].tolist(),
                      "err": curve["err"].tolist(),
-                     "angles_to_pca_deg": {k: principal_angles(E[:k], P[:, :k].T).tolist() for k in ks}}
+                     "angles_to_pca_deg": {k: principal_angles(E[:k], P[:, :k].T).tolist() for k in ks if k <= rank}}
             if corruption["noise"] == "gaussian":
                 predicted = d ** 2 / (d + n * corruption["sigma"] ** 2)
                 entry["eigenvalue_formula_gap"] = float((mu - predicted).abs().max() / mu[0])
@@ -661,9 +672,8 @@ def subspace(cfg, device):
     for name, (images, labels, num_classes, parts) in load_datasets(cfg).items():
         start = time.time()
         stats = pixel_statistics(images, labels, num_classes, linalg)
-        eigvals, eigvecs = torch.linalg.eigh(stats["gram"] / stats["n"])  # covariance, once
-        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)  # descending
-        dim = len(eigvals)
+        eigvals, eigvecs = covariance_eigh(stats["gram"], stats["n"])  # once; (r,) descending, (D, r)
+        dim = eigvecs.shape[0]
         projections = [("full", 1.0, None)] + [(f"top {100 * f:g}%", f, "top") for f in parse_list(cfg.top, "--top")] \
             + [(f"bottom {100 * f:g}%", f, "bottom") for f in parse_list(cfg.bottom, "--bottom")]
         test_images, test_labels = parts["test"]
@@ -717,10 +727,9 @@ def order(cfg, device):
         start = time.time()
         images, labels = images[:cfg.train_limit or 10000], labels[:cfg.train_limit or 10000]
         stats = pixel_statistics(images, labels, num_classes, linalg)
-        eigvals, eigvecs = torch.linalg.eigh(stats["gram"] / stats["n"])
-        eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
-        dim = len(eigvals)
-        bands = eigen_bands(dim)
+        eigvals, eigvecs = covariance_eigh(stats["gram"], stats["n"])  # (r,) descending, (D, r)
+        dim, rank = eigvecs.shape
+        bands = eigen_bands(rank)  # directions without variance have no error to follow
         X = (torch.from_numpy(images.copy()).reshape(len(images), dim).to(device).float() / 255
              - stats["mean"].to(device, torch.float32))  # (N, D) centred
         probe = X[:2000]
@@ -745,7 +754,7 @@ def order(cfg, device):
             optimizer.step()
         history = np.array(history)  # (checkpoints, bands)
         ## The linear prediction, in closed form: relative error exp(-4 lambda_k t) per direction.
-        times = torch.logspace(math.log10(0.01 / eigvals[0]), math.log10(10 / eigvals[min(255, dim - 1)].clamp_min(1e-12)), 200,
+        times = torch.logspace(math.log10(0.01 / eigvals[0]), math.log10(10 / eigvals[min(255, rank - 1)]), 200,
                                dtype=torch.float64)
         linear = gradient_flow_band_error(eigvals, bands, times).numpy()
         band_names = [f"directions {a + 1}-{b}" if b > a + 1 else f"direction {b}" for a, b in bands]

@@ -1,6 +1,7 @@
 """Tests of linear_theory.py: every closed form against an independent computation (gradient-based
 training, Monte Carlo, a textbook formula or a direct least-squares solve). Small data made here;
 deterministic; no network, no files."""
+import json
 import math
 import os
 import re
@@ -247,6 +248,39 @@ def test_gradient_flow_prediction_matches_gradient_descent():
     assert torch.allclose(measured, predicted, rtol=1e-2, atol=1e-4)
     assert torch.all(predicted.diff() > 0)  # top bands are fitted first
     assert bands == [(0, 1), (1, 4), (4, 16)]
+
+
+# --- real images with constant pixels (MNIST's borders): every command copes with a rank-deficient covariance ---
+
+def test_every_command_on_images_with_constant_pixels(tmp_path, capsys):
+    # 8x8 RGB images whose 2-pixel border is black in every image: only the 4x4x3 = 48 interior
+    # coordinates vary, so the covariance has rank 48 of D = 192 (N = 80 train images > 48).
+    import matplotlib.image
+    gen = np.random.default_rng(0)
+    for split, per_class in (("train", 40), ("val", 10)):
+        for label, cls in enumerate(("dark", "bright")):
+            os.makedirs(tmp_path / "images" / split / cls)
+            for i in range(per_class):
+                image = np.zeros((8, 8, 3), dtype=np.uint8)
+                image[2:6, 2:6] = gen.integers(0, 156, size=(4, 4, 3)) + 100 * label
+                matplotlib.image.imsave(tmp_path / "images" / split / cls / f"{i}.png", image)
+    common = ["--datasets", f"folder:{tmp_path / 'images'}", "--img-size", "8", "--out-dir", str(tmp_path / "out")]
+    assert lt.main(["align", *common]) == 0
+    result = json.loads((tmp_path / "out" / "alignment.json").read_text())["results"][f"folder:{tmp_path / 'images'}"]
+    assert result["D"] == 192 and result["rank"] == 48
+    for entry in result["corruptions"].values():
+        score = np.array(entry["projection_score"])
+        assert len(score) == 192 and np.all(np.diff(score) >= -1e-9)  # one value per K, never decreasing
+        assert abs(score[47] - 100) < 1e-9 and np.all(score[48:] == score[47])  # complete at K = rank
+        assert max(int(k) for k in entry["angles_to_pca_deg"]) <= 48  # angles only where PCA is defined
+    assert lt.main(["subspace", *common, "--epochs", "1", "--width", "2", "--batch-size", "32"]) == 0
+    rows = json.loads((tmp_path / "out" / "subspace.json").read_text())["results"][f"folder:{tmp_path / 'images'}"]["rows"]
+    assert rows[0]["projection"] == "full" and rows[0]["directions"] == 48
+    assert lt.main(["order", *common, "--ae-steps", "3", "--ae-hidden", "8", "--ae-bottleneck", "4"]) == 0
+    order = json.loads((tmp_path / "out" / "order.json").read_text())["results"][f"folder:{tmp_path / 'images'}"]
+    assert np.all(np.isfinite(order["deep_error"])) and np.all(np.isfinite(order["linear_error"]))
+    assert order["bands"][-1] == "directions 17-48"
+    assert "error" not in capsys.readouterr().err
 
 
 # --- the command line: every bad input ends in one sentence, before anything is computed or written ---------
