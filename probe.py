@@ -553,6 +553,11 @@ def check_config(cfg, paths):
     parse_subspaces(cfg.subspace)
     for flag, value in (("--knn-t", cfg.knn_t), ("--probe-lr", cfg.probe_lr)):
         need(math.isfinite(value) and value > 0, f"{flag} must be a positive finite number, got {value}.")
+    ## The k-NN votes are float32: k votes exp(sim / T) at sim = 1 add up to inf once
+    ## 1 / T > log(3.4e38) - log(k) (88.7 - 5.3 for k = 200), and the vote then means nothing.
+    smallest_t = 1 / (math.log(torch.finfo(torch.float32).max) - math.log(max(parse_ks(cfg.knn_k))))
+    need(cfg.knn_t > smallest_t, f"--knn-t must be above {smallest_t:.4f} for k up to {max(parse_ks(cfg.knn_k))} "
+                                 f"(the votes exp(sim / T) overflow float32 below), got {cfg.knn_t}.")
     need(cfg.probe_epochs >= 0, f"--probe-epochs must be at least 1 (or 0 to skip the probe), got {cfg.probe_epochs}.")
     need(cfg.probe_batch_size >= 0, f"--probe-batch-size must be at least 1 (or 0 for full batch), got {cfg.probe_batch_size}.")
     need(cfg.img_size >= 1, f"--img-size must be at least 1, got {cfg.img_size}.")

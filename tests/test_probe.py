@@ -71,6 +71,19 @@ def test_knn_matches_brute_force(n_test, temperature):
     assert torch.equal(probe.knn_predict(train_x, train_y, test_x, k=20, temperature=temperature, chunk=7), predictions[20])
 
 
+def test_smallest_knn_temperature_is_where_the_votes_overflow():
+    """check_config's bound on --knn-t is tight: just above it, 200 votes exp(1 / T) of identical
+    features (similarity 1) still sum to a finite float32 and the majority wins; just below, the
+    float32 sum is inf (every class would tie), and check_config refuses it."""
+    bound = 1 / (math.log(torch.finfo(torch.float32).max) - math.log(200))
+    x, labels = torch.ones(300, 4), torch.tensor([0] * 100 + [1] * 200)
+    assert probe.knn_predict(x, labels, x[:3], k=200, temperature=bound * 1.001).tolist() == [1, 1, 1]
+    assert torch.isinf(torch.full((200,), 1 / (bound * 0.999)).exp().sum())
+    probe.check_config(probe.Config(knn_t=bound * 1.001), ["x.npz"])
+    with pytest.raises(probe.UserError, match="overflow float32"):
+        probe.check_config(probe.Config(knn_t=bound * 0.999), ["x.npz"])
+
+
 def test_knn_accepts_numpy_and_gives_the_same():
     train_x, train_y, test_x, _ = random_features()
     as_numpy = probe.knn_predict(train_x.numpy(), train_y.numpy().astype(np.int32), test_x.numpy(), k=20)
@@ -403,6 +416,7 @@ BAD_FLAGS = [
     (["--knn-t", "nan"], "--knn-t"),
     (["--knn-t", "inf"], "--knn-t"),
     (["--knn-t", "warm"], "invalid float value"),
+    (["--knn-t", "0.01"], "overflow float32"),
     (["--probe-epochs", "-1"], "--probe-epochs"),
     (["--probe-epochs", "2.5"], "invalid int value"),
     (["--probe-lr", "0"], "--probe-lr"),
