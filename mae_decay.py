@@ -140,6 +140,7 @@ class Config:
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
     compile: bool = False         # torch.compile the model (falls back to eager if it fails)
+    compile_mode: str = "default"  # with --compile: default | reduce-overhead (CUDA graphs: far fewer kernel launches) | max-autotune
     out_dir: str = "runs/mae"     # where checkpoints, features, plots and results go
     resume: bool = False          # continue each run from its checkpoint in out_dir
     ckpt_every: int = 5           # write a checkpoint every N epochs (and at the end)
@@ -593,7 +594,7 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
     # the (1, 1, D) tokens' gradients differ from DDP's buckets only in the strides of size-1 dims: harmless
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
+    compiled = torch.compile(ddp_model, mode=cfg.compile_mode) if cfg.compile else ddp_model
     pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
     progress = tqdm(total=stop_step, initial=state["step"], desc=f"alpha_min={alpha_min:g} seed={seed}",
                     dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
@@ -650,7 +651,7 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        pending.append(loss.detach())
+        pending.append(loss.detach().clone())  # a copy: CUDA graphs (reduce-overhead) reuse the output's memory
         state["step"] = step + 1
         end_of_epoch = i == steps_per_epoch - 1
         if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step or ctrl_c["stop"]:
@@ -1005,7 +1006,7 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
     torch.manual_seed(0)
     model = build_model(cfg, alpha_min, 3).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    compiled = torch.compile(model) if cfg.compile else model
+    compiled = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
     mean = torch.full((1, 3, 1, 1), 0.5, device=device)
     L = (cfg.img_size // cfg.patch_size) ** 2
@@ -1040,7 +1041,7 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
-    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
+    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}{' (' + cfg.compile_mode + ')' if cfg.compile else ''}, batch {cfg.batch_size}, "
           f"{cfg.img_size}px/{cfg.patch_size}, ViT {cfg.embed_dim}x{cfg.depth}, decoder {cfg.decoder} {cfg.decoder_dim}x{cfg.decoder_depth}")
     print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3g} GFLOP/img  {flops * img_s / 1e12:.3g} TFLOP/s  "
           f"MFU {mfu}  memory {memory}")
@@ -1134,6 +1135,8 @@ def check_config(cfg):
     need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
     need(cfg.eval_train >= 0 and cfg.eval_test >= 0, "--eval-train and --eval-test cannot be negative (0 = all).")
+    need(cfg.compile_mode in ("default", "reduce-overhead", "max-autotune"),
+         f"--compile-mode must be default, reduce-overhead or max-autotune, got '{cfg.compile_mode}'.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
