@@ -650,7 +650,7 @@ BAD_FLAGS = [  # (flags, a fragment of the one error sentence)
     (["--mlp-ratio", "-1"], "--mlp-ratio"), (["--decoder-dim", "0"], "multiples of 4"),
     (["--beta2", "1.5"], "--beta2"), (["--probe-epochs", "0"], "--probe-epochs"), (["--probe-epochs", "-1"], "--probe-epochs"),
     (["--weight-decay", "-1"], "cannot be negative"), (["--min-lr", "-1"], "cannot be negative"),
-    (["--base-lr", "nan"], "finite"), (["--ckpt-minutes", "0"], "--ckpt-minutes"), (["--probe", "best"], "--probe"),
+    (["--base-lr", "nan"], "finite"), (["--ckpt-minutes", "0"], "--ckpt-minutes"), (["--probe", "best"], "--probe"), (["--compile-mode", "fast"], "--compile-mode"),
     (["--out-dir", ""], "--out-dir is empty"), (["--out-dir", "afile/out"], "is a file"),
     (["--json", "afile/r.json"], "is a file"), (["--json", "adir"], "is a directory"),
     (["--dataset", "cifar10", "--data-dir", "afile/data"], "is a file"),
