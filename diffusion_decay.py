@@ -75,6 +75,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import inspect
@@ -83,8 +84,10 @@ import math
 import numbers
 import os
 import pickle
+import signal
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -154,7 +157,8 @@ class Config:
     compile: bool = False         # torch.compile the model for training (falls back to eager if it fails)
     out_dir: str = "runs/diffusion"  # where checkpoints, features, samples, plots and results go
     resume: bool = False          # continue each run from its checkpoint in out_dir
-    ckpt_every: int = 4           # write a checkpoint every N epochs (and at the end)
+    ckpt_every: int = 4           # write a checkpoint every N epochs (and at the end) ...
+    ckpt_minutes: float = 10.0    # ... and whenever this many minutes of training passed since the last one
     log_every: int = 20           # steps between progress-bar updates (each one syncs the device)
     json: str = ""                # also write every run's final numbers to this file
     plots: bool = True            # write the PNG plots and sample grids
@@ -698,9 +702,11 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
     compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
     pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
+    ctrl_c = catch_ctrl_c() if world_size == 1 else {"stop": False}  # under torchrun, torchrun handles Ctrl-C
     progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
                     disable=rank != 0)
     last_time, last_step = time.perf_counter(), state["step"]
+    last_save = time.perf_counter()
 
     def flush():
         nonlocal pending, last_time, last_step
@@ -720,55 +726,66 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
         progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * batch / (now - last_time):.0f}")
         last_time, last_step = now, last_step + len(values)
 
-    model.train()
-    for step in range(state["step"], stop_step):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == state["step"]:
-            order = epoch_order(seed, epoch, n_train).to(device)
-        ## Same trajectory for any number of processes: every process draws the data order, the flips,
-        ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
-        ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
-        ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
-        ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
-        idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
-        gen = step_generator(seed, step)
-        x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
-        t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
-        noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
-        y = None
-        if cfg.class_cond:
-            drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
-            y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
-        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device):
-            try:
-                loss = flow_loss(compiled, x0, noise, t, y)
-            except Exception as e:  # torch.compile fails lazily, at the first call
-                if compiled is model:
-                    raise
-                if rank == 0:
-                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
-                compiled = ddp_model
-                loss = flow_loss(ddp_model, x0, noise, t, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))  # identical in every process: so are the parameters
-        pending.append(loss.detach())
-        state["step"] = step + 1
-        end_of_epoch = i == steps_per_epoch - 1
-        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step:
-            flush()
-        if end_of_epoch:
-            done = epoch + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 and step + 1 < stop_step:  # the last point: finish_run
-                evaluate_curve(done)
-                last_time = time.perf_counter()  # evaluation time is not training time
-            if (done % cfg.ckpt_every == 0 or done == cfg.epochs) and rank == 0:
-                save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
-                last_time = time.perf_counter()
+    try:
+        model.train()
+        for step in range(state["step"], stop_step):
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0 or step == state["step"]:
+                order = epoch_order(seed, epoch, n_train).to(device)
+            ## Same trajectory for any number of processes: every process draws the data order, the flips,
+            ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
+            ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
+            ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
+            ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
+            idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
+            gen = step_generator(seed, step)
+            x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
+            t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
+            noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
+            y = None
+            if cfg.class_cond:
+                drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
+                y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
+            lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device):
+                try:
+                    loss = flow_loss(compiled, x0, noise, t, y)
+                except Exception as e:  # torch.compile fails lazily, at the first call
+                    if compiled is model:
+                        raise
+                    if rank == 0:
+                        print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+                    compiled = ddp_model
+                    loss = flow_loss(ddp_model, x0, noise, t, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))  # identical in every process: so are the parameters
+            pending.append(loss.detach())
+            state["step"] = step + 1
+            end_of_epoch = i == steps_per_epoch - 1
+            if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step or ctrl_c["stop"]:
+                ## Checkpoints are written only here, right after a flush (a collective under torchrun, so
+                ## every process reaches it at the same steps): the saved losses always match the saved step.
+                flush()
+                save_now = time.perf_counter() - last_save > 60 * cfg.ckpt_minutes or ctrl_c["stop"]
+                if end_of_epoch:
+                    done = epoch + 1
+                    if cfg.eval_every and done % cfg.eval_every == 0 and step + 1 < stop_step:  # the last point: finish_run
+                        evaluate_curve(done)
+                        last_time = time.perf_counter()  # evaluation time is not training time
+                    save_now |= done % cfg.ckpt_every == 0 or done == cfg.epochs
+                if save_now and rank == 0:
+                    save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
+                    last_time = last_save = time.perf_counter()
+                if ctrl_c["stop"]:
+                    progress.close()
+                    raise Interrupted(f"interrupted at step {state['step']}/{total_steps}; checkpoint {ckpt_path} saved: "
+                                      f"rerun the same command with --resume to continue")
+    finally:  # also when the loop ends by an error: a later Ctrl-C must interrupt again
+        release_ctrl_c()
     progress.close()
     if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
         save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
@@ -1285,6 +1302,10 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C during training: the run stopped between two steps and saved a checkpoint."""
+
+
 def knob_help():
     """The comment after each Config field, so `--help` and the code share one description."""
     helps = {}
@@ -1296,25 +1317,49 @@ def knob_help():
 
 
 def parse_config(argv=None):
-    """Defaults < preset < command line. Returns a Config."""
-    parser = argparse.ArgumentParser(description="Diffusion transformer (flow) with decayed identity shortcuts "
-                                                 "and long skips (arXiv 2404.10947).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="a set of defaults")
-    helps = knob_help()
+    """Defaults < preset < command line. Returns a checked Config (UserError on any bad value)."""
+    parser = OneSentenceParser(description="Diffusion transformer (flow) with decayed identity shortcuts and long skips "
+                                           "(arXiv 2404.10947). Every option shows its default (the quick preset's).")
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                        help="a set of defaults: " + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the defaults'}"
+                                                           for name, values in PRESETS.items()).replace("%", "%%"))
+    helps, defaults, groups = knob_help(), dataclasses.asdict(Config()), {}
+    section = "options"
+    for line in config_source().splitlines():  # the "# --- data ---" lines of Config name the --help groups
+        if line.strip().startswith("# ---"):
+            section = line.strip(" #-")
+        elif ":" in line.partition("#")[0] and "=" in line:
+            groups[line.split(":")[0].strip()] = section
+    sections = {name: parser.add_argument_group(name) for name in dict.fromkeys(groups.values())}
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
+        text = f"{helps.get(field.name, '')} (default: {defaults[field.name]!r})".replace("%", "%%")
+        group = sections[groups[field.name]]
+        ## default=None marks "not given", so that a preset's value survives unless the flag is typed.
         if field.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(field.name))
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=helps.get(field.name))
+            group.add_argument(flag, type=kind, default=None, help=text)
     args = parser.parse_args(argv)
     values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
     cfg = Config(**values)
     check_config(cfg)
     return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def config_source():
+    return inspect.getsource(Config)  # parses this whole file (~0.1 s): once per process
+
+
+class OneSentenceParser(argparse.ArgumentParser):
+    """argparse, but a flag it cannot parse (unknown, missing value, not a number) is a UserError:
+    one `error:` sentence and exit code 2 like every other bad input, not usage lines."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help).")
 
 
 def parse_floats(text, flag):
@@ -1328,43 +1373,84 @@ def parse_floats(text, flag):
 
 
 def check_config(cfg):
-    """Every bad value a user can type ends here with one sentence naming the fix."""
+    """Every bad value a user can type ends here, before anything is computed or written, with one
+    sentence naming the fix."""
     def need(ok, message):
         if not ok:
             raise UserError(message)
-    need(cfg.img_size > 0 and cfg.patch_size > 0 and cfg.img_size % cfg.patch_size == 0,
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        need(not isinstance(value, float) or math.isfinite(value), f"--{field.name.replace('_', '-')} must be a finite number, got {value}.")
+    need(cfg.dataset in ("shapes", "cifar10", "cifar100", "fashion-mnist", "mnist") or cfg.dataset.startswith("folder:"),
+         f"unknown --dataset '{cfg.dataset}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+    need(not cfg.dataset.startswith("folder:") or os.path.isdir(cfg.dataset[len("folder:"):]),
+         f"--dataset {cfg.dataset}: {cfg.dataset[len('folder:'):]} is not a directory.")
+    need(cfg.img_size >= 1 and cfg.patch_size >= 1 and cfg.img_size % cfg.patch_size == 0,
          f"--img-size ({cfg.img_size}) must be a positive multiple of --patch-size ({cfg.patch_size}).")
-    need(cfg.embed_dim % 4 == 0, "--embed-dim must be a multiple of 4 (2D sin-cos position embeddings).")
+    need(cfg.embed_dim >= 4 and cfg.embed_dim % 4 == 0,
+         f"--embed-dim must be a positive multiple of 4 (2D sin-cos position embeddings), got {cfg.embed_dim}.")
+    need(cfg.num_heads >= 1, f"--num-heads must be at least 1, got {cfg.num_heads}.")
     need(cfg.embed_dim % cfg.num_heads == 0, f"--embed-dim ({cfg.embed_dim}) must be divisible by --num-heads ({cfg.num_heads}).")
+    need(int(cfg.embed_dim * cfg.mlp_ratio) >= 1, f"--mlp-ratio must be positive, got {cfg.mlp_ratio}.")
     need(cfg.depth >= 2 and cfg.depth % 2 == 0,
          f"--depth must be even and at least 2 (an encoder half and a decoder half), got {cfg.depth}.")
     skip_settings(cfg)
     need(cfg.time_dist in ("logit-normal", "uniform"), f"--time-dist must be logit-normal or uniform, got '{cfg.time_dist}'.")
-    need(math.isfinite(cfg.time_scale) and cfg.time_scale > 0, f"--time-scale must be a positive number, got {cfg.time_scale}.")
-    need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
+    need(cfg.time_scale > 0, f"--time-scale must be positive, got {cfg.time_scale}.")
     need(0.0 <= cfg.class_dropout < 1.0, f"--class-dropout must be in [0, 1), got {cfg.class_dropout}.")
     need(cfg.cfg_scale >= 0, f"--cfg-scale cannot be negative, got {cfg.cfg_scale}.")
     need(cfg.cfg_scale == 1.0 or cfg.class_cond, "--cfg-scale other than 1 needs a class-conditional model: add --class-cond.")
     need(cfg.cfg_scale == 1.0 or cfg.class_dropout > 0,
          "--cfg-scale other than 1 needs an unconditional model too: set --class-dropout above 0.")
     need(0.0 <= cfg.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}.")
+    need(0.0 <= cfg.beta2 < 1.0, f"--beta2 must be in [0, 1), got {cfg.beta2}.")
     need(cfg.sampler in ("euler", "heun"), f"--sampler must be euler or heun, got '{cfg.sampler}'.")
-    need(cfg.sample_steps >= 1, "--sample-steps must be at least 1.")
+    need(cfg.sample_steps >= 1, f"--sample-steps must be at least 1, got {cfg.sample_steps}.")
     need(cfg.fd_samples >= 2 and cfg.ref_epochs >= 1, "--fd-samples must be at least 2 and --ref-epochs at least 1.")
     need(cfg.epochs >= 1 and cfg.batch_size >= 1, "--epochs and --batch-size must be at least 1.")
     need(cfg.max_steps >= 0 and cfg.train_limit >= 0, "--max-steps and --train-limit cannot be negative.")
     need(cfg.base_lr > 0 and cfg.probe_lr > 0, "--base-lr and --probe-lr must be positive.")
+    need(cfg.min_lr >= 0 and cfg.weight_decay >= 0, "--min-lr and --weight-decay cannot be negative.")
     need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs={cfg.epochs}].")
     need(all(0.0 <= t < 1.0 for t in noise_levels(cfg)), f"every --feature-t must be in [0, 1), got '{cfg.feature_t}'.")
     need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
+    need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
+    need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
-    need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0,
-         "--log-every and --ckpt-every must be at least 1, --eval-every at least 0.")
+    need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0 and cfg.ckpt_minutes > 0,
+         "--log-every and --ckpt-every must be at least 1, --eval-every at least 0, --ckpt-minutes positive.")
     alphas = alpha_settings(cfg)
     need(all(0.0 < a <= 1.0 for a in alphas), f"every alpha_min must be in (0, 1], got {alphas}.")
     parse_seeds(cfg.seeds)
+    if not cfg.benchmark:  # a run must never fail at its end for a reason known at its start
+        check_writable(cfg.out_dir, "--out-dir", directory=True)
+        if cfg.json:
+            check_writable(cfg.json, "--json", directory=False)
+        if cfg.dataset not in ("shapes",) and not cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.data_dir):
+            check_writable(cfg.data_dir, "--data-dir", directory=True)  # an existing folder may be read-only
+
+
+def check_writable(path, flag, directory):
+    """Refuses a path that cannot be written, without creating anything: an existing path must be
+    a directory (or a regular file when directory=False) we may write to; otherwise its nearest
+    existing ancestor must be a directory we may write into."""
+    if not path:
+        raise UserError(f"{flag} is empty: give a path.")
+    if os.path.exists(path):
+        if directory != os.path.isdir(path):
+            raise UserError(f"{flag} {path} exists and is {'not ' if directory else ''}a directory; choose another path.")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path} is not writable; choose another path.")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path} lies under {parent}, which is a file, not a directory; choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} cannot be created: {parent} is not writable; choose another path.")
 
 
 def parse_seeds(text):
@@ -1786,6 +1872,24 @@ def write_json(path, obj):
 # Read only if you run on several GPUs.
 # ---------------------------------------------------------------------------------------------
 
+def catch_ctrl_c():
+    """The first Ctrl-C (SIGINT) only raises a flag, which the training loop checks after every step:
+    the run then stops between two steps with a checkpoint. A second Ctrl-C interrupts at once."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+    return flag
+
+
+def release_ctrl_c():
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1922,21 +2026,30 @@ def main(argv=None):
     ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
     ## CIFAR-size data, and each process still works only on its own slice of each batch).
     data = to_device(parts, device, cfg.train_limit)
+    ## The checks that need the data, still before anything is written.
     if cfg.knn_k > len(data["train_x"]):
         raise UserError(f"--knn-k {cfg.knn_k} asks for more neighbours than the {len(data['train_x'])} training images; lower it.")
+    if cfg.batch_size > len(data["train_x"]):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data['train_x'])} training images; lower it.")
+    run_dirs = {(skips, alpha_min, seed): os.path.join(cfg.out_dir, f"skips{'on' if skips else 'off'}_alpha{alpha_min:.4g}_seed{seed}")
+                for skips, alpha_min in settings for seed in seeds}
+    found = [d for d in run_dirs.values() if os.path.exists(os.path.join(d, "ckpt.pt"))]
+    if found and not cfg.resume:
+        raise UserError(f"{found[0]}/ckpt.pt already exists: pass --resume to continue it, or choose another --out-dir.")
     if rank == 0:  # only the first process prints and writes files
         print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
               f"{tuple(data['train_x'].shape[1:])} (model sees {cfg.img_size}px), {len(data['classes'])} classes; device {device}"
               f"{f' x {world_size} processes' if world_size > 1 else ''}; "
               f"settings: {'; '.join(setting_name(*s) for s in settings)}; seeds {seeds}")
+        if cfg.resume and len(found) < len(run_dirs):
+            print(f"--resume: no checkpoint yet for {len(run_dirs) - len(found)} of the {len(run_dirs)} runs; "
+                  f"{'those start' if found else 'everything starts'} from scratch")
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     reference = reference_network(cfg, data, device)
     results = []
-    for skips, alpha_min in settings:
-        for seed in seeds:
-            run_dir = os.path.join(cfg.out_dir, f"skips{'on' if skips else 'off'}_alpha{alpha_min:.4g}_seed{seed}")
-            results.append(train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device))
+    for (skips, alpha_min, seed), run_dir in run_dirs.items():
+        results.append(train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device))
     if rank == 0:
         sanity = reference["sanity"]
         print(f"\n{cfg.dataset}, {cfg.img_size}px; generation: FD-smallcnn of {cfg.fd_samples} EMA samples ({cfg.sampler}, "
@@ -1960,9 +2073,22 @@ def main(argv=None):
     return results
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with the two ways a run ends early: a UserError is one `error:` line and exit code 2;
+    Ctrl-C is one line and exit code 130 (after a checkpoint when it came during training)."""
     try:
-        main()
+        main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(str(e) if isinstance(e, Interrupted) else "interrupted (not during a training step: nothing new was saved); "
+              "rerun the same command with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        release_ctrl_c()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -5,6 +5,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -327,8 +328,17 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
 
 # --------------------------------------------------------------------------- command line
 
-@pytest.mark.parametrize("flags,message", [
-    (["--img-size", "30"], "multiple of --patch-size"),
+def tree(root):
+    """Every path under root with its size and modification time: what "nothing was created or changed" compares."""
+    return {os.path.relpath(os.path.join(d, n), root): (os.stat(os.path.join(d, n)).st_size, os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+## One row per bad input: the flags, and a piece of the one sentence that must name the problem.
+## The first block is refused by the validation pass, the last rows once the data size is known; all
+## of them before anything is written.
+BAD_FLAGS = [
+    (["--img-size", "9"], "multiple of --patch-size"),
     (["--depth", "5"], "must be even"),
     (["--skips", "yes"], "--skips must be a comma list"),
     (["--alpha-min", "1.0,abc"], "comma-separated list"),
@@ -343,17 +353,115 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     (["--seeds", "0.5"], "--seeds"),
     (["--probe", "mine"], "--probe"),
     (["--time-scale", "0"], "--time-scale"),
-])
-def test_bad_flags_give_one_clear_sentence(flags, message):
-    with pytest.raises(d.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        d.parse_config(flags)
+    (["--embed-dim", "0"], "--embed-dim must be a positive multiple of 4"),
+    (["--embed-dim", "-12"], "--embed-dim must be a positive multiple of 4"),
+    (["--num-heads", "0"], "--num-heads must be at least 1"),
+    (["--num-heads", "3"], "divisible by --num-heads"),
+    (["--mlp-ratio", "-1"], "--mlp-ratio must be positive"),
+    (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+    (["--probe-epochs", "0"], "--probe-epochs must be at least 1"),
+    (["--probe-epochs", "-1"], "--probe-epochs must be at least 1"),
+    (["--weight-decay", "-1"], "cannot be negative"),
+    (["--min-lr", "-1"], "cannot be negative"),
+    (["--base-lr", "nan"], "--base-lr must be a finite number"),
+    (["--class-dropout", "1"], "--class-dropout"),
+    (["--warmup-epochs", "20"], "--warmup-epochs"),
+    (["--knn-k", "0"], "--knn-k must be at least 1"),
+    (["--fd-samples", "1"], "--fd-samples"),
+    (["--sample-steps", "0"], "--sample-steps"),
+    (["--ckpt-minutes", "0"], "--ckpt-minutes positive"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--dataset", "imagenet"], "unknown --dataset"),
+    (["--dataset", "folder:no/such/dir"], "is not a directory"),
+    (["--epochs", "abc"], "invalid int value"),
+    (["--bogus"], "unrecognized arguments"),
+    (["--out-dir", ""], "--out-dir is empty"),
+    (["--out-dir", "a_file/out"], "which is a file, not a directory"),
+    (["--out-dir", "a_file"], "exists and is not a directory"),
+    (["--json", "a_file/r.json"], "which is a file, not a directory"),
+    (["--json", "a_dir"], "exists and is a directory"),
+    (["--dataset", "cifar10", "--data-dir", "a_file/data"], "which is a file, not a directory"),
+    (["--knn-k", "20", "--train-limit", "16", "--batch-size", "8"], "--knn-k 20 asks for more neighbours than the 16"),
+    (["--batch-size", "64", "--train-limit", "32"], "--batch-size 64 is larger than the 32 training images"),
+    (["--out-dir", "has_ckpt", "--skips", "on", "--alpha-min", "1"], "already exists: pass --resume"),
+]
 
 
-def test_command_line_errors_have_no_traceback(tmp_path):
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "has_ckpt" / "skipson_alpha1_seed0").mkdir(parents=True)
+    (tmp_path / "has_ckpt" / "skipson_alpha1_seed0" / "ckpt.pt").write_bytes(b"old")
+    before = tree(tmp_path)
+    short = ["--epochs", "1", "--max-steps", "1", "--train-limit", "64"]  # should a case be accepted, it fails fast
+    assert d.cli(TINY + ["--out-dir", "out"] + short + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert tree(tmp_path) == before  # nothing created (no out/, no config.json), nothing changed
+
+
+def test_help_shows_the_real_defaults_by_section(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        d.parse_config(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "(default: None)" not in text and "(default: 'shapes')" in text and "(default: 0.1)" in text
+    assert "flow training:" in text and "representation:" in text and "dataset=cifar10" in text
+
+
+def test_the_real_command_line(tmp_path):  # the in-process cases above, once through the real interpreter
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "diffusion_decay.py"), "--depth", "5"],
                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: ") and "even" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: --depth must be even")
+    assert proc.stderr.count("\n") == 1 and os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_reproduces_the_run_bit_for_bit(tmp_path, monkeypatch, capsys):
+    flags = TINY + ["--skips", "on", "--alpha-min", "0.5", "--epochs", "2", "--log-every", "3", "--class-cond", "--train-limit", "128"]
+    full = d.main(flags + ["--out-dir", str(tmp_path / "full")])[0]
+    real_flow_loss, calls = d.flow_loss, []
+
+    def flow_loss_with_ctrl_c(*args, **kwargs):  # a real SIGINT during the 6th step (mid-epoch, between two flushes)
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_flow_loss(*args, **kwargs)
+
+    monkeypatch.setattr(d, "flow_loss", flow_loss_with_ctrl_c)
+    capsys.readouterr()
+    out = str(tmp_path / "part")
+    assert d.cli(flags + ["--out-dir", out, "--resume"]) == 130
+    captured = capsys.readouterr()
+    assert "--resume: no checkpoint yet for 1 of the 1 runs; everything starts from scratch" in captured.out
+    assert captured.err.endswith(f"\ninterrupted at step 6/8; checkpoint {out}/skipson_alpha0.5_seed0/ckpt.pt saved: "
+                                 f"rerun the same command with --resume to continue\n")  # after the progress bars
+    assert "Traceback" not in captured.err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works normally again
+    saved = torch.load(os.path.join(out, "skipson_alpha0.5_seed0", "ckpt.pt"), weights_only=True)
+    assert saved["state"]["step"] == 6 and saved["state"]["losses"] == full["losses"][:6]  # pending losses were flushed
+    monkeypatch.setattr(d, "flow_loss", real_flow_loss)
+    resumed = d.main(flags + ["--out-dir", out, "--resume"])[0]
+    assert resumed["losses"] == full["losses"]  # bit for bit
+    assert (resumed["fd"], resumed["knn"], resumed["linear_probe"]) == (full["fd"], full["knn"], full["linear_probe"])
+
+
+def test_checkpoints_by_time_as_well_as_by_epoch(tmp_path, monkeypatch):
+    saved_at, real_save = [], d.save_checkpoint
+
+    def save_checkpoint(path, model, ema, optimizer, state, *rest):
+        saved_at.append(state["step"])
+        real_save(path, model, ema, optimizer, state, *rest)
+
+    monkeypatch.setattr(d, "save_checkpoint", save_checkpoint)
+    flags = ["--skips", "on", "--alpha-min", "1", "--epochs", "1", "--log-every", "2", "--train-limit", "128", "--ckpt-every", "5"]
+    d.main(TINY + flags + ["--out-dir", str(tmp_path / "a")])
+    assert saved_at == [4]  # 4 steps: only the end-of-run checkpoint
+    saved_at.clear()
+    d.main(TINY + flags + ["--out-dir", str(tmp_path / "b"), "--ckpt-minutes", "1e-9"])
+    assert saved_at == [2, 4]  # at every flush (every --log-every steps) once the minutes have passed
 
 
 def test_main_writes_table_json_features_samples_and_plots(tmp_path, capsys):
@@ -391,12 +499,6 @@ def test_main_writes_table_json_features_samples_and_plots(tmp_path, capsys):
             assert (out / folder / name).exists(), (folder, name)
     arrays, metadata = probe.read_features_file(str(out / "skipson_alpha1_seed0" / "features.npz"))  # probe.py reads it
     assert arrays["train_features"].shape[0] == 128
-
-
-def test_knn_k_larger_than_the_training_set_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(d.UserError, match="--knn-k 20 asks for more neighbours than the 16 training images"):
-        d.main(TINY + ["--train-limit", "16", "--batch-size", "8", "--out-dir", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()
 
 
 def test_benchmark_reports_throughput(capsys):
