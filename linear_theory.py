@@ -45,6 +45,7 @@ stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
 import argparse
 import dataclasses
+import functools
 import gzip
 import hashlib
 import inspect
@@ -899,6 +900,7 @@ OUTPUTS = {"verify": [], "align": ["alignment.png", "alignment.json"],  # what e
            "subspace": ["subspace_{}.png", "subspace.json"], "order": ["order_{}.png", "order.json"]}
 
 
+@functools.cache  # inspect.getsource parses the whole file: once is enough
 def knob_help():
     """The comment after each Config field and the `# --- section ---` line above it, so `--help`
     and the code share one description. Returns {field: help}, {field: section}."""
