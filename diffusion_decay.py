@@ -59,7 +59,8 @@ What is measured, and how:
   (training images) and noise-vs-real values are printed next to it as floor and ceiling.
 * Representation: tokens at the end of the ENCODER HALF (the U-ViT bottleneck) of the EMA model,
   mean-pooled, null class, for the image noised along the path to each --feature-t (default 0.1,
-  0.25, 0.5: levels that uniform training visits; a clean t = 0 input is one it almost never sees).
+  0.25, 0.5: inside the range training visits; a clean t = 0 input lies at its edge, and
+  logit-normal training almost never sees it).
   The headline is the FIRST level, fixed in advance (never picked on test labels); every level is
   printed in a second table. k-NN (DINO protocol), linear probe (final epoch; ours or, with
   --probe authors, the authors'), effective rank uncentred (RankMe) and centred.
@@ -692,7 +693,7 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
         e = state["evals"][-1]
         if rank == 0:
             tqdm.write(f"{name} seed={seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{cfg.knn_k} {e['knn']:.4f} "
-                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f}")
+                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
 
     if cfg.eval_every and state["step"] == 0 and not state["evals"]:
         evaluate_curve(0)

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast as two and does not fight other work
 
@@ -171,6 +172,210 @@ def test_flop_count_matches_a_direct_count():
     per_image = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and ("adaLN" in n or "t_embedder" in n))
     attention = 4 * T ** 2 * 32 * 4
     assert d.dit_flops_per_image(cfg, True) == pytest.approx(3 * (2 * T * per_token + 2 * per_image + attention), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- the method, on NON-zero branches
+
+def randomise_all(model, seed=1, scale=0.1):
+    """Random weights everywhere, the zero-initialised adaLN and final Linears included: every branch
+    f_k is then non-zero, and a wrong residual rule can no longer hide behind f_k = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def authors_alphas(depth, alpha_min):
+    """The authors' SiT/models.py: np.linspace(1, min_sigma, 2 * depth).reshape(depth, -1)."""
+    return np.linspace(1, alpha_min, 2 * depth).reshape(depth, 2)
+
+
+def reference_attention(x, qkv, proj, heads):
+    """Multi-head self-attention written out: softmax(q k^T / sqrt(d)) v per head."""
+    B, T, D = x.shape
+    q, k, v = F.linear(x, qkv.weight, qkv.bias).view(B, T, 3, heads, D // heads).unbind(2)  # 3 x (B, T, H, d)
+    weights = torch.softmax(torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D // heads), dim=-1)
+    return F.linear(torch.einsum("bhts,bshd->bthd", weights, v).reshape(B, T, D), proj.weight, proj.bias)
+
+
+def reference_block(block, x, c, alpha_attn, alpha_mlp, skip=None, rule="paper"):
+    """The paper's rule inside an adaLN-Zero block, stated independently of DiTBlock.forward:
+        h   = a_attn * x + gate_msa * attn(norm1(x) * (1 + scale_msa) + shift_msa)
+        out = a_mlp  * h + gate_mlp * mlp(norm2(h) * (1 + scale_mlp) + shift_mlp)
+    rule="scaled-sum" is the WRONG rule a * (x + f(x)), used to show the comparison has the power to see it."""
+    D = x.shape[-1]
+    if skip is not None:
+        x = x + F.linear(skip, block.skip_proj.weight, block.skip_proj.bias)
+    ada = block.adaLN_modulation[1]
+    shift1, scale1, gate1, shift2, scale2, gate2 = [m[:, None] for m in F.linear(F.silu(c), ada.weight, ada.bias).split(D, 1)]
+    norm = lambda z: F.layer_norm(z, (D,), eps=1e-6)  # noqa: E731  (no affine: adaLN supplies it)
+    attn = gate1 * reference_attention(norm(x) * (1 + scale1) + shift1, block.attn.qkv, block.attn.proj, block.attn.heads)
+    h = alpha_attn * x + attn if rule == "paper" else alpha_attn * (x + attn)
+    mlp_in = norm(h) * (1 + scale2) + shift2
+    mlp = gate2 * F.linear(F.gelu(F.linear(mlp_in, block.mlp.fc1.weight, block.mlp.fc1.bias)), block.mlp.fc2.weight, block.mlp.fc2.bias)
+    return alpha_mlp * h + mlp if rule == "paper" else alpha_mlp * (h + mlp)
+
+
+def reference_dit(model, x, t, y, alpha_min, rule="paper"):
+    """The whole network written out: patch tokens + fixed position table, c = time MLP(sinusoid of
+    1000 t) + class embedding (null class when y is None), blocks with the authors' alphas, U-ViT skips
+    (decoder-half block j gets encoder-half block half-1-j), final adaLN + Linear, patches back to pixels.
+    Returns (velocity (B, C, H, W), the encoder-half outputs)."""
+    depth, p, C = len(model.blocks), model.patch_size, model.in_chans
+    alphas, half = authors_alphas(depth, alpha_min), depth // 2
+    tokens = F.conv2d(x, model.patch_embed.weight, model.patch_embed.bias, stride=p).flatten(2).transpose(1, 2)
+    tokens = tokens + model.pos_embed
+    freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    angles = 1000 * t[:, None] * freqs[None]
+    mlp = model.t_embedder.mlp
+    c = F.linear(F.silu(F.linear(torch.cat([angles.cos(), angles.sin()], 1), mlp[0].weight, mlp[0].bias)), mlp[2].weight, mlp[2].bias)
+    if model.y_embedder is not None:
+        c = c + model.y_embedder.weight[torch.full_like(t, model.num_classes, dtype=torch.long) if y is None else y]
+    encoder_outputs = []
+    for i, block in enumerate(model.blocks):
+        skip = encoder_outputs[2 * half - 1 - i] if i >= half and model.skips else None
+        tokens = reference_block(block, tokens, c, alphas[i, 0], alphas[i, 1], skip, rule)
+        if i < half:
+            encoder_outputs.append(tokens)
+    final = model.final_layer
+    shift, scale = F.linear(F.silu(c), final.adaLN_modulation[1].weight, final.adaLN_modulation[1].bias).chunk(2, 1)
+    out = F.linear(F.layer_norm(tokens, tokens.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None],
+                   final.linear.weight, final.linear.bias)  # (B, L, p*p*C), (p, p, C) inside a patch
+    g = math.isqrt(out.shape[1])
+    velocity = out.view(len(x), g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(len(x), C, g * p, g * p)
+    return velocity, encoder_outputs
+
+
+## Float32 throughout: the two computations differ only in rounding (SDPA against an explicit softmax,
+## fused against unfused LayerNorm), ~6e-8 relative per operation, accumulated over sums of 32-128
+## terms through up to 6 blocks whose activations stay below 5 with these random weights: ~1e-6
+## absolute (measured: 9e-7). ATOL 1e-4 (RTOL 1e-5) leaves two orders of margin; the wrong rule
+## (checked below) moves the output by about 1, more than 1000 * ATOL.
+RTOL, ATOL = 1e-5, 1e-4
+
+
+@pytest.mark.parametrize("skips,num_classes", [(True, 10), (False, 0)])
+def test_every_block_and_the_whole_network_follow_the_papers_equation_with_nonzero_branches(skips, num_classes):
+    alpha_min, depth = 0.3, 6
+    model = randomise_all(tiny_model(alpha_min=alpha_min, skips=skips, num_classes=num_classes, depth=depth)).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 3, 8, 8, generator=gen), torch.rand(3, generator=gen)
+    y = torch.tensor([0, 4, 10]) if num_classes else None
+    alphas = authors_alphas(depth, alpha_min)
+    with torch.no_grad():
+        tokens, skip = torch.randn(3, 16, 32, generator=gen), torch.randn(3, 16, 32, generator=gen)
+        c = model.condition(t, y)
+        for i, block in enumerate(model.blocks):  # each block alone, against the equation with the authors' alphas
+            s = skip if block.skip_proj is not None else None
+            ours = block(tokens, c, s)
+            assert (ours - reference_block(block, tokens, c, 1.0, 1.0, s)).abs().max() > 1e-2 or i == 0  # the alphas matter
+            torch.testing.assert_close(ours, reference_block(block, tokens, c, alphas[i, 0], alphas[i, 1], s), rtol=RTOL, atol=ATOL)
+            wrong = reference_block(block, tokens, c, alphas[i, 0], alphas[i, 1], s, rule="scaled-sum")
+            assert (ours - wrong).abs().max() > 100 * ATOL  # a * (x + f(x)) would be seen (block 0: 1 - a_mlp = 0.06)
+        velocity, encoder_outputs = reference_dit(model, x, t, y, alpha_min)
+        torch.testing.assert_close(model(x, t, y), velocity, rtol=RTOL, atol=ATOL)
+        assert (model(x, t, y) - reference_dit(model, x, t, y, alpha_min, rule="scaled-sum")[0]).abs().max() > 1000 * ATOL
+        # the probed features: the LAST encoder-half block (block depth/2 - 1), null class, before any final norm
+        torch.testing.assert_close(model.features(x, t), encoder_outputs[-1] if y is None else
+                                   reference_dit(model, x, t, None, alpha_min)[1][-1], rtol=RTOL, atol=ATOL)
+
+
+def test_extracted_features_are_the_mean_over_tokens_of_the_noised_encoder_half_output():
+    cfg = tiny_cfg("--class-cond", "--depth", "6")
+    model = randomise_all(d.build_model(cfg, 0.3, True, 3, 10))
+    images = d.make_shapes(40, 8, seed=3)[0]
+    images = torch.from_numpy(images)
+    level = 0.25
+    features = d.extract_features(model, images, cfg, level, CPU)
+    # an independent statement: pixels to [-1, 1], noised along the path with the seeded noise of
+    # extraction (one batch of 40 < 512), tokens of block depth/2 - 1, null class, mean over all L tokens
+    x0 = images.float() / 127.5 - 1
+    noise = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.full((40,), level)
+    with torch.no_grad():
+        tokens = reference_dit(model, (1 - level) * x0 + level * noise, t, None, 0.3)[1][-1]  # (40, L, D)
+    torch.testing.assert_close(features, tokens.mean(1), rtol=RTOL, atol=ATOL)
+    assert model.training  # extraction switches to eval mode and back
+
+
+def test_the_training_loop_draws_labels_times_and_keeps_the_ema_as_stated(tmp_path, monkeypatch):
+    """One run of 32 steps, watched from outside: the labels and times the loss sees, and the raw
+    weights after every optimizer step, from which the EMA is recomputed independently."""
+    cfg = tiny_cfg("--class-cond", "--class-dropout", "0.1", "--epochs", "4", "--ema-decay", "0.5",
+                   "--out-dir", str(tmp_path), "--skips", "on")
+    data = tiny_data()  # 256 training images, batch 32: 8 steps per epoch, 1024 labels and times in all
+    seen, snapshots, initial = [], [], []
+    real_flow_loss, real_make_optimizer = d.flow_loss, d.make_optimizer
+
+    def flow_loss(model, x0, noise, t, y=None):
+        seen.append((t.clone(), y.clone()))
+        return real_flow_loss(model, x0, noise, t, y)
+
+    def make_optimizer(model, cfg, device):
+        optimizer = real_make_optimizer(model, cfg, device)
+        initial.extend(p.detach().clone() for p in model.parameters())
+        step = optimizer.step
+
+        def step_and_record(*args, **kwargs):
+            out = step(*args, **kwargs)
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+            return out
+        optimizer.step = step_and_record
+        return optimizer
+
+    monkeypatch.setattr(d, "flow_loss", flow_loss)
+    monkeypatch.setattr(d, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(d, "finish_run", lambda model, state, *rest: model)  # the model evaluation would get
+    evaluated = d.train_run(cfg, data, None, True, 0.5, 0, str(tmp_path / "run"), CPU)
+    times, labels = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
+    assert len(labels) == 1024 and len(snapshots) == 32
+    # labels: the null class (index 10) with probability --class-dropout, else the true label. Binomial:
+    # mean 102.4, standard error sqrt(1024 * 0.1 * 0.9) = 9.6; 4 standard errors = 38.4 (an inverted drop gives ~922)
+    assert abs((labels == 10).sum().item() - 102.4) < 4 * 9.6
+    assert labels.max() <= 10 and len(set(labels[labels < 10].tolist())) == 10
+    # times: uniform on [0, 1] (SiT). Kolmogorov-Smirnov against the CDF t: for n = 1024 the 0.1 % critical
+    # value is 1.95 / sqrt(n) = 0.061; the logit-normal CDF lies 0.117 away at t = 0.2, so it would be seen
+    assert ks_statistic(times, lambda v: v) < 1.95 / math.sqrt(1024)
+    # the evaluated weights are the EMA: e <- decay_s * e + (1 - decay_s) * w_s after every step s, with
+    # decay_s = min(--ema-decay, (1 + s) / (10 + s)), starting from the initial weights
+    ema = [p.clone() for p in initial]
+    for s, weights in enumerate(snapshots):
+        decay = min(0.5, (1 + s) / (10 + s))
+        ema = [decay * e + (1 - decay) * w for e, w in zip(ema, weights)]
+    ## float32: 32 updates, each a convex combination rounded at ~6e-8 relative; weights O(1): 1e-6 suffices
+    for got, want in zip(evaluated.parameters(), ema):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # Adam moves each weight by at most ~lr (here up to 5e-4) per step: after 32 steps the EMA has moved
+    # ~1e-2 (measured 8e-3); an EMA never updated moves exactly 0. (The raw weights, evaluated by mistake,
+    # would fail the comparison above: they lie 1.2e-5 from the EMA, 10 times its tolerance.)
+    moved = max((got - start).abs().max().item() for got, start in zip(evaluated.parameters(), initial))
+    assert moved > 1e-3
+
+
+def ks_statistic(samples, cdf):
+    """sup_t |F_n(t) - F(t)| of a sample against a CDF (evaluated at the jumps, both sides)."""
+    v = torch.sort(samples.double()).values
+    n = len(v)
+    f = torch.tensor([cdf(float(s)) for s in v], dtype=torch.float64)
+    return max((torch.arange(1, n + 1) / n - f).max().item(), (f - torch.arange(n) / n).max().item())
+
+
+@pytest.mark.parametrize("time_dist", ["uniform", "logit-normal"])
+def test_training_times_follow_their_density(time_dist):
+    n = 20_000
+    samples = d.sample_time(n, torch.Generator().manual_seed(0), time_dist)
+    # the CDF stated independently: t, or P(sigmoid(Z) <= t) = Phi(log(t / (1 - t))) for Z ~ N(0, 1)
+    cdf = (lambda v: v) if time_dist == "uniform" else \
+        (lambda v: float(torch.special.ndtr(torch.tensor(math.log(v / (1 - v)), dtype=torch.float64))))
+    for v in (0.05, 0.3, 0.5, 0.8):
+        assert d.time_cdf(v, time_dist) == pytest.approx(cdf(v), abs=1e-12)
+    # Kolmogorov-Smirnov: under the null, P(sqrt(n) D > 1.95) = 0.001; the other distribution is 0.117
+    # away at t = 0.2, which at n = 20000 is 8.5 times the threshold of 0.0138
+    threshold = 1.95 / math.sqrt(n)
+    assert ks_statistic(samples, cdf) < threshold
+    other = "logit-normal" if time_dist == "uniform" else "uniform"
+    assert ks_statistic(samples, lambda v: d.time_cdf(v, other)) > 5 * threshold
 
 
 # --------------------------------------------------------------------------- flow and sampler, Gaussian data
