@@ -626,7 +626,18 @@ def test_the_real_command_line(tmp_path):  # the in-process cases above, once th
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_reproduces_the_run_bit_for_bit(tmp_path, monkeypatch, capsys):
     flags = TINY + ["--skips", "on", "--alpha-min", "0.5", "--epochs", "2", "--log-every", "3", "--class-cond", "--train-limit", "128"]
-    full = d.main(flags + ["--out-dir", str(tmp_path / "full")])[0]
+    saved_at, real_save = [], d.save_checkpoint
+
+    def save_checkpoint(path, model, ema, optimizer, state, *rest):
+        saved_at.append(state["step"])
+        real_save(path, model, ema, optimizer, state, *rest)
+
+    monkeypatch.setattr(d, "save_checkpoint", save_checkpoint)
+    # 2 epochs of 4 steps, losses flushed every 3 steps and at the end of each epoch (steps 3, 4, 7, 8).
+    # With --ckpt-minutes 1e-9 the time has always passed, so every flush checkpoints (checkpoints do
+    # not touch the trajectory, so this run is also the uninterrupted reference)
+    full = d.main(flags + ["--out-dir", str(tmp_path / "full"), "--ckpt-minutes", "1e-9"])[0]
+    assert saved_at == [3, 4, 7, 8]
     real_flow_loss, calls = d.flow_loss, []
 
     def flow_loss_with_ctrl_c(*args, **kwargs):  # a real SIGINT during the 6th step (mid-epoch, between two flushes)
@@ -637,9 +648,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reproduces_the_run_bit_for_bit(tmp
 
     monkeypatch.setattr(d, "flow_loss", flow_loss_with_ctrl_c)
     capsys.readouterr()
+    saved_at.clear()
     out = str(tmp_path / "part")
     assert d.cli(flags + ["--out-dir", out, "--resume"]) == 130
     captured = capsys.readouterr()
+    assert saved_at == [6]  # 10 minutes have not passed and --ckpt-every 4 > 2 epochs: only Ctrl-C's checkpoint
     assert "--resume: no checkpoint yet for 1 of the 1 runs; everything starts from scratch" in captured.out
     assert captured.err.endswith(f"\ninterrupted at step 6/8; checkpoint {out}/skipson_alpha0.5_seed0/ckpt.pt saved: "
                                  f"rerun the same command with --resume to continue\n")  # after the progress bars
@@ -651,22 +664,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reproduces_the_run_bit_for_bit(tmp
     resumed = d.main(flags + ["--out-dir", out, "--resume"])[0]
     assert resumed["losses"] == full["losses"]  # bit for bit
     assert (resumed["fd"], resumed["knn"], resumed["linear_probe"]) == (full["fd"], full["knn"], full["linear_probe"])
-
-
-def test_checkpoints_by_time_as_well_as_by_epoch(tmp_path, monkeypatch):
-    saved_at, real_save = [], d.save_checkpoint
-
-    def save_checkpoint(path, model, ema, optimizer, state, *rest):
-        saved_at.append(state["step"])
-        real_save(path, model, ema, optimizer, state, *rest)
-
-    monkeypatch.setattr(d, "save_checkpoint", save_checkpoint)
-    flags = ["--skips", "on", "--alpha-min", "1", "--epochs", "1", "--log-every", "2", "--train-limit", "128", "--ckpt-every", "5"]
-    d.main(TINY + flags + ["--out-dir", str(tmp_path / "a")])
-    assert saved_at == [4]  # 4 steps: only the end-of-run checkpoint
-    saved_at.clear()
-    d.main(TINY + flags + ["--out-dir", str(tmp_path / "b"), "--ckpt-minutes", "1e-9"])
-    assert saved_at == [2, 4]  # at every flush (every --log-every steps) once the minutes have passed
 
 
 def test_main_writes_table_json_features_samples_and_plots(tmp_path, capsys):
