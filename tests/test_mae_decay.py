@@ -412,24 +412,24 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
 def test_image_folder_resized_once_and_cached(tmp_path):
     import matplotlib.image
     rng = np.random.default_rng(0)
+    root, cache_dir = tmp_path / "images", tmp_path / "data"
     for split, n in (("train", 3), ("val", 2)):
         for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
+            (root / split / cls).mkdir(parents=True)
             for i in range(n):
-                matplotlib.image.imsave(tmp_path / split / cls / f"{i}.png", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
-    parts = m.load_dataset(f"folder:{tmp_path}", "unused", size=16)
+                matplotlib.image.imsave(root / split / cls / f"{i}.png", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    parts = m.load_dataset(f"folder:{root}", str(cache_dir), size=16)
     assert parts["train"][0].shape == (6, 3, 16, 16) and parts["test"][0].shape == (4, 3, 16, 16)
     assert parts["train"][0].dtype == np.uint8 and parts["train"][0].std() > 30  # real content, not a constant
     assert parts["train"][1].tolist() == [0, 0, 0, 1, 1, 1]
-    assert (tmp_path / "cache_16px.pt").exists()
-    (tmp_path / "train" / "cat" / "0.png").unlink()  # the cache is used from now on
-    again = m.load_dataset(f"folder:{tmp_path}", "unused", size=16)
+    caches = list((cache_dir / "image_folder_cache").glob("*_16px.pt"))
+    assert len(caches) == 1 and not list(root.rglob("*.pt"))  # cached under the data dir, never in the dataset
+    again = m.load_dataset(f"folder:{root}", str(cache_dir), size=16)
     assert np.array_equal(again["train"][0], parts["train"][0])
-    (tmp_path / "cache_16px.pt").write_bytes(b"garbage")
-    with pytest.raises(m.UserError, match="delete it to rebuild"):
-        m.load_dataset(f"folder:{tmp_path}", "unused", size=16)
+    (root / "train" / "cat" / "0.png").unlink()  # the folder changed: the stale cache is not used
+    assert m.load_dataset(f"folder:{root}", str(cache_dir), size=16)["train"][0].shape == (5, 3, 16, 16)
     with pytest.raises(m.UserError, match="train/<class>"):
-        m.load_dataset(f"folder:{tmp_path / 'nothing'}", "unused", size=16)
+        m.load_dataset(f"folder:{tmp_path / 'nothing'}", str(cache_dir), size=16)
 
 
 def test_augment_is_seeded_and_identity_crop_is_exact():
