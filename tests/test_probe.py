@@ -679,15 +679,9 @@ COPIED = ["knn_predict", "linear_probe", "AUTHORS_PROBE", "effective_rank", "DAT
           "download", "_ArraysOnly", "read_cifar_batch", "load_cifar", "read_idx", "load_idx", "IMAGE_EXTENSIONS",
           "load_image_resized", "load_folder", "SHAPE_NAMES", "shape_signed_distance", "make_shapes",
           "load_dataset", "atomic_save"]
-## (lead propagates) probe.py holds the new text of these shared copies (issue 12: the image-folder
-## cache keyed by a fingerprint and kept under --data-dir, errors naming the file, empty class
-## folders refused); they differ from mae_decay.py's until the lead copies them into the other
-## three scripts. Remove this set then: the test must hold for every name.
-PENDING = {"load_image_resized", "load_folder", "load_dataset"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(reason="(lead propagates)", strict=False))
-                                  if name in PENDING else name for name in COPIED])
+@pytest.mark.parametrize("name", COPIED)
 def test_copied_code_is_verbatim(name):
     ours, theirs = getattr(probe, name), getattr(mae_decay, name)
     if callable(ours):
