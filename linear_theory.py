@@ -109,7 +109,7 @@ COMMANDS = ("verify", "align", "subspace", "order")
 # =============================================================================================
 # THE IDEA 1/3: the optimal linear denoising autoencoder, in closed form. Start reading here.
 # =============================================================================================
-## Notation (Balestriero & LeCun 2024, Section 3). X (D, N): N centred images as columns, one row per
+## Notation. X (D, N): N centred images as columns, one row per
 ## pixel coordinate (D = C * H * W). Y (C, N): their one-hot labels. A linear autoencoder with K
 ## features has an encoder E (K, D) and a decoder G (D, K): features E X (K, N), reconstruction G E X.
 ## The DENOISING autoencoder sees a corrupted input Xt ~ q(. | X) and must give back the clean X:
