@@ -75,7 +75,7 @@ from tqdm import tqdm
 class Config:
     # --- data ---
     datasets: str = "shapes"      # comma list: shapes (built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
-    data_dir: str = "data"        # where datasets are looked for, and downloaded to
+    data_dir: str = "data"        # where datasets are looked for and downloaded to (and image folders cached)
     download: bool = True         # download missing official files (checksum verified before use)
     train_limit: int = 0          # use only the first N training images (0 = all)
     img_size: int = 32            # image side for shapes and folder: datasets (64 -> D = 12288 in RGB)
@@ -1053,11 +1053,9 @@ def check_config(cfg, command):
              f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
         if folder is not None and command != "verify":
             need(os.path.isdir(folder), f"--datasets {name}: {folder} is not a directory of train/<class>/ and val/<class>/ images.")
-            need(os.path.exists(os.path.join(folder, f"cache_{cfg.img_size}px.pt")) or os.access(folder, os.W_OK),
-                 f"--datasets {name}: the resized images are cached inside {folder}, which is not writable; copy the folder somewhere writable.")
     if command == "verify":
         return  # verify makes its own toy data and writes no file
-    if any(name in DATASETS[1:] for name in names):
+    if any(name != "shapes" for name in names):  # downloads go there, and folder: datasets' resized copies
         need(cfg.data_dir != "", "--data-dir is empty: give a directory, e.g. --data-dir data.")
         existing = cfg.data_dir
         while existing and not os.path.exists(existing):
@@ -1238,7 +1236,10 @@ def load_image_resized(path, size):
     then the centre crop. Decoding goes through matplotlib (PNG natively, other formats through
     the Pillow it depends on), so the scripts need no image package of their own."""
     import matplotlib.image
-    image = torch.as_tensor(np.array(matplotlib.image.imread(path)))  # (H, W[, C]): uint8, or float in [0, 1] (PNG)
+    try:
+        image = torch.as_tensor(np.array(matplotlib.image.imread(path)))  # (H, W[, C]): uint8, or float in [0, 1] (PNG)
+    except Exception as e:  # not an image, truncated, unsupported format
+        raise UserError(f"{path} could not be read as an image ({type(e).__name__}: {e}); fix or remove it.") from None
     image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
     image = image[:, :, None] if image.ndim == 2 else image
     image = image[:, :, :3].expand(-1, -1, 3).permute(2, 0, 1)[None]  # grey -> RGB, alpha dropped; (1, 3, H, W)
@@ -1250,39 +1251,59 @@ def load_image_resized(path, size):
     return (crop.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def load_folder(root, size):
-    """train/<class>/* and val/<class>/* resized once (shorter side, centre crop) and cached."""
-    cache = os.path.join(root, f"cache_{size}px.pt")
-    if os.path.exists(cache):
-        try:
-            blob = torch.load(cache, weights_only=True)
-            return {s: (blob[f"{s}_x"].numpy(), blob[f"{s}_y"].numpy()) for s in ("train", "test")}
-        except Exception as e:
-            raise UserError(f"the cache {cache} is unreadable ({type(e).__name__}); delete it to rebuild it.") from None
+def load_folder(root, size, cache_dir):
+    """train/<class>/* and val/<class>/* (or test/<class>/*) resized once (shorter side, centre crop)
+    and cached under cache_dir/image_folder_cache/, never inside the dataset (it may be read-only).
+    The cache holds a fingerprint of every image's path, byte size and modification time: adding,
+    removing or editing an image rebuilds it. A cache that cannot be written costs time, not the run."""
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
         raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
-    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
-    parts = {}
+    subfolders = lambda d: {n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)) and not n.startswith(".")}
+    classes = sorted(subfolders(train_dir))
+    files = {}  # split -> [(path, label)]
     for split, folder in (("train", train_dir), ("test", test_dir)):
-        paths, labels = [], []
+        strays = sorted(subfolders(folder) - set(classes))
+        if strays:
+            raise UserError(f"{os.path.join(folder, strays[0])} has no class folder of that name in {train_dir}; "
+                            f"add one there or remove it.")
+        files[split] = []
         for label, cls in enumerate(classes):
             cls_dir = os.path.join(folder, cls)
-            names = sorted(os.listdir(cls_dir)) if os.path.isdir(cls_dir) else []
-            paths += [os.path.join(cls_dir, n) for n in names if n.endswith(IMAGE_EXTENSIONS)]
-            labels += [label] * (len(paths) - len(labels))
-        if not paths:
-            raise UserError(f"{folder} holds no images in class folders named like those of {train_dir}.")
-        print(f"{folder}: resizing {len(paths)} images to {size}px once (cached in {cache})")
+            if not os.path.isdir(cls_dir):
+                continue  # a class may be absent from the test split
+            names = sorted(n for n in os.listdir(cls_dir) if n.endswith(IMAGE_EXTENSIONS))
+            if not names:
+                raise UserError(f"the class folder {cls_dir} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ...); "
+                                f"add some or remove it.")
+            files[split] += [(os.path.join(cls_dir, n), label) for n in names]
+        if not files[split]:
+            raise UserError(f"{folder} holds no class folders of images named like those of {train_dir}.")
+    listing = sorted((os.path.relpath(p, root), os.stat(p)) for pairs in files.values() for p, _ in pairs)
+    fingerprint = hashlib.sha256("\n".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}" for n, st in listing).encode()).hexdigest()
+    where = os.path.realpath(root)
+    cache = os.path.join(cache_dir, "image_folder_cache",
+                         f"{os.path.basename(where)}_{hashlib.sha256(where.encode()).hexdigest()[:12]}_{size}px.pt")
+    if os.path.exists(cache):
         try:
-            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
-                images = list(tqdm(pool.map(lambda p: load_image_resized(p, size), paths), total=len(paths)))
+            blob = torch.load(cache, weights_only=True)
+            if blob["fingerprint"] == fingerprint:
+                return {s: (blob[f"{s}_x"].numpy(), blob[f"{s}_y"].numpy()) for s in ("train", "test")}
+            print(f"{root} changed since it was cached: rebuilding {cache}")
         except Exception as e:
-            raise UserError(f"an image under {folder} could not be read ({type(e).__name__}: {e}); remove or fix it.") from None
-        parts[split] = (np.stack(images), np.asarray(labels, dtype=np.int64))
+            print(f"the cache {cache} is unreadable ({type(e).__name__}): rebuilding it")
+    parts = {}
+    for split, pairs in files.items():
+        print(f"{root}: resizing {len(pairs)} {split} images to {size}px once (cached in {cache})")
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
+            images = list(tqdm(pool.map(lambda pair: load_image_resized(pair[0], size), pairs), total=len(pairs)))
+        parts[split] = (np.stack(images), np.asarray([label for _, label in pairs], dtype=np.int64))
     blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
-    atomic_save(blob, cache)
+    try:
+        atomic_save({**blob, "fingerprint": fingerprint}, cache)
+    except OSError as e:
+        print(f"could not write the cache {cache} ({e.strerror}); continuing without it")
     return parts
 
 
@@ -1366,7 +1387,7 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name in IDX:
         parts = load_idx(name, data_dir, allow_download)
     elif name.startswith("folder:"):
-        parts = load_folder(name[len("folder:"):], size)
+        parts = load_folder(name[len("folder:"):], size, data_dir)
     else:
         raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
@@ -1402,12 +1423,19 @@ def atomic_write(path, write):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):  # e.g. the disk filled up: the paths themselves were checked at the start
-            raise UserError(f"could not write {path} ({e}).") from None
         raise
+
+
+def write_output(path, write):
+    """An output file of a command. Its path was checked at the start, so what can still fail here is
+    the disk (full, gone): one sentence, not a traceback."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}).") from None
 
 
 def atomic_save(obj, path):
@@ -1419,12 +1447,12 @@ def save_json(obj, path):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-    atomic_write(path, write)
+    write_output(path, write)
 
 
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    write_output(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 

@@ -502,7 +502,8 @@ def test_every_command_on_images_with_constant_pixels(tmp_path, capsys):
                 image = np.zeros((8, 8, 3), dtype=np.uint8)
                 image[2:6, 2:6] = gen.integers(0, 156, size=(4, 4, 3)) + 100 * label
                 matplotlib.image.imsave(tmp_path / "images" / split / cls / f"{i}.png", image)
-    common = ["--datasets", f"folder:{tmp_path / 'images'}", "--img-size", "8", "--out-dir", str(tmp_path / "out")]
+    common = ["--datasets", f"folder:{tmp_path / 'images'}", "--img-size", "8", "--out-dir", str(tmp_path / "out"),
+              "--data-dir", str(tmp_path / "data")]  # the resized copy is cached under --data-dir
     assert lt.main(["align", *common]) == 0
     result = json.loads((tmp_path / "out" / "alignment.json").read_text())["results"][f"folder:{tmp_path / 'images'}"]
     assert result["D"] == 192 and result["rank"] == 48
@@ -669,6 +670,11 @@ def test_atomic_write_leaves_nothing_behind_when_interrupted(tmp_path):
     assert os.listdir(tmp_path / "out") == []  # neither the target nor the temporary file
     lt.save_json({"a": 1}, str(target))
     assert target.read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
+    # an output that cannot be written at the end (here: a directory in its place) is one sentence
+    (tmp_path / "out" / "taken.json").mkdir()
+    with pytest.raises(lt.UserError, match="could not write"):
+        lt.save_json({"a": 1}, str(tmp_path / "out" / "taken.json"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["result.json", "taken.json"]  # no temporary file left
 
 
 def test_data_loaders_are_identical_copies_of_mae_decays():
