@@ -1843,11 +1843,17 @@ def center_view(images, out_size, mean, std):
 # ---------------------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file behind."""
+    """torch.save to a temporary file, then rename: a crash or Ctrl-C never leaves half a file
+    behind, nor the temporary file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_checkpoint(path, model, ema, optimizer, state, cfg, setting, seed):

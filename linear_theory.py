@@ -1439,8 +1439,17 @@ def write_output(path, write):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file behind."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temporary file, then rename: a crash or Ctrl-C never leaves half a file
+    behind, nor the temporary file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_json(obj, path):

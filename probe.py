@@ -903,11 +903,17 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file behind."""
+    """torch.save to a temporary file, then rename: a crash or Ctrl-C never leaves half a file
+    behind, nor the temporary file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 # =============================================================================================
 # Plumbing: a features file or a dataset's raw pixels, checked before anything is computed

@@ -683,7 +683,8 @@ def test_data_loaders_are_identical_copies_of_mae_decays():
     import inspect
     import mae_decay
     for name in ("UserError", "md5sum", "download", "_ArraysOnly", "read_cifar_batch", "load_cifar", "read_idx",
-                 "load_idx", "load_image_resized", "load_folder", "shape_signed_distance", "make_shapes", "load_dataset"):
+                 "load_idx", "load_image_resized", "load_folder", "shape_signed_distance", "make_shapes", "load_dataset",
+                 "atomic_save"):
         assert inspect.getsource(getattr(lt, name)) == inspect.getsource(getattr(mae_decay, name)), name
     for name in ("CIFAR", "IDX", "SYSTEM_DIRS", "DATA_HELP", "SHAPE_NAMES", "IMAGE_EXTENSIONS"):
         assert getattr(lt, name) == getattr(mae_decay, name), name

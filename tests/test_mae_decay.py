@@ -726,3 +726,11 @@ def test_vanilla_arm_is_the_standard_mae_in_the_same_table(tmp_path, capsys):
     assert os.path.exists(tmp_path / "out" / "vanilla_seed0" / "features.npz")
     out = capsys.readouterr().out
     assert "vanilla MAE" in out and "alpha_min=0.5 vs alpha_min=1" in out
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    m.atomic_save({"step": 1}, str(path))
+    with pytest.raises(Exception):  # a lambda cannot be pickled: torch.save fails half-way
+        m.atomic_save({"step": 2, "bad": lambda: 0}, str(path))
+    assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
