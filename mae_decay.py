@@ -141,7 +141,7 @@ class Config:
     probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2, batch 256, 200 epochs)
     probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); one default in every script
     probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); one default in every script
-    pixels: bool = True           # add a reference row: the same k-NN / probe / ranks on raw pixels
+    pixels: bool = True           # add a reference row: the same k-NN / probe / ranks on raw pixels (skipped above 8 GiB)
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
     compile: bool = False         # torch.compile the model (falls back to eager if it fails)
@@ -170,7 +170,7 @@ PRESETS = {
     ## ViT-B/16 at 224 with the authors' decoder (512 wide, 8 blocks) and schedule (800 epochs, 40 warm-up).
     "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512,
                  decoder_depth=8, decoder_heads=16, epochs=800, warmup_epochs=40, batch_size=256, base_lr=1.5e-4,
-                 alpha_min="1.0,0.7", eval_every=50, ckpt_every=5, log_every=50),
+                 alpha_min="1.0,0.7", eval_every=50, ckpt_every=5, log_every=50, pixels=False),  # 224px pixels: ~75 GB
 }
 
 
@@ -801,6 +801,9 @@ def describe_probe(cfg):
     if cfg.probe == "authors":
         return "the authors' (raw features, AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch)"
     return f"standardised features, AdamW lr {cfg.probe_lr:g}, batch 1024, {cfg.probe_epochs} epochs, cosine, final epoch"
+
+
+PIXEL_ROW_MAX_GIB = 8  # the raw-pixel row is skipped when the flattened pixels would take more memory
 
 
 def pixel_reference(cfg, data, batch_size=4096):
@@ -1763,7 +1766,11 @@ def main(argv=None):
         for seed in seeds:
             result = train_run(arm_cfg, data, alpha_min, seed, os.path.join(cfg.out_dir, f"{folder}_seed{seed}"), device)
             results.append({"setting": setting, **result})
-    if cfg.pixels:  # reference row: the same evaluation on raw pixels, what any feature must beat
+    pixel_gib = 4 * (len(data["train_x"]) + len(data["test_x"])) * data["train_x"].shape[1] * cfg.img_size ** 2 / 2**30
+    if cfg.pixels and pixel_gib > PIXEL_ROW_MAX_GIB:
+        if rank == 0:
+            print(f"no raw-pixel row: the flattened pixels would take {pixel_gib:.1f} GiB (--no-pixels skips it quietly)")
+    elif cfg.pixels:  # reference row: the same evaluation on raw pixels, what any feature must beat
         results.append({"setting": "raw pixels", **pixel_reference(cfg, data)})
     if rank == 0:
         print(f"\n{cfg.dataset}, {describe_feature(cfg)}{' (vanilla MAE: after its final LayerNorm)' if cfg.vanilla else ''}; "

@@ -734,3 +734,14 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary_one(tmp_path):
     with pytest.raises(Exception):  # a lambda cannot be pickled: torch.save fails half-way
         m.atomic_save({"step": 2, "bad": lambda: 0}, str(path))
     assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_raw_pixel_row_is_skipped_when_it_would_not_fit(tmp_path, capsys, monkeypatch):
+    ## 64 train + 2000 test images of 3 x 16 x 16 float32 = 6.1 MiB: over a 1 MiB limit, so skipped
+    monkeypatch.setattr(m, "PIXEL_ROW_MAX_GIB", 1 / 1024)
+    results = m.main(TINY + ["--train-limit", "64", "--epochs", "1", "--alpha-min", "1.0", "--out-dir", str(tmp_path / "o")])
+    assert [r["setting"] for r in results] == ["alpha_min=1"]
+    assert "no raw-pixel row: the flattened pixels would take 0.0 GiB" in capsys.readouterr().out
+    monkeypatch.setattr(m, "PIXEL_ROW_MAX_GIB", 8)
+    results = m.main(TINY + ["--train-limit", "64", "--epochs", "1", "--alpha-min", "1.0", "--out-dir", str(tmp_path / "p")])
+    assert [r["setting"] for r in results] == ["alpha_min=1", "raw pixels"]
