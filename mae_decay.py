@@ -1073,7 +1073,7 @@ def knob_help():
 
 def parse_config(argv=None):
     """Defaults < preset < command line. Returns a checked Config (UserError on any bad value)."""
-    parser = argparse.ArgumentParser(description="MAE with decayed identity shortcuts (arXiv 2404.10947).")
+    parser = OneSentenceParser(description="MAE with decayed identity shortcuts (arXiv 2404.10947).")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="a set of defaults: " + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the defaults'}"
                                                            for name, values in PRESETS.items()).replace("%", "%%"))
@@ -1093,6 +1093,14 @@ def parse_config(argv=None):
     cfg = Config(**values)
     check_config(cfg)
     return cfg
+
+
+class OneSentenceParser(argparse.ArgumentParser):
+    """argparse, but a flag it cannot parse (unknown, missing value, not a number) is a UserError:
+    one `error:` sentence and exit code 2 like every other bad input, not usage lines."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help).")
 
 
 def parse_floats(text, flag):

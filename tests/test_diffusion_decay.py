@@ -482,7 +482,7 @@ def test_evaluation_copies_agree_with_mae_decay_and_probe():
                  "load_dataset", "atomic_save", "save_features", "write_json", "mean_std", "pick_device", "autocast",
                  "Attention", "MLP", "UserError", "knob_help", "parse_floats", "parse_seeds", "alpha_settings",
                  "fixed_subset", "check_writable", "catch_ctrl_c", "release_ctrl_c", "Interrupted", "cli", "probe_settings",
-                 "describe_probe"):
+                 "describe_probe", "OneSentenceParser"):
         assert inspect.getsource(getattr(d, name)) == inspect.getsource(getattr(mae_decay, name)), name
 
 

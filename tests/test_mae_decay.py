@@ -655,6 +655,7 @@ BAD_FLAGS = [  # (flags, a fragment of the one error sentence)
     (["--json", "afile/r.json"], "is a file"), (["--json", "adir"], "is a directory"),
     (["--dataset", "cifar10", "--data-dir", "afile/data"], "is a file"),
     (["--knn-k", "100000", "--train-limit", "64"], "--knn-k 100000"),
+    (["--epochs", "abc"], "invalid int value: 'abc'"), (["--no-such-flag"], "unrecognized arguments"),
 ]
 
 
