@@ -53,6 +53,7 @@ Two comment layers: `##` lines teach (why a line exists, which equation it imple
 stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gzip
@@ -64,6 +65,7 @@ import numbers
 import os
 import pickle
 import signal
+import socket
 import sys
 import tarfile
 import threading
@@ -87,7 +89,12 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: the run stopped between two steps and saved a checkpoint."""
+    """Ctrl-C or SIGTERM during training: the run stopped between two steps and saved a checkpoint.
+    exit_code is the shell's convention, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message, signal_name="SIGINT"):
+        super().__init__(message)
+        self.exit_code = 128 + int(getattr(signal, signal_name))
 
 
 # =============================================================================================
@@ -472,6 +479,12 @@ TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "crop_min", "patch_size
                    "norm_pix", "epochs", "batch_size", "base_lr", "min_lr", "warmup_epochs", "weight_decay", "beta2")
 
 
+## What an --out-dir's config.json must agree on for another run to write into it: the trajectory and
+## the arms. (Evaluation knobs, devices and logging may change between a run and its --resume.)
+OUT_DIR_KEYS = TRAJECTORY_KEYS + ("alpha_min", "alpha_eff", "seeds", "vanilla")
+SCRIPT = "mae_decay.py"  # written into config.json: which script an out-dir belongs to
+
+
 def autocast(device):
     """bf16 autocast on CUDA (no loss scaling needed); full fp32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -605,7 +618,7 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
                     dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
     last_time, last_step = time.perf_counter(), state["step"]
     last_save = time.perf_counter()
-    ctrl_c = catch_ctrl_c() if world_size == 1 else {"stop": False}  # under torchrun, torchrun handles Ctrl-C
+    ctrl_c = catch_ctrl_c() if world_size == 1 else {"stop": False, "signal": "SIGINT"}  # under torchrun, torchrun handles Ctrl-C
 
     def flush():
         nonlocal pending, last_time, last_step
@@ -673,8 +686,8 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
                 last_time = last_save = time.perf_counter()
             if ctrl_c["stop"]:
                 progress.close()
-                raise Interrupted(f"interrupted at step {state['step']}/{total_steps}; checkpoint {ckpt_path} saved: "
-                                  f"rerun the same command with --resume to continue")
+                raise Interrupted(f"interrupted ({ctrl_c['signal']}) at step {state['step']}/{total_steps}; checkpoint "
+                                  f"{ckpt_path} saved: rerun the same command with --resume to continue", ctrl_c["signal"])
     release_ctrl_c()
     progress.close()
     if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
@@ -1165,8 +1178,8 @@ def check_config(cfg):
         check_writable(cfg.out_dir, "--out-dir", directory=True)
         if cfg.json:
             check_writable(cfg.json, "--json", directory=False)
-        if cfg.dataset not in ("shapes",) and not cfg.dataset.startswith("folder:"):
-            check_writable(cfg.data_dir, "--data-dir", directory=True)
+        if cfg.dataset not in ("shapes",) and not cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.data_dir):
+            check_writable(cfg.data_dir, "--data-dir", directory=True)  # an existing folder may be read-only
 
 
 def check_writable(path, flag, directory):
@@ -1539,38 +1552,123 @@ def to_device(parts, device, train_limit=0):
 # skip on a first read; read only if you change what is saved or how processes cooperate
 # =============================================================================================
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash or Ctrl-C never leaves half a file
-    behind, nor the temporary file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def atomic_write(path, write):
+    """write(f) into a temporary file beside `path`, then rename it over `path`: a crash, Ctrl-C or
+    full disk never leaves half a file, nor the temporary one, and the previous `path` stays whole
+    until the new one is complete. A write the system refuses (no space, no permission) is one sentence."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = e  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise UserError(f"could not write {path} ({cause.strerror or cause}); free some disk space or choose another "
+                            f"path (any previous {os.path.basename(path)} is intact).") from None
         raise
 
 
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def save_features(path, train_features, train_labels, test_features, test_labels, meta):
     """The features file probe.py reads (.npz): train_features (N, D) float32, train_labels (N,)
     int64, test_features (M, D) float32, test_labels (M,) int64, plus metadata: config (JSON text),
     feature (what the vectors are), alpha_min, seed, classes."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-        np.savez(f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
-                 test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
-                 **{k: np.asarray(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(
+        f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
+        test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
+        **{k: np.asarray(v) for k, v in meta.items()}))
+
+
+## An --out-dir belongs to one run of one script. Its config.json names the script that wrote it
+## ("script") and that run's settings; a run into it with another script or other settings that
+## change the results is refused before anything is written, and a lock file keeps two runs from
+## writing into it at once (each would overwrite the other's files and both would "succeed").
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """Holds out_dir/.lock ("host pid", created atomically with O_EXCL) while the block runs. A lock
+    held by a live process is refused; one left by a process that is gone (same host, pid not
+    running) is taken over, saying so. Another host's lock cannot be checked: it is refused."""
+    os.makedirs(out_dir, exist_ok=True)
+    path, me = os.path.join(out_dir, ".lock"), f"{socket.gethostname()} {os.getpid()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    host, pid = f.read().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                host, pid = "?", 0
+            if attempt == 0 and host == socket.gethostname() and not pid_running(pid):
+                print(f"{out_dir}: taking over the lock of process {pid}, which is no longer running")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            raise UserError(f"--out-dir {out_dir} is in use by another run (process {pid} on {host}); wait for it "
+                            f"to finish or choose another --out-dir (delete {path} only if that process is gone).") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                mine = f.read() == me
+            if mine:
+                os.remove(path)
+
+
+def pid_running(pid):
+    if pid <= 0 or os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        return pid > 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def check_out_dir(out_dir, script, settings, keys):
+    """Refuses an --out-dir whose config.json another script wrote, or a run of this script with
+    other values of `keys` (the settings that change what it computes): continuing or overwriting
+    it would mix two runs' files. A config.json without "script" (older versions) is judged by its keys."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        old = old if isinstance(old, dict) else {}
+    except (OSError, ValueError):
+        old = {}
+    owner = old.get("script", script if old and all(k in old for k in keys) else "another program")
+    if owner != script:
+        raise UserError(f"--out-dir {out_dir} holds a run of {owner} (see its config.json); choose another --out-dir.")
+    changed = [k for k in keys if old.get(k) != settings.get(k)]
+    if changed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:3])
+        raise UserError(f"--out-dir {out_dir} holds a run with other settings ({shown}); rerun with its flags or "
+                        f"choose another --out-dir.")
 
 
 def save_checkpoint(path, model, optimizer, state, cfg, alpha_min, seed):
@@ -1579,15 +1677,24 @@ def save_checkpoint(path, model, optimizer, state, cfg, alpha_min, seed):
                  "rng": torch.get_rng_state()}, path)
 
 
-def load_checkpoint(path, model, optimizer, cfg, alpha_min, seed):
+def read_checkpoint(path, cfg, alpha_min, seed):
+    """The checkpoint at path, if it is one of this run's: readable as tensors only, and trained with
+    the same settings (TRAJECTORY_KEYS, alpha_min, seed); otherwise one sentence."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
-    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if changed or ckpt["alpha_min"] != alpha_min or ckpt["seed"] != seed:
+        saved = ckpt["config"], ckpt["alpha_min"], ckpt["seed"]
+    except Exception as e:  # truncated, not a checkpoint, or a pickle that asks for code (refused by weights_only)
+        raise UserError(f"{path} is not a readable checkpoint of this script ({type(e).__name__}); delete it or use "
+                        f"another --out-dir.") from None
+    changed = [k for k in TRAJECTORY_KEYS if saved[0].get(k) != getattr(cfg, k)]
+    if changed or saved[1:] != (alpha_min, seed):
         raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'alpha_min/seed'}); "
                         f"resume with the same flags or use another --out-dir.")
+    return ckpt
+
+
+def load_checkpoint(path, model, optimizer, cfg, alpha_min, seed):
+    ckpt = read_checkpoint(path, cfg, alpha_min, seed)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
@@ -1595,21 +1702,31 @@ def load_checkpoint(path, model, optimizer, cfg, alpha_min, seed):
 
 
 def catch_ctrl_c():
-    """The first Ctrl-C (SIGINT) only raises a flag, which the training loop checks after every step:
-    the run then stops between two steps with a checkpoint. A second Ctrl-C interrupts at once."""
-    flag = {"stop": False}
+    """The first Ctrl-C (SIGINT) or SIGTERM (what `timeout`, `docker stop` and job schedulers send)
+    only raises a flag, which the training loop checks after every step: the run then stops between
+    two steps with a checkpoint. A second one acts at once (KeyboardInterrupt, or termination)."""
+    flag = {"stop": False, "signal": "SIGINT"}
 
     def handler(signum, frame):
-        flag["stop"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        flag["stop"], flag["signal"] = True, signal.Signals(signum).name
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
     return flag
 
 
 def release_ctrl_c():
+    """Outside training, Ctrl-C raises KeyboardInterrupt and SIGTERM raises Interrupted: either ends
+    the run with one line (cli), the out-dir lock released, instead of a silent kill."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, sigterm_outside_training)
+
+
+def sigterm_outside_training(signum, frame):
+    raise Interrupted("terminated (SIGTERM), not during a training step: nothing new was saved; rerun the same "
+                      "command with --resume to continue from the last checkpoint", "SIGTERM")
 
 
 def pick_device(name):
@@ -1743,7 +1860,14 @@ def main(argv=None):
     device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
     if cfg.benchmark:
         return run_benchmark(cfg, device)
+    ## Only the first process writes files, so only it holds the out-dir's lock.
+    with out_dir_lock(cfg.out_dir) if rank_and_world()[0] == 0 else contextlib.nullcontext():
+        return run_experiment(cfg, device)
+
+
+def run_experiment(cfg, device):
     rank, world_size = rank_and_world()
+    check_out_dir(cfg.out_dir, SCRIPT, dataclasses.asdict(cfg), OUT_DIR_KEYS)
     alphas, seeds = alpha_settings(cfg), parse_seeds(cfg.seeds)
     parts = load_dataset_once_per_node(cfg)
     ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
@@ -1756,24 +1880,23 @@ def main(argv=None):
     ## (the authors' skip decoder by default), all with the same seeds, data and schedule.
     arms = [("vanilla MAE", dataclasses.replace(cfg, decoder="mae", final_norm=True), 1.0, "vanilla")] if cfg.vanilla else []
     arms += [(f"alpha_min={a:.4g}", cfg, a, f"alpha{a:.4g}") for a in alphas]
-    run_dirs = [os.path.join(cfg.out_dir, f"{folder}_seed{seed}") for *_, folder in arms for seed in seeds]
-    found = [d for d in run_dirs if os.path.exists(os.path.join(d, "ckpt.pt"))]
+    runs = [(arm, seed, os.path.join(cfg.out_dir, f"{arm[-1]}_seed{seed}")) for arm in arms for seed in seeds]
+    found = [(arm, seed, d) for arm, seed, d in runs if os.path.exists(os.path.join(d, "ckpt.pt"))]
     if found and not cfg.resume:  # refused before anything is written
-        raise UserError(f"{found[0]}/ckpt.pt already exists: pass --resume to continue it, or choose another --out-dir.")
+        raise UserError(f"{found[0][2]}/ckpt.pt already exists: pass --resume to continue it, or choose another --out-dir.")
+    for (_, arm_cfg, alpha_min, _), seed, run_dir in found:  # a checkpoint that cannot be resumed stops us now, not later
+        read_checkpoint(os.path.join(run_dir, "ckpt.pt"), arm_cfg, alpha_min, seed)
     if rank == 0:  # only the first process prints and writes files
         print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
               f"{tuple(data['train_x'].shape[1:])}, {len(data['classes'])} classes; device {device}"
               f"{f' x {world_size} processes' if world_size > 1 else ''}; "
               f"settings {', '.join(a[0] for a in arms)}; seeds {seeds}")
-        if cfg.resume and len(found) < len(run_dirs):
-            print(f"--resume: no checkpoint yet for {len(run_dirs) - len(found)} of the {len(run_dirs)} runs; those start from scratch")
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+        if cfg.resume and len(found) < len(runs):
+            print(f"--resume: no checkpoint yet for {len(runs) - len(found)} of the {len(runs)} runs; those start from scratch")
+        write_json(os.path.join(cfg.out_dir, "config.json"), {"script": SCRIPT, **dataclasses.asdict(cfg)})
     results = []
-    for setting, arm_cfg, alpha_min, folder in arms:
-        for seed in seeds:
-            result = train_run(arm_cfg, data, alpha_min, seed, os.path.join(cfg.out_dir, f"{folder}_seed{seed}"), device)
-            results.append({"setting": setting, **result})
+    for (setting, arm_cfg, alpha_min, _), seed, run_dir in runs:
+        results.append({"setting": setting, **train_run(arm_cfg, data, alpha_min, seed, run_dir, device)})
     pixel_gib = 4 * (len(data["train_x"]) + len(data["test_x"])) * data["train_x"].shape[1] * cfg.img_size ** 2 / 2**30
     if cfg.pixels and pixel_gib > PIXEL_ROW_MAX_GIB:
         if rank == 0:
@@ -1799,8 +1922,9 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with the two ways a run ends early: a UserError is one `error:` line and exit code 2;
-    Ctrl-C is one line and exit code 130 (after a checkpoint when it came during training)."""
+    """main() with the ways a run ends early: a UserError is one `error:` line and exit code 2;
+    Ctrl-C or SIGTERM is one line and exit code 130 or 143 (after a checkpoint when it came during training)."""
+    release_ctrl_c()  # SIGTERM from here on ends the run with one line, like Ctrl-C
     try:
         main(argv)
     except UserError as e:
@@ -1809,7 +1933,7 @@ def cli(argv=None):
     except (Interrupted, KeyboardInterrupt) as e:
         print(str(e) if isinstance(e, Interrupted) else "interrupted (not during a training step: nothing new was saved); "
               "rerun the same command with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 130
+        return e.exit_code if isinstance(e, Interrupted) else 130
     finally:
         release_ctrl_c()
     return 0

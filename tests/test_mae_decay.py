@@ -1,8 +1,10 @@
 """Tests for mae_decay.py: each checks a property against an independent reference (the authors'
 formula, a hand computation, a brute-force loop, an uninterrupted run)."""
+import dataclasses
 import gzip
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -677,7 +679,8 @@ def test_existing_checkpoint_is_refused_before_config_json_is_touched(tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out" / "alpha1_seed0").mkdir(parents=True)
     (tmp_path / "out" / "alpha1_seed0" / "ckpt.pt").write_bytes(b"x")
-    (tmp_path / "out" / "config.json").write_text("{}")
+    (tmp_path / "out" / "config.json").write_text(json.dumps({"script": "mae_decay.py", **dataclasses.asdict(
+        tiny_cfg("--out-dir", "out", "--alpha-min", "1.0", "--train-limit", "64"))}))
     before = tree(tmp_path)
     assert m.cli(TINY + ["--out-dir", "out", "--alpha-min", "1.0", "--train-limit", "64"]) == 2
     assert "already exists: pass --resume" in capsys.readouterr().err and tree(tmp_path) == before
@@ -704,14 +707,14 @@ def test_first_ctrl_c_only_raises_a_flag_and_the_second_interrupts():
 
 def test_ctrl_c_during_training_checkpoints_the_step_and_resume_matches(tmp_path, monkeypatch):
     full = run_training(tmp_path, "full", "--epochs", "2")
-    flag, get_lr = {"stop": False}, m.get_lr
+    flag, get_lr = {"stop": False, "signal": "SIGINT"}, m.get_lr
 
     def interrupting_get_lr(step, *args):  # a Ctrl-C arriving during step 5 (mid-epoch)
         flag["stop"] |= step == 5
         return get_lr(step, *args)
     monkeypatch.setattr(m, "catch_ctrl_c", lambda: flag)
     monkeypatch.setattr(m, "get_lr", interrupting_get_lr)
-    with pytest.raises(m.Interrupted, match="interrupted at step 6/16"):
+    with pytest.raises(m.Interrupted, match=r"interrupted \(SIGINT\) at step 6/16"):
         run_training(tmp_path, "part", "--epochs", "2")
     monkeypatch.setattr(m, "get_lr", get_lr)
     flag["stop"] = False
