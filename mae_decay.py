@@ -152,7 +152,7 @@ class Config:
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
     compile: bool = False         # torch.compile the model (falls back to eager if it fails)
-    compile_mode: str = "default"  # with --compile: default | reduce-overhead (CUDA graphs: far fewer kernel launches) | max-autotune
+    compile_mode: str = "auto"    # with --compile: auto (reduce-overhead on one CUDA GPU, else default) | default | reduce-overhead (CUDA graphs) | max-autotune
     out_dir: str = "runs/mae"     # where checkpoints, features, plots and results go
     resume: bool = False          # continue each run from its checkpoint in out_dir
     ckpt_every: int = 5           # write a checkpoint every N epochs (and at the end)
@@ -221,9 +221,18 @@ class Block(nn.Module):
         ## The paper's rule, x_{k+1} = alpha_k * x_k + f_k(norm(x_k)). With alpha = 1 this is the
         ## standard residual block; with alpha < 1 the identity path of the stack is attenuated
         ## (its total weight is prod(alphas)), which pushes deep features toward low rank.
-        x = self.alpha_attn * x + self.attn(self.norm1(x))
-        x = self.alpha_mlp * x + self.mlp(self.norm2(x))
+        ## (1.0 * x == x exactly, so the multiply is skipped there: one kernel less, the same numbers.)
+        x = (x if self.alpha_attn == 1.0 else self.alpha_attn * x) + self.attn(self.norm1(x))
+        x = (x if self.alpha_mlp == 1.0 else self.alpha_mlp * x) + self.mlp(self.norm2(x))
         return x
+
+    @torch.no_grad()
+    def zero_init_(self):
+        """Zero the weights of the two branch outputs (attention projection, second MLP Linear): with
+        zero biases (init_weights) the block starts as exactly x -> alpha_mlp * alpha_attn * x. A
+        copied Block should call this after its own init, or it loses half of the method."""
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.mlp.fc2.weight)
 
 
 class Attention(nn.Module):
@@ -235,7 +244,9 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, T, D)
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        ## (B, T, 3*D) -> (B, T, 3, H, D/H) -> (B, H, 3, T, D/H) -> q, k, v: views only, so backward
+        ## writes the three gradients straight into one (B, T, 3*D) buffer, no extra copy.
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).transpose(1, 3).unbind(2)  # 3 x (B, H, T, D/H)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
@@ -425,8 +436,7 @@ def init_weights(model):
     ## Zero-init of the branch outputs matters as much as the rule itself: the authors report feature
     ## norms blowing up early in training for alpha_min <= 0.7 without it.
     for block in list(model.blocks) + list(model.decoder_blocks):
-        nn.init.zeros_(block.attn.proj.weight)
-        nn.init.zeros_(block.mlp.fc2.weight)
+        block.zero_init_()
     for skip in getattr(model, "skips", []):
         nn.init.zeros_(skip.fc2.weight)
     nn.init.zeros_(model.decoder_pred.weight)
@@ -473,10 +483,12 @@ def mae_flops_per_image(cfg, in_chans=3):
 # read to see how a run is trained; the loop is train_run
 # =============================================================================================
 
-## Keys that change what a run computes: a checkpoint resumes only under identical values.
+## Keys that change what a run computes: a checkpoint resumes only under identical values (the
+## compile mode too: compiled kernels, CUDA graphs most of all, round differently from eager ones).
 TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "crop_min", "patch_size", "embed_dim", "depth", "num_heads",
                    "mlp_ratio", "decoder", "decoder_dim", "decoder_depth", "decoder_heads", "final_norm", "mask_ratio",
-                   "norm_pix", "epochs", "batch_size", "base_lr", "min_lr", "warmup_epochs", "weight_decay", "beta2")
+                   "norm_pix", "epochs", "batch_size", "base_lr", "min_lr", "warmup_epochs", "weight_decay", "beta2",
+                   "compile", "compile_mode")
 
 
 ## What an --out-dir's config.json must agree on for another run to write into it: the trajectory and
@@ -524,12 +536,10 @@ def fixed_subset(total, n, device):
     return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(device)
 
 
-def augment(images, out_size, gen, crop_min, mean, std, rank=0, world_size=1):
-    """Random resized crop (area in [crop_min, 1], aspect in [3/4, 4/3]) + horizontal flip, the whole
-    batch at once on the device. All random numbers come from the CPU generator `gen`, so a run is
-    the same on every device and can be resumed exactly. Under torchrun `images` is slice `rank` of
-    a global batch world_size times larger: the crops are drawn for the global batch, then sliced."""
-    n = images.shape[0] * world_size
+def crop_boxes(n, gen, crop_min):
+    """n random resized crops (area in [crop_min, 1], aspect in [3/4, 4/3]) with random horizontal
+    flips, as affine maps theta (n, 2, 3) in grid_sample's [-1, 1] coordinates, drawn on the CPU
+    from `gen`, so a run draws the same crops on every device and can be resumed exactly."""
     area = crop_min + (1 - crop_min) * torch.rand(n, generator=gen)
     log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(n, generator=gen)
     w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1)  # crop width, fraction of the image
@@ -539,10 +549,35 @@ def augment(images, out_size, gen, crop_min, mean, std, rank=0, world_size=1):
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    theta = shard(theta, rank, world_size).to(images.device, non_blocking=True)
+    return theta
+
+
+def crop_and_flip(images, theta, out_size, mean, std):
+    """uint8 images (B, C, H, W) -> the crops theta (B, 2, 3) describe, resized to out_size, normalised;
+    the whole batch at once on the device (bilinear, reflected at the borders)."""
     grid = F.affine_grid(theta, (len(theta), images.shape[1], out_size, out_size), align_corners=False)
     x = F.grid_sample(images.float().div_(255), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return (x - mean) / std
+
+
+def augment(images, out_size, gen, crop_min, mean, std, rank=0, world_size=1):
+    """Random resized crop + horizontal flip of a batch. Under torchrun `images` is slice `rank` of
+    a global batch world_size times larger: the crops are drawn for the global batch, then sliced."""
+    theta = shard(crop_boxes(len(images) * world_size, gen, crop_min), rank, world_size)
+    return crop_and_flip(images, theta.to(images.device), out_size, mean, std)
+
+
+def step_draws(gen, batch, num_patches, crop_min, rank, world_size, device):
+    """Every random number of one training step, drawn from the CPU generator `gen` for the GLOBAL
+    batch in a fixed order (crops, then masking noise), this process's slice kept: theta (B/W, 2, 3)
+    and noise (B/W, L). On CUDA both go in ONE non-blocking copy from pinned (page-locked) memory,
+    so the host does not wait for the GPU, nor the GPU for a second transfer."""
+    theta = shard(crop_boxes(batch, gen, crop_min), rank, world_size)
+    noise = shard(torch.rand(batch, num_patches, generator=gen), rank, world_size)
+    packed = torch.empty(theta.numel() + noise.numel(), pin_memory=device.type == "cuda")
+    torch.cat([theta.flatten(), noise.flatten()], out=packed)
+    packed = packed.to(device, non_blocking=True)
+    return packed[:theta.numel()].view(theta.shape), packed[theta.numel():].view(noise.shape)
 
 
 def center_view(images, out_size, mean, std):
@@ -557,8 +592,7 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
     """Train one MAE (one alpha_min, one seed); returns its result dict (numbers, curves, images)."""
     rank, world_size = rank_and_world()
     torch.manual_seed(seed)  # the same initial weights in every process
-    in_chans = data["train_x"].shape[1]
-    model = build_model(cfg, alpha_min, in_chans).to(device)
+    model = build_model(cfg, alpha_min, data["train_x"].shape[1]).to(device)
     optimizer = make_optimizer(model, cfg, device)
     n_train, batch = len(data["train_x"]), cfg.batch_size
     if batch > n_train:
@@ -571,128 +605,182 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
     peak_lr = cfg.base_lr * batch / 256  ## MAE's linear scaling rule: lr = base_lr * batch / 256
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    state = start_or_resume(ckpt_path, model, optimizer, cfg, alpha_min, seed, total_steps)  # --resume: from ckpt.pt
+    probe_imgs = center_view(data["test_x"][fixed_subset(len(data["test_x"]), 256, device)], cfg.img_size,
+                             data["mean"], data["std"])
+    if state["init_norms"] is None:
+        state["init_norms"] = block_norms(model, probe_imgs)
+    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
+        evaluate_periodic(model, state, cfg, data, alpha_min, seed, 0, device)  # the curves' epoch-0 point
+    forward = wrap_model(model, cfg, device)  # DDP under torchrun; torch.compile with an eager fallback
+    log = StepLog(state, stop_step, batch, f"alpha_min={alpha_min:g} seed={seed}")
+    signals = catch_ctrl_c() if world_size == 1 else {"stop": False, "signal": "SIGINT"}  # torchrun handles them itself
 
+    model.train()
+    with log:  # closes the progress bar however the loop ends
+        for step in range(state["step"], stop_step):
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0 or step == state["step"]:
+                order = epoch_order(seed, epoch, n_train).to(device)
+            ## Same trajectory for any number of processes: every process draws the data order, the crops,
+            ## the flips and the masking noise for the WHOLE global batch from the same seeded generators,
+            ## then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together are exactly
+            ## the one-process batch, and since every image hides the same number of patches, the mean of
+            ## the W per-process losses (what DDP's gradient average differentiates) is the global loss.
+            idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
+            theta, noise = step_draws(step_generator(seed, step), batch, num_patches, cfg.crop_min, rank, world_size, device)
+            imgs = crop_and_flip(data["train_x"][idx], theta, cfg.img_size, data["mean"], data["std"])  # (B/W, C, H, W)
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            with autocast(device):
+                loss = forward(imgs, noise)[0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.add(loss)  # kept on the device: fetching it every step would stall the GPU
+            state["step"] = step + 1
+
+            end_of_epoch = i == steps_per_epoch - 1
+            if len(log.pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step or signals["stop"]:
+                log.flush(alpha_min)  # every process at the same steps (a collective under torchrun)
+                save = signals["stop"] or log.minutes_since_save() > cfg.ckpt_minutes  # --ckpt-minutes, Ctrl-C, SIGTERM
+                if end_of_epoch:
+                    done = epoch + 1
+                    if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
+                        evaluate_periodic(model, state, cfg, data, alpha_min, seed, done, device)  # --eval-every
+                        log.restart_clock()  # evaluation time is not training time
+                    save |= done % cfg.ckpt_every == 0 or done == cfg.epochs  # --ckpt-every
+                if save and rank == 0:
+                    save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
+                    log.saved()
+                if signals["stop"]:  # after the checkpoint: stop between two steps
+                    raise Interrupted(f"interrupted ({signals['signal']}) at step {state['step']}/{total_steps}; checkpoint "
+                                      f"{ckpt_path} saved: rerun the same command with --resume to continue", signals["signal"])
+    release_ctrl_c()
+    if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
+        save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
+    return finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch)
+
+
+## The helpers of train_run, in the order it calls them.
+
+def start_or_resume(ckpt_path, model, optimizer, cfg, alpha_min, seed, total_steps):
+    """A fresh run's state, or, with --resume, the state (and weights, optimizer, RNG) of ckpt_path."""
     state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0, "init_norms": None}
     if os.path.exists(ckpt_path):
         if not cfg.resume:
             raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
         state = load_checkpoint(ckpt_path, model, optimizer, cfg, alpha_min, seed)  # every process loads it
-        if rank == 0:
+        if rank_and_world()[0] == 0:
             print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
-    probe_imgs = center_view(data["test_x"][fixed_subset(len(data["test_x"]), 256, device)], cfg.img_size,
-                             data["mean"], data["std"])
-    if state["init_norms"] is None:
-        state["init_norms"] = block_norms(model, probe_imgs)
+    return state
 
-    def evaluate_periodic(epoch):
-        ## k-NN, linear probe and both effective ranks on fixed subsets (--eval-train / --eval-test
-        ## images; 0 = all), to draw the curves. The full evaluation runs once, at the end (finish_run).
-        subset = {s: fixed_subset(len(data[f"{s}_x"]), min(n or len(data[f"{s}_x"]), len(data[f"{s}_x"])), device)
-                  for s, n in (("train", cfg.eval_train), ("test", cfg.eval_test))}
-        feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, data, device) for s, idx in subset.items()}
-        labels = {s: data[f"{s}_y"][idx] for s, idx in subset.items()}
-        pred = knn_predict(feats["train"], labels["train"], feats["test"], min(cfg.knn_k, len(feats["train"])),
-                           cfg.knn_t, num_classes=len(data["classes"]))
-        probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], seed=seed,
-                             num_classes=len(data["classes"]), **probe_settings(cfg))
-        e = {"epoch": epoch, "knn": (pred == labels["test"]).float().mean().item(), "linear_probe": probe,
-             "effective_rank": effective_rank(feats["train"][:25600]),
-             "effective_rank_centered": effective_rank(feats["train"][:25600], center=True)}
-        state["evals"].append(e)
-        if rank == 0:
-            tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {e['knn']:.4f}, "
-                       f"probe {e['linear_probe']:.4f} ({len(feats['train'])} train / {len(feats['test'])} test), "
-                       f"effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
 
-    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
-        evaluate_periodic(0)
-    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
-    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
-    ## module that evaluation uses and checkpoints save, so they resume with any number of processes.
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
-    # the (1, 1, D) tokens' gradients differ from DDP's buckets only in the strides of size-1 dims: harmless
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    compiled = torch.compile(ddp_model, mode=cfg.compile_mode) if cfg.compile else ddp_model
-    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
-    progress = tqdm(total=stop_step, initial=state["step"], desc=f"alpha_min={alpha_min:g} seed={seed}",
-                    dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
-    last_time, last_step = time.perf_counter(), state["step"]
-    last_save = time.perf_counter()
-    ctrl_c = catch_ctrl_c() if world_size == 1 else {"stop": False, "signal": "SIGINT"}  # under torchrun, torchrun handles Ctrl-C
+def evaluate_periodic(model, state, cfg, data, alpha_min, seed, epoch, device):
+    """k-NN, linear probe and both effective ranks on fixed subsets (--eval-train / --eval-test
+    images; 0 = all), appended to state["evals"] to draw the curves. The full evaluation runs once,
+    at the end (finish_run)."""
+    subset = {s: fixed_subset(len(data[f"{s}_x"]), min(n or len(data[f"{s}_x"]), len(data[f"{s}_x"])), device)
+              for s, n in (("train", cfg.eval_train), ("test", cfg.eval_test))}
+    feats = {s: extract_features(model, data[f"{s}_x"][idx], cfg, data, device) for s, idx in subset.items()}
+    labels = {s: data[f"{s}_y"][idx] for s, idx in subset.items()}
+    pred = knn_predict(feats["train"], labels["train"], feats["test"], min(cfg.knn_k, len(feats["train"])),
+                       cfg.knn_t, num_classes=len(data["classes"]))
+    probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], seed=seed,
+                         num_classes=len(data["classes"]), **probe_settings(cfg))
+    e = {"epoch": epoch, "knn": (pred == labels["test"]).float().mean().item(), "linear_probe": probe,
+         "effective_rank": effective_rank(feats["train"][:25600]),
+         "effective_rank_centered": effective_rank(feats["train"][:25600], center=True)}
+    state["evals"].append(e)
+    if rank_and_world()[0] == 0:
+        tqdm.write(f"alpha_min={alpha_min:g} seed={seed} epoch {epoch}: k-NN@{cfg.knn_k} {e['knn']:.4f}, "
+                   f"probe {e['linear_probe']:.4f} ({len(feats['train'])} train / {len(feats['test'])} test), "
+                   f"effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
 
-    def flush():
-        nonlocal pending, last_time, last_step
-        if not pending:
+
+def compile_mode(cfg, device):
+    """--compile-mode auto: CUDA graphs ("reduce-overhead") on one CUDA GPU, where a small model's
+    step is otherwise bound by the host launching ~1,000 kernels; plain "default" elsewhere
+    (under DDP, whose gradient hooks CUDA graphs do not capture, and on CPU / MPS)."""
+    if cfg.compile_mode != "auto":
+        return cfg.compile_mode
+    return "reduce-overhead" if device.type == "cuda" and rank_and_world()[1] == 1 else "default"
+
+
+def wrap_model(model, cfg, device):
+    """What the training step calls. Under torchrun, `model` wrapped in DDP (whose constructor also
+    waits for every process, so none can write the checkpoint before all have looked for it);
+    `model` itself stays the plain module that evaluation uses and checkpoints save, so they resume
+    with any number of processes. Then, with --compile, torch.compile, which fails lazily, at the
+    first call: the returned function then says so once and continues in eager mode."""
+    if dist.is_available() and dist.is_initialized():
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # the (1, 1, D) tokens' gradients differ from DDP's buckets only in the strides of size-1 dims: harmless
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    if not cfg.compile:
+        return model
+    compiled = torch.compile(model, mode=compile_mode(cfg, device))
+
+    def forward(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except Exception as e:
+            if compiled is model:
+                raise
+            if rank_and_world()[0] == 0:
+                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+            compiled = model
+            return model(*args)
+    return forward
+
+
+class StepLog:
+    """The losses of the steps since the last flush, kept on the device; flush() fetches them (one
+    device sync per --log-every steps), stops the run on a non-finite loss, appends them to
+    state["losses"], adds the training time to state["seconds"] and updates the progress bar."""
+
+    def __init__(self, state, stop_step, batch, desc):
+        self.state, self.batch, self.pending = state, batch, []
+        self.progress = tqdm(total=stop_step, initial=state["step"], desc=desc, dynamic_ncols=True, mininterval=1.0,
+                             disable=rank_and_world()[0] != 0)
+        self.clock = self.last_save = time.perf_counter()
+
+    def add(self, loss):
+        self.pending.append(loss.detach().clone())  # a copy: CUDA graphs (reduce-overhead) reuse the output's memory
+
+    def flush(self, alpha_min):
+        if not self.pending:
             return
         ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
-        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
-        pending = []
+        values = mean_over_ranks(torch.stack(self.pending), rank_and_world()[1]).tolist()
+        self.pending = []
+        first_step = self.state["step"] - len(values)
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:  # every process sees the same values, so all stop together
-            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} (alpha_min={alpha_min:g}); "
+            raise UserError(f"the loss became {values[bad]} at step {first_step + bad} (alpha_min={alpha_min:g}); "
                             f"lower --base-lr or raise --alpha-min (the paper finds alpha_min <= 0.4 unstable for ViT-B).")
-        state["losses"] += values
+        self.state["losses"] += values
         now = time.perf_counter()
-        state["seconds"] += now - last_time
-        steps_done = len(values)
-        progress.update(steps_done)
-        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{steps_done * batch / (now - last_time):.0f}")
-        last_time, last_step = now, last_step + steps_done
+        self.state["seconds"] += now - self.clock
+        self.progress.update(len(values))
+        self.progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * self.batch / (now - self.clock):.0f}")
+        self.clock = now
 
-    model.train()
-    for step in range(state["step"], stop_step):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == state["step"]:
-            order = epoch_order(seed, epoch, n_train).to(device)
-        ## Same trajectory for any number of processes: every process draws the data order, the crops,
-        ## the flips and the masking noise for the WHOLE global batch from the same seeded generators,
-        ## then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together are exactly
-        ## the one-process batch, and since every image hides the same number of patches, the mean of
-        ## the W per-process losses (what DDP's gradient average differentiates) is the global loss.
-        gen = step_generator(seed, step)
-        idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
-        imgs = augment(data["train_x"][idx], cfg.img_size, gen, cfg.crop_min, data["mean"], data["std"], rank, world_size)
-        noise = shard(torch.rand(batch, num_patches, generator=gen), rank, world_size).to(device, non_blocking=True)
-        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device):
-            try:
-                loss = compiled(imgs, noise)[0]
-            except Exception as e:  # torch.compile fails lazily, at the first call
-                if compiled is model:
-                    raise
-                if rank == 0:
-                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
-                compiled = ddp_model
-                loss = ddp_model(imgs, noise)[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(loss.detach().clone())  # a copy: CUDA graphs (reduce-overhead) reuse the output's memory
-        state["step"] = step + 1
-        end_of_epoch = i == steps_per_epoch - 1
-        if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step or ctrl_c["stop"]:
-            flush()  # every process flushes at the same steps (a collective under torchrun)
-            save_now = time.perf_counter() - last_save > 60 * cfg.ckpt_minutes or ctrl_c["stop"]
-            if end_of_epoch:
-                done = epoch + 1
-                if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.epochs):
-                    evaluate_periodic(done)
-                    last_time = time.perf_counter()  # evaluation time is not training time
-                save_now |= done % cfg.ckpt_every == 0 or done == cfg.epochs
-            if save_now and rank == 0:
-                save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
-                last_time = last_save = time.perf_counter()
-            if ctrl_c["stop"]:
-                progress.close()
-                raise Interrupted(f"interrupted ({ctrl_c['signal']}) at step {state['step']}/{total_steps}; checkpoint "
-                                  f"{ckpt_path} saved: rerun the same command with --resume to continue", ctrl_c["signal"])
-    release_ctrl_c()
-    progress.close()
-    if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
-        save_checkpoint(ckpt_path, model, optimizer, state, cfg, alpha_min, seed)
-    return finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_imgs, steps_per_epoch)
+    def restart_clock(self):
+        self.clock = time.perf_counter()
+
+    def minutes_since_save(self):
+        return (time.perf_counter() - self.last_save) / 60
+
+    def saved(self):
+        self.clock = self.last_save = time.perf_counter()  # checkpoint time is not training time
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.close()
 
 
 # =============================================================================================
@@ -1021,22 +1109,22 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
-    """Times the full training step (augmentation, masking, forward, backward, AdamW) on random
-    uint8 data after warm-up (which includes compilation), with CUDA events on a GPU."""
+    """Times the training step as train_run runs it (random draws, augmentation, masking, forward,
+    backward, AdamW) on random uint8 data after warm-up (which includes compilation): the MEDIAN
+    of timed_steps per-step times, from CUDA events on a GPU (no host sync between steps)."""
     alpha_min = alpha_settings(cfg)[-1]
     torch.manual_seed(0)
     model = build_model(cfg, alpha_min, 3).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    compiled = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    forward = wrap_model(model, cfg, device)
     images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
     mean = torch.full((1, 3, 1, 1), 0.5, device=device)
-    L = (cfg.img_size // cfg.patch_size) ** 2
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
 
     def train_step(step):
-        gen = step_generator(0, step)
-        x = augment(images, cfg.img_size, gen, cfg.crop_min, mean, mean)
+        theta, noise = step_draws(step_generator(0, step), cfg.batch_size, num_patches, cfg.crop_min, 0, 1, device)
         with autocast(device):
-            loss = compiled(x, torch.rand(cfg.batch_size, L, generator=gen).to(device))[0]
+            loss = forward(crop_and_flip(images, theta, cfg.img_size, mean, mean), noise)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1047,11 +1135,21 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for step in range(timed_steps):
-        train_step(warmup_steps + step)
-    sync()
-    ms = (time.perf_counter() - started) / timed_steps * 1000
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(timed_steps + 1)]
+        events[0].record()
+        for step in range(timed_steps):
+            train_step(warmup_steps + step)
+            events[step + 1].record()
+        sync()
+        times = [start.elapsed_time(end) for start, end in zip(events, events[1:])]  # ms
+    else:
+        times = []
+        for step in range(timed_steps):
+            started = time.perf_counter()
+            train_step(warmup_steps + step)
+            sync()
+            times.append((time.perf_counter() - started) * 1000)
+    ms = float(np.median(times))
     img_s = cfg.batch_size / ms * 1000
     flops = mae_flops_per_image(cfg)
     if device.type == "cuda":
@@ -1062,9 +1160,9 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
-    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}{' (' + cfg.compile_mode + ')' if cfg.compile else ''}, batch {cfg.batch_size}, "
+    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}{' (' + compile_mode(cfg, device) + ')' if cfg.compile else ''}, batch {cfg.batch_size}, "
           f"{cfg.img_size}px/{cfg.patch_size}, ViT {cfg.embed_dim}x{cfg.depth}, decoder {cfg.decoder} {cfg.decoder_dim}x{cfg.decoder_depth}")
-    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3g} GFLOP/img  {flops * img_s / 1e12:.3g} TFLOP/s  "
+    print(f"{ms:.1f} ms/step (median of {timed_steps})  {img_s:.0f} img/s  {flops / 1e9:.3g} GFLOP/img  {flops * img_s / 1e12:.3g} TFLOP/s  "
           f"MFU {mfu}  memory {memory}")
     return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
 
@@ -1164,8 +1262,8 @@ def check_config(cfg):
     need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
     need(cfg.eval_train >= 0 and cfg.eval_test >= 0, "--eval-train and --eval-test cannot be negative (0 = all).")
-    need(cfg.compile_mode in ("default", "reduce-overhead", "max-autotune"),
-         f"--compile-mode must be default, reduce-overhead or max-autotune, got '{cfg.compile_mode}'.")
+    need(cfg.compile_mode in ("auto", "default", "reduce-overhead", "max-autotune"),
+         f"--compile-mode must be auto, default, reduce-overhead or max-autotune, got '{cfg.compile_mode}'.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")

@@ -15,6 +15,8 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -749,3 +751,67 @@ def test_raw_pixel_row_is_skipped_when_it_would_not_fit(tmp_path, capsys, monkey
     monkeypatch.setattr(m, "PIXEL_ROW_MAX_GIB", 8)
     results = m.main(TINY + ["--train-limit", "64", "--epochs", "1", "--alpha-min", "1.0", "--out-dir", str(tmp_path / "p")])
     assert [r["setting"] for r in results] == ["alpha_min=1", "raw pixels"]
+
+
+# --------------------------------------------------------------------------- the lean GPU step, the same numbers
+
+def test_step_draws_are_the_same_numbers_as_drawing_crops_then_noise():
+    # one packed copy (pinned on CUDA) holds exactly what two separate draws from the same generator give
+    for rank, world_size in ((0, 1), (1, 2)):
+        theta, noise = m.step_draws(m.step_generator(3, 7), 8, 5, 0.3, rank, world_size, torch.device("cpu"))
+        gen = m.step_generator(3, 7)
+        assert torch.equal(theta, m.shard(m.crop_boxes(8, gen, 0.3), rank, world_size))
+        assert torch.equal(noise, m.shard(torch.rand(8, 5, generator=gen), rank, world_size))
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    theta, _ = m.step_draws(m.step_generator(0, 0), 8, 5, 0.3, 0, 1, torch.device("cpu"))
+    assert torch.equal(m.crop_and_flip(images, theta, 16, zero, one),
+                       m.augment(images, 16, m.step_generator(0, 0), 0.3, zero, one))
+
+
+def test_attention_unbind_split_and_skipped_unit_alpha_change_no_number():
+    """The q/k/v split by views (.transpose.unbind) against the permute it replaced, forward and
+    gradients, bit for bit; and a block with alpha = 1 (the multiply skipped) against 1.0 * x + f.
+    In a whole MAE the skip decoder reads block outputs a third time, and autograd may then add the
+    three gradient contributions in another order: equal to float32 rounding, not bit for bit."""
+    torch.manual_seed(0)
+    block = m.Block(32, 4, 4.0)
+    randomise(block)
+    x = torch.randn(6, 9, 32, requires_grad=True)
+
+    def permute_attention(attn, h):
+        B, T, D = h.shape
+        q, k, v = attn.qkv(h).view(B, T, 3, attn.heads, D // attn.heads).permute(2, 0, 3, 1, 4)
+        return attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D))
+
+    def reference(h):  # the rule written with the multiply and the old split
+        h = 1.0 * h + permute_attention(block.attn, block.norm1(h))
+        return 1.0 * h + block.mlp(block.norm2(h))
+    outputs, grads = [], []
+    for f in (block, reference):
+        block.zero_grad()
+        x.grad = None
+        out = f(x)
+        (out ** 2).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_block_zero_init_makes_it_the_scaled_identity():
+    block = m.Block(16, 2, 4.0, alpha_attn=0.9, alpha_mlp=0.8)
+    randomise(block)
+    for bias in (block.attn.proj.bias, block.mlp.fc2.bias):
+        nn.init.zeros_(bias)  # init_weights zeroes every Linear bias
+    block.zero_init_()
+    x = torch.randn(3, 5, 16)
+    assert torch.allclose(block(x), 0.72 * x, rtol=1e-6, atol=0)  # 0.9 * 0.8, one rounding per multiply
+
+
+def test_compile_mode_auto_is_cuda_graphs_on_one_cuda_gpu_only():
+    cfg = m.parse_config(["--compile"])
+    assert cfg.compile_mode == "auto" and "compile_mode" in m.TRAJECTORY_KEYS and "compile" in m.TRAJECTORY_KEYS
+    assert m.compile_mode(cfg, torch.device("cuda", 0)) == "reduce-overhead"
+    assert m.compile_mode(cfg, torch.device("cpu")) == "default"
+    assert m.compile_mode(m.parse_config(["--compile", "--compile-mode", "max-autotune"]), torch.device("cuda", 0)) == "max-autotune"
