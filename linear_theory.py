@@ -81,7 +81,7 @@ class Config:
     img_size: int = 32            # image side for shapes and folder: datasets (64 -> D = 12288 in RGB)
     # --- align: Figure 2 and the corruption table ---
     corruptions: str = "none,gaussian:0.3,mask:0.75:1,mask:0.75:4"  # none | gaussian:SIGMA | mask:P:PATCH (pixels in [0, 1])
-    ks: str = "8,16,32,64,128,256"  # K values of the printed table
+    ks: str = "8,16,32,64,128,256"  # K values of the printed table, each at most D (the default list skips larger ones)
     standardize: bool = False     # divide every pixel by its std first (then entry-wise masking = PCA)
     # --- subspace: Figures 1 and 4 ---
     top: str = "0.9"              # comma list: keep the leading eigenvectors explaining these variance fractions
@@ -805,12 +805,12 @@ def corruption_table(results, ks):
         for corruption, entry in result["corruptions"].items():
             kk = [k for k in ks if k <= result["D"]]
             scores = [f"{entry['projection_score'][k - 1]:.1f}" for k in kk] + ["-"] * (len(ks) - len(kk))
-            change = max((abs(entry["projection_score"][k - 1] - base["projection_score"][k - 1]) for k in kk),
-                         default=float("nan")) if base else float("nan")
+            change = (f"{max(abs(entry['projection_score'][k - 1] - base['projection_score'][k - 1]) for k in kk):.2g}"
+                      if base and kk else "-")  # without a 'none' row there is nothing to change from
             first = entry["angles_to_pca_deg"].get(ks[0])
             mean_angle = f"{np.mean(first):.2g}" if first else "-"
             lines.append(f"| {name} | {corruption} | " + " | ".join(scores)
-                         + f" | {change:.2g} | {largest_angle(entry):.2g} | {mean_angle} |")
+                         + f" | {change} | {largest_angle(entry):.2g} | {mean_angle} |")
     return "\n".join(lines)
 
 
@@ -1055,6 +1055,12 @@ def check_config(cfg, command):
             need(os.path.isdir(folder), f"--datasets {name}: {folder} is not a directory of train/<class>/ and val/<class>/ images.")
     if command == "verify":
         return  # verify makes its own toy data and writes no file
+    if command == "align" and cfg.ks != Config.ks:  # the default list quietly keeps the K that fit (K = 8 always does)
+        ## K counts the features of a linear autoencoder of D pixel coordinates: there are at most D.
+        smallest = min(names, key=lambda name: dataset_dim(name, cfg.img_size))
+        dim, largest_k = dataset_dim(smallest, cfg.img_size), max(parse_list(cfg.ks, "--ks", int))
+        need(largest_k <= dim, f"--ks {largest_k} asks for more features than {smallest} has pixel coordinates "
+                               f"(D = {dim}), the most a linear autoencoder has; give --ks values up to {dim}.")
     if any(name != "shapes" for name in names):  # downloads go there, and folder: datasets' resized copies
         need(cfg.data_dir != "", "--data-dir is empty: give a directory, e.g. --data-dir data.")
         existing = cfg.data_dir
@@ -1279,8 +1285,16 @@ def load_folder(root, size, cache_dir):
                                 f"add some or remove it.")
             files[split] += [(os.path.join(cls_dir, n), label) for n in names]
         if not files[split]:
-            raise UserError(f"{folder} holds no class folders of images named like those of {train_dir}.")
-    listing = sorted((os.path.relpath(p, root), os.stat(p)) for pairs in files.values() for p, _ in pairs)
+            raise UserError(f"{train_dir} holds no class folders; put each class's images in {train_dir}/<class>/."
+                            if split == "train" else f"{folder} holds no class folders named like those of "
+                            f"{train_dir} (val/ is read when it exists, else test/); add them there.")
+
+    def stat(path):  # a dangling link or a symlink loop named like an image: one sentence, not a traceback
+        try:
+            return os.stat(path)
+        except OSError as e:
+            raise UserError(f"{path} cannot be read ({e.strerror}); fix or remove it.") from None
+    listing = sorted((os.path.relpath(p, root), stat(p)) for pairs in files.values() for p, _ in pairs)
     fingerprint = hashlib.sha256("\n".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}" for n, st in listing).encode()).hexdigest()
     where = os.path.realpath(root)
     cache = os.path.join(cache_dir, "image_folder_cache",
@@ -1408,6 +1422,9 @@ def load_datasets(cfg):
         images, labels = parts["train"]
         if cfg.train_limit:
             images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
+        if len(np.unique(labels)) == 1:
+            print(f"{name}: warning: every training label is one class, so every accuracy and alignment score is "
+                  f"100 % and means nothing")
         loaded[name] = (images, labels, len(parts["classes"]), parts)
     return loaded
 

@@ -34,8 +34,9 @@ Known-good numbers produced by this file (2-core CPU, torch 2.13, numpy 2.4, def
     Wall times, hardware and known issues are in README.md.
 
 A features file (.npz, or .pt read with torch.load(weights_only=True)) holds train_features
-(N, D), train_labels (N,), test_features (M, D), test_labels (M,): float features, integer class
-ids; any other key is metadata, copied into the JSON. Defaults: k-NN on L2-normalised features
+(N, D), train_labels (N,), test_features (M, D), test_labels (M,): float features, non-negative
+integer class ids (any ids: {0, 7, 10**9} are renumbered 0..2, in their order, with a line saying
+so); any other key is metadata, copied into the JSON. Defaults: k-NN on L2-normalised features
 with exp(sim / 0.07) votes, k = 10, 20, 100, 200 from one search; linear probe = standardise by
 train statistics + one Linear layer, AdamW, weight decay 0, cosine schedule, the FINAL epoch's
 test accuracy (`--probe authors`: the decay paper's authors' raw-feature probe); effective rank
@@ -368,7 +369,13 @@ def evaluate_input(source, cfg, device):
         arrays, metadata = pixel_features(name, cfg.data_dir, cfg.img_size, cfg.download), {"pixels": name}
     else:
         arrays, metadata = read_features_file(source)
-    arrays = check_features(arrays, source)
+    arrays, class_ids = renumber_classes(check_features(arrays, source))
+    if not torch.equal(class_ids, torch.arange(len(class_ids))):
+        shown = ", ".join(map(str, class_ids[:5].tolist())) + (", ..." if len(class_ids) > 5 else "")
+        print(f"{source}: class ids {{{shown}}} renumbered 0..{len(class_ids) - 1}, keeping their sorted order")
+        metadata = {**metadata, "renumbered_class_ids": as_metadata(class_ids)}
+    if len(class_ids) == 1:
+        print(f"{source}: warning: every label is one class, so every accuracy is 100 % and means nothing")
     train_x, test_x = arrays["train_features"], arrays["test_features"]
     ks = usable_ks(cfg, len(train_x), source)
     print(f"{source}: {len(train_x)} train and {len(test_x)} test samples, {train_x.shape[1]} dimensions, on {device}",
@@ -786,8 +793,16 @@ def load_folder(root, size, cache_dir):
                                 f"add some or remove it.")
             files[split] += [(os.path.join(cls_dir, n), label) for n in names]
         if not files[split]:
-            raise UserError(f"{folder} holds no class folders of images named like those of {train_dir}.")
-    listing = sorted((os.path.relpath(p, root), os.stat(p)) for pairs in files.values() for p, _ in pairs)
+            raise UserError(f"{train_dir} holds no class folders; put each class's images in {train_dir}/<class>/."
+                            if split == "train" else f"{folder} holds no class folders named like those of "
+                            f"{train_dir} (val/ is read when it exists, else test/); add them there.")
+
+    def stat(path):  # a dangling link or a symlink loop named like an image: one sentence, not a traceback
+        try:
+            return os.stat(path)
+        except OSError as e:
+            raise UserError(f"{path} cannot be read ({e.strerror}); fix or remove it.") from None
+    listing = sorted((os.path.relpath(p, root), stat(p)) for pairs in files.values() for p, _ in pairs)
     fingerprint = hashlib.sha256("\n".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}" for n, st in listing).encode()).hexdigest()
     where = os.path.realpath(root)
     cache = os.path.join(cache_dir, "image_folder_cache",
@@ -942,12 +957,18 @@ def read_features_file(path):
             with np.load(path, allow_pickle=False) as npz:  # no pickles: a features file cannot run code
                 blob = {key: npz[key] for key in npz.files}
         elif path.endswith(".pt"):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
         else:
             raise UserError(f"{path}: a features file must end in .npz or .pt.")
     except UserError:
         raise
     except Exception as e:
+        # a pickled Python object (a class instance, a function, an object array) could run code when
+        # loaded, so it is refused; torch's own text for it is eight lines suggesting weights_only=False
+        if isinstance(e, pickle.UnpicklingError) or "allow_pickle" in str(e):
+            raise UserError(f"{path} holds a Python object other than arrays, numbers and strings (a class instance, "
+                            f"say), which is not loaded because unpickling it could run code; save only those "
+                            f"(numpy.savez, or torch.save of a dict of tensors).") from None
         raise UserError(f"{path} could not be read as a features file ({type(e).__name__}: {e}).") from None
     if not isinstance(blob, dict):
         raise UserError(f"{path} holds a {type(blob).__name__}, not a dict of arrays with keys {', '.join(FEATURE_KEYS)}.")
@@ -999,6 +1020,15 @@ def check_features(arrays, source):
     unseen = sorted(set(checked["test_labels"].tolist()) - set(checked["train_labels"].tolist()))
     need(not unseen, f"test class(es) {unseen[:10]} never appear in train_labels, so no classifier can predict them.")
     return checked
+
+
+def renumber_classes(arrays):
+    """The labels as 0..C-1, the class ids keeping their sorted order: {0, 7, 10**9} -> {0, 1, 2}.
+    The k-NN vote table and the probe's output layer have one column per id up to the largest, so
+    ids like 10**9 would ask for 160 GB. Returns the arrays and the sorted original ids (C,)."""
+    ids = torch.unique(arrays["train_labels"])  # sorted; check_features made sure every test id is among them
+    return {key: torch.searchsorted(ids, value) if key.endswith("_labels") else value
+            for key, value in arrays.items()}, ids
 
 
 def atomic_write(path, write):
