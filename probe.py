@@ -52,7 +52,6 @@ stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
 import argparse
 import dataclasses
-import functools
 import gzip
 import hashlib
 import inspect
@@ -77,7 +76,7 @@ from tqdm import tqdm
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, bad features file): one sentence, no traceback."""
+    """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
 
 
 # =============================================================================================
@@ -91,7 +90,7 @@ class Config:
     pixels: str = ""              # also evaluate raw pixels: shapes | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where --pixels datasets are looked for and downloaded to, and folder:PATH's resized copy is cached
     download: bool = True         # download a missing --pixels dataset (checksum verified before use)
-    img_size: int = 32            # side that folder:PATH images are resized to
+    img_size: int = 32            # image side of the built-in shapes, and that folder:PATH images are resized to
     # --- k-NN (DINO protocol) ---
     knn_k: str = "10,20,100,200"  # comma list of neighbour counts from one top-k search (the default's ks above the train size are skipped)
     knn_t: float = 0.07           # temperature of the exp(sim / T) vote weights
@@ -125,22 +124,7 @@ class Config:
 ##   * subspace probe: is the label in the directions of LARGE variance, which a reconstruction
 ##     loss cares about, or in the small ones?
 ## knn_predict, linear_probe, AUTHORS_PROBE and effective_rank are deliberate verbatim copies of
-## mae_decay.py's (tests/test_probe.py checks it), so a number here means what it means there.
-
-def accepts_arrays(function):
-    """numpy arrays in the arguments become tensors (integer arrays int64, as labels must be);
-    tensors pass through untouched, so tensor inputs give exactly the copied function's results."""
-    # plumbing for the copied functions below (they take tensors): skip it on a first read
-    def as_tensor(value):
-        if not isinstance(value, np.ndarray):
-            return value
-        return torch.from_numpy(np.array(value, dtype=np.int64 if value.dtype.kind in "iub" else None))
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        return function(*map(as_tensor, args), **{name: as_tensor(v) for name, v in kwargs.items()})
-    return wrapper
-
+## mae_decay.py's (tests/test_copies.py checks it), so a number here means what it means there.
 
 ## k-NN, DINO's protocol (Wu et al. 2018; Caron et al. 2021, their eval_knn.py). The features are
 ## L2-normalised, so the dot product of a query with a training feature is their cosine
@@ -151,7 +135,6 @@ def accepts_arrays(function):
 ## so the closest neighbours dominate; T = infinity gives every neighbour weight 1 (a plain
 ## majority vote, --majority). topk returns the neighbours sorted by similarity, so ONE search for
 ## the largest k answers every smaller k too: its first k columns are exactly the k nearest.
-@accepts_arrays
 @torch.no_grad()
 def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
     """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
@@ -189,7 +172,6 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
 ## step, and the accuracy after the FINAL epoch: taking the best epoch would select on the test
 ## set (the MAE and DINO scripts print such a maximum). The head's init and the sample order come
 ## from one seeded generator, so the same seed gives the same number whatever ran before.
-@accepts_arrays
 def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
                  standardize=True):
     """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
@@ -441,14 +423,12 @@ def settings(cfg, device):
                                  "subtracting their mean (subspace rows are centred projections: the two agree)"}
 
 
-def write_json(results, path):
-    """One object for one input, a list of them for several (an input that failed: its error)."""
-    text = json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def plot_spectra(spectra, path):
@@ -473,41 +453,53 @@ def plot_spectra(spectra, path):
 # skip on a first read: read only if you add a flag
 # =============================================================================================
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (unknown flag, a value of the wrong type) are one UserError sentence."""
+class OneSentenceParser(argparse.ArgumentParser):
+    """argparse, but a flag it cannot parse (unknown, missing value, not a number) is a UserError:
+    one `error:` sentence and exit code 2 like every other bad input, not usage lines."""
 
     def error(self, message):
         raise UserError(f"{message} (see --help).")
 
 
 def knob_help():
-    """{section: {field: comment}} from Config's source, so `--help` and the code share one text."""
+    """The comment after each Config field, so `--help` and the code share one description."""
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, comment = line.partition("#")
+        if ":" in name and "=" in name and comment:
+            helps[name.split(":")[0].strip()] = comment.strip()
+    return helps
+
+
+def knob_sections():
+    """The `# --- section ---` line above each Config field, so `--help` groups the knobs as the code does."""
     sections, section = {}, "options"
     for line in inspect.getsource(Config).splitlines():
-        code, _, comment = line.partition("#")
-        if not code.strip() and comment.strip().startswith("---"):
+        name, _, comment = line.partition("#")
+        if not name.strip() and comment.strip().startswith("---"):
             section = comment.strip(" -")
-        elif ":" in code and "=" in code and comment:
-            sections.setdefault(section, {})[code.split(":")[0].strip()] = comment.strip()
+        elif ":" in name and "=" in name:
+            sections[name.split(":")[0].strip()] = section
     return sections
 
 
 def parse_config(argv=None):
     """Returns (Config, list of feature-file paths), every flag checked before anything is read."""
-    parser = ArgumentParser(prog="probe.py", description="Frozen-feature evaluation: k-NN, linear probe, effective rank, "
-                            "subspace probes. The text of each option is its comment in probe.py's Config.")
+    parser = OneSentenceParser(prog="probe.py", description="Frozen-feature evaluation: k-NN, linear probe, effective "
+                               "rank, subspace probes. The text of each option is its comment in probe.py's Config.")
     parser.add_argument("features", nargs="*", help="features files (.npz or .pt) with train/test features and labels")
-    for section, knobs in knob_help().items():
-        group = parser.add_argument_group(section)
-        for name, comment in knobs.items():
-            default = getattr(Config, name)
-            ## argparse %-formats help strings: a literal % in a comment ("p% of") must be doubled.
-            text = f"{comment} (default: {default if default != '' else 'none'})".replace("%", "%%")
-            flag = "--" + name.replace("_", "-")
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-            else:
-                group.add_argument(flag, type=type(default), default=default, help=text)
+    helps, sections, groups = knob_help(), knob_sections(), {}
+    choices = {"device": ("auto", "cuda", "mps", "cpu"), "probe": ("standard", "authors")}  # argparse refuses the rest
+    for field in dataclasses.fields(Config):
+        section, default = sections[field.name], field.default
+        group = groups[section] if section in groups else groups.setdefault(section, parser.add_argument_group(section))
+        ## argparse %-formats help strings: a literal % in a comment ("p% of") must be doubled.
+        text = f"{helps[field.name]} (default: {default if default != '' else 'none'})".replace("%", "%%")
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            group.add_argument(flag, type=type(default), choices=choices.get(field.name), default=default, help=text)
     args = vars(parser.parse_args(argv))
     paths = args.pop("features")
     cfg = Config(**args)
@@ -569,8 +561,6 @@ def check_config(cfg, paths):
     need(cfg.probe_batch_size >= 0, f"--probe-batch-size must be at least 1 (or 0 for full batch), got {cfg.probe_batch_size}.")
     need(cfg.img_size >= 1, f"--img-size must be at least 1, got {cfg.img_size}.")
     need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}.")
-    need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
-    need(cfg.probe in ("standard", "authors"), f"--probe must be standard or authors, got '{cfg.probe}'.")
     if cfg.pixels:
         folder = cfg.pixels[len("folder:"):] if cfg.pixels.startswith("folder:") else None
         need(folder is not None or cfg.pixels in ("shapes", *CIFAR, *IDX),
@@ -596,14 +586,19 @@ def check_config(cfg, paths):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
-        raise UserError(f"--device {name} is not available on this machine; use --device auto.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this PyTorch has no MPS backend; use --device cpu or auto.")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 
 # =============================================================================================
 # Plumbing: raw pixels for --pixels. This section, down to load_dataset and atomic_save, is a
-# deliberate verbatim copy of mae_decay.py's; tests/test_probe.py checks that the copies match.
+# deliberate verbatim copy of mae_decay.py's; tests/test_copies.py checks that the copies match.
 # skip on a first read: read only if you change the data
 # =============================================================================================
 
@@ -1032,11 +1027,16 @@ def renumber_classes(arrays):
 
 
 def atomic_write(path, write):
-    """write(temporary path), then rename: a crash never leaves half a file behind."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """write(tmp_path), then rename: a crash or Ctrl-C never leaves half a file behind, nor the temporary one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # =============================================================================================
@@ -1067,7 +1067,7 @@ def main(argv=None):
         if len(errors) < len(results):
             print(format_table([r for r in results if "error" not in r], cfg))
             if cfg.json:
-                write_json(results, cfg.json)
+                write_json(cfg.json, results[0] if len(results) == 1 else results)  # a failed input: its error
                 print(f"wrote {cfg.json}")
             if cfg.plot:
                 plot_spectra(spectra, cfg.plot)
