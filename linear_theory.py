@@ -76,7 +76,7 @@ class Config:
     datasets: str = "shapes"      # comma list: shapes (built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where datasets are looked for and downloaded to (and image folders cached)
     download: bool = True         # download missing official files (checksum verified before use)
-    train_limit: int = 0          # use only the first N training images (0 = all)
+    train_limit: int = 0          # use only the first N training images (0 = all; order then uses 10000)
     img_size: int = 32            # image side for shapes and folder: datasets (64 -> D = 12288 in RGB)
     # --- align: Figure 2 and the corruption table ---
     corruptions: str = "none,gaussian:0.3,mask:0.75:1,mask:0.75:4"  # none | gaussian:SIGMA | mask:P:PATCH (pixels in [0, 1])
@@ -98,7 +98,7 @@ class Config:
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu (float64 linear algebra runs on cuda or cpu)
     out_dir: str = "runs/linear"  # where PNG and JSON outputs go
-    threads: int = 0              # torch CPU threads (0 = torch's default)
+    threads: int = 0              # torch CPU threads (0 = torch's default; verify then uses 1)
     seed: int = 0                 # seed of the toy data, initialisations and corruptions
 
 

@@ -90,7 +90,7 @@ class Config:
     pixels: str = ""              # also evaluate raw pixels: shapes | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where --pixels datasets are looked for and downloaded to, and folder:PATH's resized copy is cached
     download: bool = True         # download a missing --pixels dataset (checksum verified before use)
-    img_size: int = 32            # image side of the built-in shapes, and that folder:PATH images are resized to
+    img_size: int = 32            # image side of the built-in shapes and of folder:PATH images (resized to it)
     # --- k-NN (DINO protocol) ---
     knn_k: str = "10,20,100,200"  # comma list of neighbour counts from one top-k search (the default's ks above the train size are skipped)
     knn_t: float = 0.07           # temperature of the exp(sim / T) vote weights
@@ -1020,7 +1020,8 @@ def check_features(arrays, source):
 def renumber_classes(arrays):
     """The labels as 0..C-1, the class ids keeping their sorted order: {0, 7, 10**9} -> {0, 1, 2}.
     The k-NN vote table and the probe's output layer have one column per id up to the largest, so
-    ids like 10**9 would ask for 160 GB. Returns the arrays and the sorted original ids (C,)."""
+    ids like 10**9 would ask for 4 GB of float32 votes per test sample. Returns the arrays and the
+    sorted original ids (C,)."""
     ids = torch.unique(arrays["train_labels"])  # sorted; check_features made sure every test id is among them
     return {key: torch.searchsorted(ids, value) if key.endswith("_labels") else value
             for key, value in arrays.items()}, ids
