@@ -1277,7 +1277,7 @@ def load_folder(root, size, cache_dir):
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
-        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
+        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ (or test/<class>/) folders of images.")
     subfolders = lambda d: {n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)) and not n.startswith(".")}
     classes = sorted(subfolders(train_dir))
     files = {}  # split -> [(path, label)]

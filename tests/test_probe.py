@@ -725,6 +725,7 @@ FOLDER_ERRORS = {  # name: (damage done to a good folder, the path the sentence 
                     "holds no class folders; put each class's images in"),
     "empty val": (lambda r: [os.rename(r / "val" / c, r / f"away_{c}") for c in ("cat", "dog")], "val",
                   "holds no class folders named like those of"),
+    "no val or test": (lambda r: os.rename(r / "val", r / "validation"), "", "and val/<class>/ (or test/<class>/) folders"),
     "not an image": (lambda r: (r / "train/cat/1.png").write_bytes(b"not a png"), "train/cat/1.png", "could not be read"),
     "truncated png": (lambda r: truncate(r / "val/dog/0.png"), "val/dog/0.png", "could not be read"),
     "truncated jpeg": (lambda r: truncate(r / "train/dog/0.jpg"), "train/dog/0.jpg", "could not be read"),
