@@ -565,7 +565,7 @@ BAD_ARGV = [  # (argv, a word the one-sentence message must contain)
     # K above D: refused before any computation (it used to run 4 minutes on CIFAR-10 and print nan)
     (["align", "--ks", "8,1000000"], "--ks 1000000 asks for more features than shapes has pixel coordinates (D = 3072)"),
     (["align", "--datasets", "shapes,mnist", "--ks", "1000"], "give --ks values up to 784"),
-    (["align", "--img-size", "8", "--ks", "8,193"], "(D = 192)"),  # the default list keeps its K <= 192 (below)
+    (["align", "--img-size", "8", "--ks", "8,193"], "(D = 192)"),  # untyped, the default list keeps its K <= 192 (align on 8x8 images above)
     (["subspace", "--top", "1.5"], "--top"), (["subspace", "--top", "0"], "--top"), (["subspace", "--bottom", "nan"], "--bottom"),
     (["subspace", "--bottom", "-0.2"], "--bottom"), (["subspace", "--seeds", "0,-1"], "seeds"), (["subspace", "--seeds", "a"], "--seeds"),
     (["align", "--seed", "-3"], "seeds"), (["align", "--seed", str(2 ** 64)], "seeds"),
