@@ -45,7 +45,6 @@ stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
 import argparse
 import dataclasses
-import functools
 import gzip
 import hashlib
 import inspect
@@ -77,11 +76,11 @@ class Config:
     datasets: str = "shapes"      # comma list: shapes (built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where datasets are looked for and downloaded to (and image folders cached)
     download: bool = True         # download missing official files (checksum verified before use)
-    train_limit: int = 0          # use only the first N training images (0 = all)
+    train_limit: int = 0          # use only the first N training images (0 = all; order then uses 10000)
     img_size: int = 32            # image side for shapes and folder: datasets (64 -> D = 12288 in RGB)
     # --- align: Figure 2 and the corruption table ---
     corruptions: str = "none,gaussian:0.3,mask:0.75:1,mask:0.75:4"  # none | gaussian:SIGMA | mask:P:PATCH (pixels in [0, 1])
-    ks: str = "8,16,32,64,128,256"  # K values of the printed table
+    ks: str = "8,16,32,64,128,256"  # K values of the printed table, each at most D (the default list skips larger ones)
     standardize: bool = False     # divide every pixel by its std first (then entry-wise masking = PCA)
     # --- subspace: Figures 1 and 4 ---
     top: str = "0.9"              # comma list: keep the leading eigenvectors explaining these variance fractions
@@ -99,7 +98,7 @@ class Config:
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu (float64 linear algebra runs on cuda or cpu)
     out_dir: str = "runs/linear"  # where PNG and JSON outputs go
-    threads: int = 0              # torch CPU threads (0 = torch's default)
+    threads: int = 0              # torch CPU threads (0 = torch's default; verify then uses 1)
     seed: int = 0                 # seed of the toy data, initialisations and corruptions
 
 
@@ -805,12 +804,12 @@ def corruption_table(results, ks):
         for corruption, entry in result["corruptions"].items():
             kk = [k for k in ks if k <= result["D"]]
             scores = [f"{entry['projection_score'][k - 1]:.1f}" for k in kk] + ["-"] * (len(ks) - len(kk))
-            change = max((abs(entry["projection_score"][k - 1] - base["projection_score"][k - 1]) for k in kk),
-                         default=float("nan")) if base else float("nan")
+            change = (f"{max(abs(entry['projection_score'][k - 1] - base['projection_score'][k - 1]) for k in kk):.2g}"
+                      if base and kk else "-")  # without a 'none' row there is nothing to change from
             first = entry["angles_to_pca_deg"].get(ks[0])
             mean_angle = f"{np.mean(first):.2g}" if first else "-"
             lines.append(f"| {name} | {corruption} | " + " | ".join(scores)
-                         + f" | {change:.2g} | {largest_angle(entry):.2g} | {mean_angle} |")
+                         + f" | {change} | {largest_angle(entry):.2g} | {mean_angle} |")
     return "\n".join(lines)
 
 
@@ -900,44 +899,53 @@ OUTPUTS = {"verify": [], "align": ["alignment.png", "alignment.json"],  # what e
            "subspace": ["subspace_{}.png", "subspace.json"], "order": ["order_{}.png", "order.json"]}
 
 
-@functools.cache  # inspect.getsource parses the whole file: once is enough
 def knob_help():
-    """The comment after each Config field and the `# --- section ---` line above it, so `--help`
-    and the code share one description. Returns {field: help}, {field: section}."""
-    helps, sections, section = {}, {}, "options"
+    """The comment after each Config field, so `--help` and the code share one description."""
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, comment = line.partition("#")
+        if ":" in name and "=" in name and comment:
+            helps[name.split(":")[0].strip()] = comment.strip()
+    return helps
+
+
+def knob_sections():
+    """The `# --- section ---` line above each Config field, so `--help` groups the knobs as the code does."""
+    sections, section = {}, "options"
     for line in inspect.getsource(Config).splitlines():
         name, _, comment = line.partition("#")
         if not name.strip() and comment.strip().startswith("---"):
             section = comment.strip(" -")
-        elif ":" in name and "=" in name and comment:
-            field = name.split(":")[0].strip()
-            helps[field], sections[field] = comment.strip().replace("%", "%%"), section  # argparse formats help with %
-    return helps, sections
+        elif ":" in name and "=" in name:
+            sections[name.split(":")[0].strip()] = section
+    return sections
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
+class OneSentenceParser(argparse.ArgumentParser):
+    """argparse, but a flag it cannot parse (unknown, missing value, not a number) is a UserError:
+    one `error:` sentence and exit code 2 like every other bad input, not usage lines."""
+
     def error(self, message):
-        """argparse's own complaints (unknown flag, 'x' for an int) become one sentence, like ours."""
         raise UserError(f"{message} (see --help).")
 
 
 def parse_config(argv=None):
     """Defaults < command line, then one validation pass. Returns (command, Config)."""
-    parser = OneLineArgumentParser(description="Closed-form linear autoencoders and the alignment theorem (arXiv 2402.11337).",
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneSentenceParser(description="Closed-form linear autoencoders and the alignment theorem (arXiv 2402.11337).",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("command", choices=COMMANDS, help="verify: the closed forms against optimisers; align: Figure 2; "
                         "subspace: Figures 1 and 4; order: Figure 3")
-    helps, sections = knob_help()
-    groups = {}
+    helps, sections, groups = knob_help(), knob_sections(), {}
+    choices = {"device": ("auto", "cuda", "mps", "cpu")}  # argparse refuses the rest
     for field in dataclasses.fields(Config):
-        group = groups.get(sections[field.name]) or groups.setdefault(sections[field.name],
-                                                                       parser.add_argument_group(sections[field.name]))
-        flag = "--" + field.name.replace("_", "-")
+        section = sections[field.name]
+        group = groups[section] if section in groups else groups.setdefault(section, parser.add_argument_group(section))
+        flag, text = "--" + field.name.replace("_", "-"), helps[field.name].replace("%", "%%")  # argparse formats help with %
         if field.type in (bool, "bool"):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=helps[field.name])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}[getattr(field.type, "__name__", field.type)]
-            group.add_argument(flag, type=kind, default=field.default, help=helps[field.name])
+            group.add_argument(flag, type=kind, choices=choices.get(field.name), default=field.default, help=text)
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     cfg = Config(**args)
@@ -988,24 +996,25 @@ def dataset_dim(name, img_size):
     return {"cifar10": 3072, "cifar100": 3072, "fashion-mnist": 784, "mnist": 784}.get(name, 3 * img_size ** 2)
 
 
-def check_writable(path, flag, kind):
-    """An output path we may create: an existing one must be a `kind` ('directory' or 'file') we can
-    write; a missing one must have as nearest existing ancestor a directory we can write to."""
+def check_writable(path, flag, directory):
+    """Refuses a path that cannot be written, without creating anything: an existing path must be
+    a directory (or a regular file when directory=False) we may write to; otherwise its nearest
+    existing ancestor must be a directory we may write into."""
     if not path:
         raise UserError(f"{flag} is empty: give a path.")
     if os.path.exists(path):
-        if not (os.path.isdir(path) if kind == "directory" else os.path.isfile(path)):
-            raise UserError(f"{flag}: {path} exists and is not a {kind}; choose another path.")
-        if not os.access(path if kind == "directory" else os.path.dirname(os.path.abspath(path)), os.W_OK):
-            raise UserError(f"{flag}: {path} is not writable; choose another path.")
+        if directory != os.path.isdir(path):
+            raise UserError(f"{flag} {path} exists and is {'not ' if directory else ''}a directory; choose another path.")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path} is not writable; choose another path.")
         return
-    ancestor = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise UserError(f"{flag}: {path} lies under {ancestor}, which is a file, not a directory; choose another path.")
-    if not os.access(ancestor, os.W_OK):
-        raise UserError(f"{flag}: {path} would be created in {ancestor}, which is not writable; choose another path.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path} lies under {parent}, which is a file, not a directory; choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} cannot be created: {parent} is not writable; choose another path.")
 
 
 def physical_memory(device):
@@ -1028,8 +1037,6 @@ def check_config(cfg, command):
         value = getattr(cfg, field.name)
         if isinstance(value, float):
             need(math.isfinite(value), f"--{field.name.replace('_', '-')} must be a finite number, got {value}.")
-    need(command in COMMANDS, f"the command must be one of {', '.join(COMMANDS)}, got '{command}'.")
-    need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
     need(cfg.train_limit >= 0, f"--train-limit cannot be negative (0 = all images), got {cfg.train_limit}.")
     need(cfg.img_size >= 4, f"--img-size must be at least 4, got {cfg.img_size}.")
     for flag in ("epochs", "batch_size", "width", "ae_steps", "ae_hidden", "ae_bottleneck"):
@@ -1055,6 +1062,12 @@ def check_config(cfg, command):
             need(os.path.isdir(folder), f"--datasets {name}: {folder} is not a directory of train/<class>/ and val/<class>/ images.")
     if command == "verify":
         return  # verify makes its own toy data and writes no file
+    if command == "align" and cfg.ks != Config.ks:  # the default list quietly keeps the K that fit (K = 8 always does)
+        ## K counts the features of a linear autoencoder of D pixel coordinates: there are at most D.
+        smallest = min(names, key=lambda name: dataset_dim(name, cfg.img_size))
+        dim, largest_k = dataset_dim(smallest, cfg.img_size), max(parse_list(cfg.ks, "--ks", int))
+        need(largest_k <= dim, f"--ks {largest_k} asks for more features than {smallest} has pixel coordinates "
+                               f"(D = {dim}), the most a linear autoencoder has; give --ks values up to {dim}.")
     if any(name != "shapes" for name in names):  # downloads go there, and folder: datasets' resized copies
         need(cfg.data_dir != "", "--data-dir is empty: give a directory, e.g. --data-dir data.")
         existing = cfg.data_dir
@@ -1070,17 +1083,22 @@ def check_config(cfg, command):
     need(available is None or needed <= available,
          f"D = {dim} pixel coordinates needs about {needed / 1e9:.0f} GB of float64 matrices, more than the "
          f"{available / 1e9 if available else 0:.0f} GB of {linalg.type}; use a smaller --img-size.")
-    check_writable(cfg.out_dir, "--out-dir", "directory")
+    check_writable(cfg.out_dir, "--out-dir", directory=True)
     for name in names:
         for output in OUTPUTS[command]:
-            check_writable(os.path.join(cfg.out_dir, output.format(safe_name(name))), "--out-dir", "file")
+            check_writable(os.path.join(cfg.out_dir, output.format(safe_name(name))), "--out-dir", directory=False)
 
 
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name} is not available on this machine; use --device auto.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this PyTorch has no MPS backend; use --device cpu or auto.")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 
@@ -1259,7 +1277,7 @@ def load_folder(root, size, cache_dir):
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
-        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
+        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ (or test/<class>/) folders of images.")
     subfolders = lambda d: {n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)) and not n.startswith(".")}
     classes = sorted(subfolders(train_dir))
     files = {}  # split -> [(path, label)]
@@ -1279,8 +1297,16 @@ def load_folder(root, size, cache_dir):
                                 f"add some or remove it.")
             files[split] += [(os.path.join(cls_dir, n), label) for n in names]
         if not files[split]:
-            raise UserError(f"{folder} holds no class folders of images named like those of {train_dir}.")
-    listing = sorted((os.path.relpath(p, root), os.stat(p)) for pairs in files.values() for p, _ in pairs)
+            raise UserError(f"{train_dir} holds no class folders; put each class's images in {train_dir}/<class>/."
+                            if split == "train" else f"{folder} holds no class folders named like those of "
+                            f"{train_dir} (val/ is read when it exists, else test/); add them there.")
+
+    def stat(path):  # a dangling link or a symlink loop named like an image: one sentence, not a traceback
+        try:
+            return os.stat(path)
+        except OSError as e:
+            raise UserError(f"{path} cannot be read ({e.strerror}); fix or remove it.") from None
+    listing = sorted((os.path.relpath(p, root), stat(p)) for pairs in files.values() for p, _ in pairs)
     fingerprint = hashlib.sha256("\n".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}" for n, st in listing).encode()).hexdigest()
     where = os.path.realpath(root)
     cache = os.path.join(cache_dir, "image_folder_cache",
@@ -1408,6 +1434,9 @@ def load_datasets(cfg):
         images, labels = parts["train"]
         if cfg.train_limit:
             images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
+        if len(np.unique(labels)) == 1:
+            print(f"{name}: warning: every training label is one class, so every accuracy and alignment score is "
+                  f"100 % and means nothing")
         loaded[name] = (images, labels, len(parts["classes"]), parts)
     return loaded
 

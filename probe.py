@@ -34,8 +34,9 @@ Known-good numbers produced by this file (2-core CPU, torch 2.13, numpy 2.4, def
     Wall times, hardware and known issues are in README.md.
 
 A features file (.npz, or .pt read with torch.load(weights_only=True)) holds train_features
-(N, D), train_labels (N,), test_features (M, D), test_labels (M,): float features, integer class
-ids; any other key is metadata, copied into the JSON. Defaults: k-NN on L2-normalised features
+(N, D), train_labels (N,), test_features (M, D), test_labels (M,): float features, non-negative
+integer class ids (any ids: {0, 7, 10**9} are renumbered 0..2, in their order, with a line saying
+so); any other key is metadata, copied into the JSON. Defaults: k-NN on L2-normalised features
 with exp(sim / 0.07) votes, k = 10, 20, 100, 200 from one search; linear probe = standardise by
 train statistics + one Linear layer, AdamW, weight decay 0, cosine schedule, the FINAL epoch's
 test accuracy (`--probe authors`: the decay paper's authors' raw-feature probe); effective rank
@@ -51,7 +52,6 @@ stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
 import argparse
 import dataclasses
-import functools
 import gzip
 import hashlib
 import inspect
@@ -76,7 +76,7 @@ from tqdm import tqdm
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, bad features file): one sentence, no traceback."""
+    """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
 
 
 # =============================================================================================
@@ -90,7 +90,7 @@ class Config:
     pixels: str = ""              # also evaluate raw pixels: shapes | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where --pixels datasets are looked for and downloaded to, and folder:PATH's resized copy is cached
     download: bool = True         # download a missing --pixels dataset (checksum verified before use)
-    img_size: int = 32            # side that folder:PATH images are resized to
+    img_size: int = 32            # image side of the built-in shapes and of folder:PATH images (resized to it)
     # --- k-NN (DINO protocol) ---
     knn_k: str = "10,20,100,200"  # comma list of neighbour counts from one top-k search (the default's ks above the train size are skipped)
     knn_t: float = 0.07           # temperature of the exp(sim / T) vote weights
@@ -124,22 +124,7 @@ class Config:
 ##   * subspace probe: is the label in the directions of LARGE variance, which a reconstruction
 ##     loss cares about, or in the small ones?
 ## knn_predict, linear_probe, AUTHORS_PROBE and effective_rank are deliberate verbatim copies of
-## mae_decay.py's (tests/test_probe.py checks it), so a number here means what it means there.
-
-def accepts_arrays(function):
-    """numpy arrays in the arguments become tensors (integer arrays int64, as labels must be);
-    tensors pass through untouched, so tensor inputs give exactly the copied function's results."""
-    # plumbing for the copied functions below (they take tensors): skip it on a first read
-    def as_tensor(value):
-        if not isinstance(value, np.ndarray):
-            return value
-        return torch.from_numpy(np.array(value, dtype=np.int64 if value.dtype.kind in "iub" else None))
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        return function(*map(as_tensor, args), **{name: as_tensor(v) for name, v in kwargs.items()})
-    return wrapper
-
+## mae_decay.py's (tests/test_copies.py checks it), so a number here means what it means there.
 
 ## k-NN, DINO's protocol (Wu et al. 2018; Caron et al. 2021, their eval_knn.py). The features are
 ## L2-normalised, so the dot product of a query with a training feature is their cosine
@@ -150,7 +135,6 @@ def accepts_arrays(function):
 ## so the closest neighbours dominate; T = infinity gives every neighbour weight 1 (a plain
 ## majority vote, --majority). topk returns the neighbours sorted by similarity, so ONE search for
 ## the largest k answers every smaller k too: its first k columns are exactly the k nearest.
-@accepts_arrays
 @torch.no_grad()
 def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=None, chunk=1024):
     """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021): cosine similarity on L2-normalised
@@ -188,7 +172,6 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
 ## step, and the accuracy after the FINAL epoch: taking the best epoch would select on the test
 ## set (the MAE and DINO scripts print such a maximum). The head's init and the sample order come
 ## from one seeded generator, so the same seed gives the same number whatever ran before.
-@accepts_arrays
 def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
                  standardize=True):
     """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
@@ -368,7 +351,13 @@ def evaluate_input(source, cfg, device):
         arrays, metadata = pixel_features(name, cfg.data_dir, cfg.img_size, cfg.download), {"pixels": name}
     else:
         arrays, metadata = read_features_file(source)
-    arrays = check_features(arrays, source)
+    arrays, class_ids = renumber_classes(check_features(arrays, source))
+    if not torch.equal(class_ids, torch.arange(len(class_ids))):
+        shown = ", ".join(map(str, class_ids[:5].tolist())) + (", ..." if len(class_ids) > 5 else "")
+        print(f"{source}: class ids {{{shown}}} renumbered 0..{len(class_ids) - 1}, keeping their sorted order")
+        metadata = {**metadata, "renumbered_class_ids": as_metadata(class_ids)}
+    if len(class_ids) == 1:
+        print(f"{source}: warning: every label is one class, so every accuracy is 100 % and means nothing")
     train_x, test_x = arrays["train_features"], arrays["test_features"]
     ks = usable_ks(cfg, len(train_x), source)
     print(f"{source}: {len(train_x)} train and {len(test_x)} test samples, {train_x.shape[1]} dimensions, on {device}",
@@ -434,14 +423,12 @@ def settings(cfg, device):
                                  "subtracting their mean (subspace rows are centred projections: the two agree)"}
 
 
-def write_json(results, path):
-    """One object for one input, a list of them for several (an input that failed: its error)."""
-    text = json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def plot_spectra(spectra, path):
@@ -466,41 +453,53 @@ def plot_spectra(spectra, path):
 # skip on a first read: read only if you add a flag
 # =============================================================================================
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (unknown flag, a value of the wrong type) are one UserError sentence."""
+class OneSentenceParser(argparse.ArgumentParser):
+    """argparse, but a flag it cannot parse (unknown, missing value, not a number) is a UserError:
+    one `error:` sentence and exit code 2 like every other bad input, not usage lines."""
 
     def error(self, message):
         raise UserError(f"{message} (see --help).")
 
 
 def knob_help():
-    """{section: {field: comment}} from Config's source, so `--help` and the code share one text."""
+    """The comment after each Config field, so `--help` and the code share one description."""
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, comment = line.partition("#")
+        if ":" in name and "=" in name and comment:
+            helps[name.split(":")[0].strip()] = comment.strip()
+    return helps
+
+
+def knob_sections():
+    """The `# --- section ---` line above each Config field, so `--help` groups the knobs as the code does."""
     sections, section = {}, "options"
     for line in inspect.getsource(Config).splitlines():
-        code, _, comment = line.partition("#")
-        if not code.strip() and comment.strip().startswith("---"):
+        name, _, comment = line.partition("#")
+        if not name.strip() and comment.strip().startswith("---"):
             section = comment.strip(" -")
-        elif ":" in code and "=" in code and comment:
-            sections.setdefault(section, {})[code.split(":")[0].strip()] = comment.strip()
+        elif ":" in name and "=" in name:
+            sections[name.split(":")[0].strip()] = section
     return sections
 
 
 def parse_config(argv=None):
     """Returns (Config, list of feature-file paths), every flag checked before anything is read."""
-    parser = ArgumentParser(prog="probe.py", description="Frozen-feature evaluation: k-NN, linear probe, effective rank, "
-                            "subspace probes. The text of each option is its comment in probe.py's Config.")
+    parser = OneSentenceParser(prog="probe.py", description="Frozen-feature evaluation: k-NN, linear probe, effective "
+                               "rank, subspace probes. The text of each option is its comment in probe.py's Config.")
     parser.add_argument("features", nargs="*", help="features files (.npz or .pt) with train/test features and labels")
-    for section, knobs in knob_help().items():
-        group = parser.add_argument_group(section)
-        for name, comment in knobs.items():
-            default = getattr(Config, name)
-            ## argparse %-formats help strings: a literal % in a comment ("p% of") must be doubled.
-            text = f"{comment} (default: {default if default != '' else 'none'})".replace("%", "%%")
-            flag = "--" + name.replace("_", "-")
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-            else:
-                group.add_argument(flag, type=type(default), default=default, help=text)
+    helps, sections, groups = knob_help(), knob_sections(), {}
+    choices = {"device": ("auto", "cuda", "mps", "cpu"), "probe": ("standard", "authors")}  # argparse refuses the rest
+    for field in dataclasses.fields(Config):
+        section, default = sections[field.name], field.default
+        group = groups[section] if section in groups else groups.setdefault(section, parser.add_argument_group(section))
+        ## argparse %-formats help strings: a literal % in a comment ("p% of") must be doubled.
+        text = f"{helps[field.name]} (default: {default if default != '' else 'none'})".replace("%", "%%")
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            group.add_argument(flag, type=type(default), choices=choices.get(field.name), default=default, help=text)
     args = vars(parser.parse_args(argv))
     paths = args.pop("features")
     cfg = Config(**args)
@@ -562,8 +561,6 @@ def check_config(cfg, paths):
     need(cfg.probe_batch_size >= 0, f"--probe-batch-size must be at least 1 (or 0 for full batch), got {cfg.probe_batch_size}.")
     need(cfg.img_size >= 1, f"--img-size must be at least 1, got {cfg.img_size}.")
     need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}.")
-    need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
-    need(cfg.probe in ("standard", "authors"), f"--probe must be standard or authors, got '{cfg.probe}'.")
     if cfg.pixels:
         folder = cfg.pixels[len("folder:"):] if cfg.pixels.startswith("folder:") else None
         need(folder is not None or cfg.pixels in ("shapes", *CIFAR, *IDX),
@@ -589,14 +586,19 @@ def check_config(cfg, paths):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
-        raise UserError(f"--device {name} is not available on this machine; use --device auto.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this PyTorch has no MPS backend; use --device cpu or auto.")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 
 # =============================================================================================
 # Plumbing: raw pixels for --pixels. This section, down to load_dataset and atomic_save, is a
-# deliberate verbatim copy of mae_decay.py's; tests/test_probe.py checks that the copies match.
+# deliberate verbatim copy of mae_decay.py's; tests/test_copies.py checks that the copies match.
 # skip on a first read: read only if you change the data
 # =============================================================================================
 
@@ -766,7 +768,7 @@ def load_folder(root, size, cache_dir):
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
-        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
+        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ (or test/<class>/) folders of images.")
     subfolders = lambda d: {n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)) and not n.startswith(".")}
     classes = sorted(subfolders(train_dir))
     files = {}  # split -> [(path, label)]
@@ -786,8 +788,16 @@ def load_folder(root, size, cache_dir):
                                 f"add some or remove it.")
             files[split] += [(os.path.join(cls_dir, n), label) for n in names]
         if not files[split]:
-            raise UserError(f"{folder} holds no class folders of images named like those of {train_dir}.")
-    listing = sorted((os.path.relpath(p, root), os.stat(p)) for pairs in files.values() for p, _ in pairs)
+            raise UserError(f"{train_dir} holds no class folders; put each class's images in {train_dir}/<class>/."
+                            if split == "train" else f"{folder} holds no class folders named like those of "
+                            f"{train_dir} (val/ is read when it exists, else test/); add them there.")
+
+    def stat(path):  # a dangling link or a symlink loop named like an image: one sentence, not a traceback
+        try:
+            return os.stat(path)
+        except OSError as e:
+            raise UserError(f"{path} cannot be read ({e.strerror}); fix or remove it.") from None
+    listing = sorted((os.path.relpath(p, root), stat(p)) for pairs in files.values() for p, _ in pairs)
     fingerprint = hashlib.sha256("\n".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}" for n, st in listing).encode()).hexdigest()
     where = os.path.realpath(root)
     cache = os.path.join(cache_dir, "image_folder_cache",
@@ -942,12 +952,18 @@ def read_features_file(path):
             with np.load(path, allow_pickle=False) as npz:  # no pickles: a features file cannot run code
                 blob = {key: npz[key] for key in npz.files}
         elif path.endswith(".pt"):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
         else:
             raise UserError(f"{path}: a features file must end in .npz or .pt.")
     except UserError:
         raise
     except Exception as e:
+        # a pickled Python object (a class instance, a function, an object array) could run code when
+        # loaded, so it is refused; torch's own text for it is eight lines suggesting weights_only=False
+        if isinstance(e, pickle.UnpicklingError) or "allow_pickle" in str(e):
+            raise UserError(f"{path} holds a Python object other than arrays, numbers and strings (a class instance, "
+                            f"say), which is not loaded because unpickling it could run code; save only those "
+                            f"(numpy.savez, or torch.save of a dict of tensors).") from None
         raise UserError(f"{path} could not be read as a features file ({type(e).__name__}: {e}).") from None
     if not isinstance(blob, dict):
         raise UserError(f"{path} holds a {type(blob).__name__}, not a dict of arrays with keys {', '.join(FEATURE_KEYS)}.")
@@ -1001,12 +1017,27 @@ def check_features(arrays, source):
     return checked
 
 
+def renumber_classes(arrays):
+    """The labels as 0..C-1, the class ids keeping their sorted order: {0, 7, 10**9} -> {0, 1, 2}.
+    The k-NN vote table and the probe's output layer have one column per id up to the largest, so
+    ids like 10**9 would ask for 4 GB of float32 votes per test sample. Returns the arrays and the
+    sorted original ids (C,)."""
+    ids = torch.unique(arrays["train_labels"])  # sorted; check_features made sure every test id is among them
+    return {key: torch.searchsorted(ids, value) if key.endswith("_labels") else value
+            for key, value in arrays.items()}, ids
+
+
 def atomic_write(path, write):
-    """write(temporary path), then rename: a crash never leaves half a file behind."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """write(tmp_path), then rename: a crash or Ctrl-C never leaves half a file behind, nor the temporary one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # =============================================================================================
@@ -1037,7 +1068,7 @@ def main(argv=None):
         if len(errors) < len(results):
             print(format_table([r for r in results if "error" not in r], cfg))
             if cfg.json:
-                write_json(results, cfg.json)
+                write_json(cfg.json, results[0] if len(results) == 1 else results)  # a failed input: its error
                 print(f"wrote {cfg.json}")
             if cfg.plot:
                 plot_spectra(spectra, cfg.plot)

@@ -562,6 +562,10 @@ BAD_ARGV = [  # (argv, a word the one-sentence message must contain)
     (["align", "--train-limit", "-1"], "--train-limit"), (["align", "--img-size", "3"], "--img-size"),
     (["align", "--img-size", "100000"], "GB"), (["align", "--threads", "-1"], "--threads"),
     (["align", "--ks", "0"], "--ks"), (["align", "--ks", "8,x"], "--ks"), (["align", "--ks", ","], "--ks"),
+    # K above D: refused before any computation (it used to run 4 minutes on CIFAR-10 and print nan)
+    (["align", "--ks", "8,1000000"], "--ks 1000000 asks for more features than shapes has pixel coordinates (D = 3072)"),
+    (["align", "--datasets", "shapes,mnist", "--ks", "1000"], "give --ks values up to 784"),
+    (["align", "--img-size", "8", "--ks", "8,193"], "(D = 192)"),  # untyped, the default list keeps its K <= 192 (align on 8x8 images above)
     (["subspace", "--top", "1.5"], "--top"), (["subspace", "--top", "0"], "--top"), (["subspace", "--bottom", "nan"], "--bottom"),
     (["subspace", "--bottom", "-0.2"], "--bottom"), (["subspace", "--seeds", "0,-1"], "seeds"), (["subspace", "--seeds", "a"], "--seeds"),
     (["align", "--seed", "-3"], "seeds"), (["align", "--seed", str(2 ** 64)], "seeds"),
@@ -607,7 +611,7 @@ def test_bad_input_ends_with_one_sentence_and_changes_nothing(argv, word, workdi
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device_is_refused(workdir, capsys):
     assert lt.main(["align", "--device", "cuda"]) == 2
-    assert capsys.readouterr().err.startswith("error: --device cuda is not available")
+    assert capsys.readouterr().err == "error: --device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto.\n"
 
 
 def run_cli(*args, cwd, **kwargs):
@@ -679,14 +683,59 @@ def test_atomic_write_leaves_nothing_behind_when_interrupted(tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["result.json", "taken.json"]  # no temporary file left
 
 
-def test_data_loaders_are_identical_copies_of_mae_decays():
-    # linear_theory.py carries its own copy of the data section (no script imports another):
-    # every shared piece must stay identical to mae_decay.py's, or the datasets would differ
-    import inspect
-    import mae_decay
-    for name in ("UserError", "md5sum", "download", "_ArraysOnly", "read_cifar_batch", "load_cifar", "read_idx",
-                 "load_idx", "load_image_resized", "load_folder", "shape_signed_distance", "make_shapes", "load_dataset",
-                 "atomic_save"):
-        assert inspect.getsource(getattr(lt, name)) == inspect.getsource(getattr(mae_decay, name)), name
-    for name in ("CIFAR", "IDX", "SYSTEM_DIRS", "DATA_HELP", "SHAPE_NAMES", "IMAGE_EXTENSIONS"):
-        assert getattr(lt, name) == getattr(mae_decay, name), name
+def write_folder(root, classes, per_class=4, seed=0):
+    """root/train/<class>/ and root/val/<class>/ with random 6x6 RGB PNGs."""
+    import matplotlib.image
+    gen = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for cls in classes:
+            os.makedirs(root / split / cls)
+            for i in range(per_class):
+                matplotlib.image.imsave(root / split / cls / f"{i}.png", gen.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+
+
+def test_one_class_dataset_warns_in_one_line(tmp_path, capsys):
+    write_folder(tmp_path / "one", ["cat"])
+    common = ["--img-size", "6", "--ks", "4", "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+    assert lt.main(["align", "--datasets", f"folder:{tmp_path / 'one'}", *common]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "one class" in warnings[0] and "100 % and means nothing" in warnings[0]
+    write_folder(tmp_path / "two", ["cat", "dog"])
+    assert lt.main(["align", "--datasets", f"folder:{tmp_path / 'two'}", *common]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_symlink_loop_named_like_an_image_is_one_sentence(tmp_path, capsys):
+    write_folder(tmp_path / "images", ["cat", "dog"])
+    loop = tmp_path / "images" / "val" / "dog" / "loop.png"
+    os.symlink("loop.png", loop)  # a real loop: stat and open fail with ELOOP
+    assert lt.main(["align", "--datasets", f"folder:{tmp_path / 'images'}", "--img-size", "6", "--ks", "4",
+                    "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {loop} cannot be read (Too many levels of symbolic links); fix or remove it.")
+    assert not (tmp_path / "out").exists()
+
+
+class RunsCode:
+    """Unpickling this runs os.makedirs(path): a harmless stand-in for a malicious pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_a_cache_holding_a_pickled_object_is_never_run_and_is_rebuilt(tmp_path, capsys):
+    # the only file linear_theory.py reads with torch.load is the image-folder cache under --data-dir
+    write_folder(tmp_path / "images", ["cat", "dog"])
+    first = lt.load_dataset(f"folder:{tmp_path / 'images'}", str(tmp_path / "data"), size=6)
+    (cache,) = (tmp_path / "data" / "image_folder_cache").iterdir()
+    marker = tmp_path / "code_ran"
+    torch.save({"fingerprint": RunsCode(str(marker))}, cache)
+    capsys.readouterr()
+    again = lt.load_dataset(f"folder:{tmp_path / 'images'}", str(tmp_path / "data"), size=6)
+    assert not marker.exists()
+    assert capsys.readouterr().out.splitlines()[0] == f"the cache {cache} is unreadable (UnpicklingError): rebuilding it"
+    assert np.array_equal(again["train"][0], first["train"][0]) and np.array_equal(again["test"][1], first["test"][1])
