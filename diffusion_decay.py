@@ -671,7 +671,9 @@ def ema_decay_at(step, decay):
 
 
 def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
-    """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples)."""
+    """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples).
+    The loop below is the step only (lr, forward under autocast, backward, AdamW, EMA, log); resume,
+    DDP, the compile fallback, checkpoints, curve points and Ctrl-C are each one named helper."""
     rank, world_size = rank_and_world()
     torch.manual_seed(seed)  # the same initial weights in every process
     in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
@@ -679,129 +681,188 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     ema = copy.deepcopy(model).requires_grad_(False)  ## the EMA weights are what gets evaluated and sampled
     optimizer = make_optimizer(model, cfg, device)
     n_train, batch = len(data["train_x"]), cfg.batch_size
-    if batch > n_train:
-        raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
-    check_world_size(batch, world_size)
-    steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
-    total_steps = cfg.epochs * steps_per_epoch
-    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps, stop_step, warmup_steps = step_counts(cfg, n_train, world_size)
     peak_lr = cfg.base_lr * batch / 256
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    name = setting_name(skips, alpha_min)
-
-    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0}
-    if os.path.exists(ckpt_path):
-        if not cfg.resume:
-            raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
-        state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, (skips, alpha_min), seed)  # every process loads it
-        if rank == 0:
-            print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
-
-    def evaluate_curve(epoch):
-        state["evals"].append({"epoch": epoch, "step": state["step"],
-                               **evaluate_cheap(ema, cfg, data, reference, device, seed)[0]})
-        e = state["evals"][-1]
-        if rank == 0:
-            tqdm.write(f"{name} seed={seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{cfg.knn_k} {e['knn']:.4f} "
-                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
-
-    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
-        evaluate_curve(0)
-    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
-    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
-    ## module that the EMA follows and checkpoints save, so they resume with any number of processes.
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
-    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
-    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
-    ctrl_c = catch_ctrl_c() if world_size == 1 else {"stop": False}  # under torchrun, torchrun handles Ctrl-C
-    progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
-                    disable=rank != 0)
-    last_time, last_step = time.perf_counter(), state["step"]
-    last_save = time.perf_counter()
-
-    def flush():
-        nonlocal pending, last_time, last_step
-        if not pending:
-            return
-        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
-        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
-        pending = []
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:  # every process sees the same values, so all stop together
-            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} ({name}); "
-                            f"lower --base-lr or raise --alpha-min.")
-        state["losses"] += values
-        now = time.perf_counter()
-        state["seconds"] += now - last_time
-        progress.update(len(values))
-        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * batch / (now - last_time):.0f}")
-        last_time, last_step = now, last_step + len(values)
-
+    ckpt_path, setting = os.path.join(run_dir, "ckpt.pt"), (skips, alpha_min)
+    state = start_or_resume(ckpt_path, model, ema, optimizer, cfg, setting, seed, total_steps)  # fresh, or from the checkpoint
+    forward = compile_or_eager(wrap_ddp(model, device), cfg)  # DDP under torchrun; torch.compile with an eager fallback
+    books = Bookkeeper(cfg, state, total_steps, stop_step, ckpt_path, setting_name(skips, alpha_min), seed,  # losses, curves,
+                       save=lambda: save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, setting, seed),  # checkpoints,
+                       curve_point=lambda: evaluate_cheap(ema, cfg, data, reference, device, seed)[0])  # Ctrl-C
     try:
         model.train()
         for step in range(state["step"], stop_step):
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or step == state["step"]:
                 order = epoch_order(seed, epoch, n_train).to(device)
-            ## Same trajectory for any number of processes: every process draws the data order, the flips,
-            ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
-            ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
-            ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
-            ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
-            idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
-            gen = step_generator(seed, step)
-            x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
-            t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
-            noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
-            y = None
-            if cfg.class_cond:
-                drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
-                y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
+            x0, noise, t, y = training_inputs(data, order[i * batch:(i + 1) * batch], step_generator(seed, step), cfg,
+                                              num_classes, rank, world_size)  # (B/W, C, S, S) x2, (B/W,), (B/W,) or None
             lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(device):
-                try:
-                    loss = flow_loss(compiled, x0, noise, t, y)
-                except Exception as e:  # torch.compile fails lazily, at the first call
-                    if compiled is model:
-                        raise
-                    if rank == 0:
-                        print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
-                    compiled = ddp_model
-                    loss = flow_loss(ddp_model, x0, noise, t, y)
+                loss = flow_loss(forward, x0, noise, t, y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))  # identical in every process: so are the parameters
-            pending.append(loss.detach())
             state["step"] = step + 1
-            end_of_epoch = i == steps_per_epoch - 1
-            if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step or ctrl_c["stop"]:
-                ## Checkpoints are written only here, right after a flush (a collective under torchrun, so
-                ## every process reaches it at the same steps): the saved losses always match the saved step.
-                flush()
-                save_now = time.perf_counter() - last_save > 60 * cfg.ckpt_minutes or ctrl_c["stop"]
-                if end_of_epoch:
-                    done = epoch + 1
-                    if cfg.eval_every and done % cfg.eval_every == 0 and step + 1 < stop_step:  # the last point: finish_run
-                        evaluate_curve(done)
-                        last_time = time.perf_counter()  # evaluation time is not training time
-                    save_now |= done % cfg.ckpt_every == 0 or done == cfg.epochs
-                if save_now and rank == 0:
-                    save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
-                    last_time = last_save = time.perf_counter()
-                if ctrl_c["stop"]:
-                    progress.close()
-                    raise Interrupted(f"interrupted at step {state['step']}/{total_steps}; checkpoint {ckpt_path} saved: "
-                                      f"rerun the same command with --resume to continue")
+            books.after_step(loss, epoch, i == steps_per_epoch - 1)  # log; at a flush: curve point, checkpoint, Ctrl-C
     finally:  # also when the loop ends by an error: a later Ctrl-C must interrupt again
-        release_ctrl_c()
-    progress.close()
+        books.close()
     if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
-        save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
+        save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, setting, seed)
     return finish_run(ema, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop's helpers: one job each, in the order train_run calls them. Skip on a first read.
+# ---------------------------------------------------------------------------------------------
+
+def step_counts(cfg, n_train, world_size):
+    """(steps per epoch, total steps of the schedule, the step to stop at (--max-steps), warm-up steps)."""
+    if cfg.batch_size > n_train:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images; lower it.")
+    check_world_size(cfg.batch_size, world_size)
+    steps_per_epoch = n_train // cfg.batch_size  # the last incomplete batch of an epoch is dropped
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    return steps_per_epoch, total_steps, stop_step, round(cfg.warmup_epochs * steps_per_epoch)
+
+
+def start_or_resume(ckpt_path, model, ema, optimizer, cfg, setting, seed, total_steps):
+    """The run's progress: fresh, or (with --resume) loaded from its checkpoint into model, EMA and
+    optimizer, by every process. A checkpoint without --resume is an error: nothing is overwritten."""
+    if not os.path.exists(ckpt_path):
+        return {"step": 0, "losses": [], "evals": [], "seconds": 0.0}
+    if not cfg.resume:
+        raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
+    state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, setting, seed)
+    if rank_and_world()[0] == 0:
+        print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
+    return state
+
+
+## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process, so
+## none can write the checkpoint before all have looked for it); `model` stays the plain module that
+## the EMA follows and checkpoints save, so they resume with any number of processes.
+def wrap_ddp(model, device):
+    if dist.is_available() and dist.is_initialized():
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def compile_or_eager(model, cfg):
+    """`model`, torch.compile'd with --compile. torch.compile fails lazily, at the first call: a
+    call that raises prints one line and runs, then and from then on, the eager `model`."""
+    if not cfg.compile:
+        return model
+    compiled = torch.compile(model)
+
+    def forward(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except Exception as e:
+            if compiled is model:
+                raise
+            if rank_and_world()[0] == 0:
+                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+            compiled = model
+            return model(*args)
+    return forward
+
+
+def training_inputs(data, idx, gen, cfg, num_classes, rank, world_size):
+    """One step's inputs from its global batch of indices `idx` (B,) and the step's generator:
+    the flipped images x0 in [-1, 1], the noise, the times t and the labels (None unless --class-cond;
+    the null class with probability --class-dropout). Returns this process's slice of each."""
+    ## Same trajectory for any number of processes: every process draws the data order, the flips,
+    ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
+    ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
+    ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
+    ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
+    idx, batch = shard(idx, rank, world_size), len(idx)  # (B/W,)
+    device = data["train_x"].device
+    x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
+    t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
+    noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
+    y = None
+    if cfg.class_cond:
+        drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
+        y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
+    return x0, noise, t, y
+
+
+class Bookkeeper:
+    """Everything a run does between steps besides the step. Per-step losses stay on the device and
+    are fetched in groups (a fetch syncs the device): every --log-every steps, at each epoch end, at
+    the last step and at Ctrl-C. At such a flush the losses are checked (NaN stops the run), shown on
+    the progress bar and timed; at an epoch end the curves get a point every --eval-every epochs;
+    a checkpoint is written every --ckpt-every epochs, at the last epoch, after --ckpt-minutes and at
+    Ctrl-C, whose first press stops the run after the step with that checkpoint."""
+
+    def __init__(self, cfg, state, total_steps, stop_step, ckpt_path, name, seed, save, curve_point):
+        self.cfg, self.state, self.total_steps, self.stop_step, self.ckpt_path = cfg, state, total_steps, stop_step, ckpt_path
+        self.name, self.seed, self.save, self.curve_point = name, seed, save, curve_point
+        self.rank, self.world_size = rank_and_world()
+        if cfg.eval_every and state["step"] == 0 and not state["evals"]:
+            self.add_curve_point(0)  # the curves start at the initial model
+        self.pending = []  # per-step losses still on the device
+        self.ctrl_c = catch_ctrl_c() if self.world_size == 1 else {"stop": False}  # under torchrun, torchrun handles Ctrl-C
+        self.progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
+                             disable=self.rank != 0)
+        self.last_time = self.last_save = time.perf_counter()
+        self.last_step = state["step"]
+
+    def add_curve_point(self, epoch):
+        self.state["evals"].append({"epoch": epoch, "step": self.state["step"], **self.curve_point()})
+        e = self.state["evals"][-1]
+        if self.rank == 0:
+            tqdm.write(f"{self.name} seed={self.seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{self.cfg.knn_k} {e['knn']:.4f} "
+                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
+
+    def after_step(self, loss, epoch, end_of_epoch):
+        cfg, step = self.cfg, self.state["step"]
+        self.pending.append(loss.detach())
+        if not (len(self.pending) >= cfg.log_every or end_of_epoch or step == self.stop_step or self.ctrl_c["stop"]):
+            return
+        ## Checkpoints are written only here, right after a flush (a collective under torchrun, so
+        ## every process reaches it at the same steps): the saved losses always match the saved step.
+        self.flush()
+        save_now = time.perf_counter() - self.last_save > 60 * cfg.ckpt_minutes or self.ctrl_c["stop"]
+        if end_of_epoch:
+            done = epoch + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and step < self.stop_step:  # the last point: finish_run
+                self.add_curve_point(done)
+                self.last_time = time.perf_counter()  # evaluation time is not training time
+            save_now |= done % cfg.ckpt_every == 0 or done == cfg.epochs
+        if save_now and self.rank == 0:
+            self.save()
+            self.last_time = self.last_save = time.perf_counter()
+        if self.ctrl_c["stop"]:
+            self.progress.close()
+            raise Interrupted(f"interrupted at step {step}/{self.total_steps}; checkpoint {self.ckpt_path} saved: "
+                              f"rerun the same command with --resume to continue")
+
+    def flush(self):
+        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
+        values = mean_over_ranks(torch.stack(self.pending), self.world_size).tolist()
+        self.pending = []
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:  # every process sees the same values, so all stop together
+            raise UserError(f"the loss became {values[bad]} at step {self.last_step + bad} ({self.name}); "
+                            f"lower --base-lr or raise --alpha-min.")
+        self.state["losses"] += values
+        now = time.perf_counter()
+        self.state["seconds"] += now - self.last_time
+        self.progress.update(len(values))
+        self.progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * self.cfg.batch_size / (now - self.last_time):.0f}")
+        self.last_time, self.last_step = now, self.last_step + len(values)
+
+    def close(self):
+        release_ctrl_c()
+        self.progress.close()
 
 
 # =============================================================================================

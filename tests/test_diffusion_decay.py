@@ -707,3 +707,20 @@ def test_main_writes_table_json_features_samples_and_plots(tmp_path, capsys):
 def test_benchmark_reports_throughput(capsys):
     result = d.main(TINY + ["--benchmark"])
     assert result["img_per_s"] > 0 and "ms/step" in capsys.readouterr().out
+
+
+def test_a_failing_compile_falls_back_to_eager_once_and_trains_the_same(tmp_path, monkeypatch, capsys):
+    eager = run_training(tmp_path, "eager", "--epochs", "1")
+    compiled_calls = []
+
+    def broken_compile(model, **kwargs):  # torch.compile fails lazily: at the first call, not here
+        def call(*args):
+            compiled_calls.append(1)
+            raise RuntimeError("no compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    capsys.readouterr()
+    fallback = run_training(tmp_path, "fallback", "--epochs", "1", "--compile")
+    assert compiled_calls == [1] and capsys.readouterr().out.count("torch.compile failed (RuntimeError: no compiler here)") == 1
+    assert fallback["losses"] == eager["losses"] and len(eager["losses"]) == 8  # 256 images, batch 32
