@@ -58,8 +58,9 @@ What is measured, and how:
   (training images) and noise-vs-real values are printed next to it as floor and ceiling.
 * Representation: tokens at the end of the ENCODER HALF (the U-ViT bottleneck) of the EMA model,
   mean-pooled, null class, for the image noised along the path to each --feature-t (default 0.1,
-  0.25, 0.5: inside the range training visits; a clean t = 0 input lies at its edge, and
-  logit-normal training almost never sees it).
+  0.25, 0.5: uniform training times visit each of them as often as any other level, a tenth of
+  the steps within +-0.05; a clean t = 0 input lies at the edge of that range, and with
+  --time-dist logit-normal training almost never sees it: 0.0016 of the steps below t = 0.05).
   The headline is the FIRST level, fixed in advance (never picked on test labels); every level is
   printed in a second table. k-NN (DINO protocol), linear probe (final epoch; ours or, with
   --probe authors, the authors'), effective rank uncentred (RankMe) and centred.
@@ -201,7 +202,7 @@ PRESETS = {
 # long skips. Read this first: it is the paper's method, line by line.
 # =============================================================================================
 ## A transformer block has two residual sub-layers (attention, then MLP). The paper replaces each
-##     x_{k+1} = x_k + f_k(x_k)        by        x_{k+1} = alpha_k * x_k + f_k(x_k),
+##     x_{k+1} = x_k + f_k(norm(x_k))        by        x_{k+1} = alpha_k * x_k + f_k(norm(x_k)),
 ## with alpha_k a FIXED number (nothing learnable) that falls linearly from 1 at the first sub-layer
 ## to alpha_min at the last. A shortcut weighted below 1 lets an early layer's signal reach the
 ## end only after being shrunk by every later alpha, so the deep layers must re-derive what they
@@ -232,7 +233,7 @@ class DiTBlock(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
         ## adaLN-Zero (DiT, Peebles & Xie 2023): one Linear maps the conditioning vector c to six
         ## per-channel vectors: shift, scale and gate for each of the two sub-layers. It starts at
-        ## ZERO (init_weights), so every gate is 0 and every branch is switched off at step 0.
+        ## ZERO (zero_init_ below), so every gate is 0 and every branch is switched off at step 0.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         ## Decoder-half blocks (--skips on) also read one encoder-half output through a Linear.
         self.skip_proj = nn.Linear(dim, dim) if long_skip else None
@@ -250,10 +251,20 @@ class DiTBlock(nn.Module):
         ## alpha * (x + f(x)), is another rule: the paper's ImageNet-100 ablation of sqrt(0.5) * (x + f)
         ## gives a linear probe of 82.6 against 83.6 for the decay.)
         ## With alpha = 1 this is the DiT block; the gates start at zero, so at initialisation the block
-        ## is exactly alpha_a * alpha_m * x. The gates (B, D) broadcast over the T tokens: unsqueeze(1).
+        ## is exactly alpha_a * alpha_m * x (decoder half, --skips on: alpha_a * alpha_m * (x + Linear(skip)),
+        ## the skip Linear is not zeroed). The gates (B, D) broadcast over the T tokens: unsqueeze(1).
         x = self.alpha_attn * x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = self.alpha_mlp * x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+    def zero_init_(self):
+        """adaLN-Zero: zero the modulation Linear (weight and bias), after any other init. Every shift,
+        scale and gate is then 0, and the block starts as the alpha-scaled identity."""
+        ## The zero init matters as much as the rule: the paper reports that without it feature norms
+        ## blow up early in training once alpha_min is at or below 0.7. A copied block carries it.
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        return self
 
 
 def modulate(x, shift, scale):  # (B, T, D), (B, D), (B, D) -> (B, T, D)
@@ -328,6 +339,13 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):  # (B, T, D), (B, D) -> (B, T, p*p*C)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+    def zero_init_(self):
+        """Zero the modulation and the output Linear: the network's velocity starts at exactly 0."""
+        for linear in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        return self
 
 
 class DiT(nn.Module):
@@ -410,13 +428,13 @@ def init_weights(model):
     * Linear: xavier-uniform weight, zero bias (long-skip Linears included: they are NOT zeroed);
       the patch-embedding Conv2d likewise, seen as a Linear;
     * timestep MLP: normal(0, 0.02); class embedding: normal(0, 0.02);
-    * ZERO (adaLN-Zero): the modulation Linear of every block and of the final layer, and the final
-      Linear, so every gate starts at 0, every block is exactly the alpha-scaled identity and the
-      network predicts velocity 0;
+    * ZERO (adaLN-Zero, each block's and the final layer's zero_init_): the modulation Linear of every
+      block and of the final layer, and the final Linear, so every gate starts at 0, every block is
+      the alpha-scaled identity (plus its long skip's Linear in the decoder half) and the network
+      predicts velocity 0;
     * LayerNorms have no parameters; position embeddings are fixed."""
-    ## The zero init matters as much as the rule: the paper reports that without it feature norms
-    ## blow up early in training once alpha_min is at or below 0.7. At step 0 the encoder half is a
-    ## pure chain of alpha-scaled identities: features = prod(alphas of the encoder half) * tokens.
+    ## At step 0 the encoder half is a pure chain of alpha-scaled identities:
+    ## features = prod(alphas of the encoder half) * tokens.
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -429,10 +447,7 @@ def init_weights(model):
     if model.y_embedder is not None:
         nn.init.normal_(model.y_embedder.weight, std=0.02)
     for block in list(model.blocks) + [model.final_layer]:
-        nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        nn.init.zeros_(block.adaLN_modulation[-1].bias)
-    nn.init.zeros_(model.final_layer.linear.weight)
-    nn.init.zeros_(model.final_layer.linear.bias)
+        block.zero_init_()
 
 
 def build_model(cfg, alpha_min, skips, in_chans, num_classes):
@@ -648,7 +663,7 @@ def make_optimizer(model, cfg, device):
 
 ## Every random number of a step comes from a generator seeded by (seed, step), and the data order
 ## from one seeded by (seed, epoch). Nothing depends on history, so --resume continues exactly, and
-## runs on CPU and GPU draw the same crops, flips and masks.
+## runs on CPU and GPU draw the same flips, times, noise and label drops.
 def step_generator(seed, step):
     return torch.Generator().manual_seed(1_000_003 * seed + step)
 
@@ -1052,7 +1067,8 @@ def describe_probe(cfg):
 
 def training_visits(level, time_dist, window=0.05):
     """The share of training times t within +-window of a probed noise level: how familiar the
-    network is with inputs at that level (logit-normal training puts 0.0016 of its steps below 0.05)."""
+    network is with inputs at that level (uniform times, the default: 2 * window at every interior
+    level; logit-normal times put only 0.0016 of the steps below 0.05)."""
     return time_cdf(level + window, time_dist) - time_cdf(level - window, time_dist)
 
 

@@ -95,6 +95,47 @@ def test_every_block_at_init_is_the_alpha_scaled_identity_and_output_is_zero():
     torch.testing.assert_close(plain.features(images, t), math.prod(plain.alphas[:4]) * tokens, rtol=1e-5, atol=1e-6)
 
 
+def test_a_block_copied_alone_carries_its_adaLN_zero_init(monkeypatch):
+    """DiTBlock.zero_init_ (and FinalLayer's) is the whole zero init: a block built and zeroed on its
+    own is the alpha-scaled identity, and init_weights zeroes every block through it, nothing else."""
+    block = d.DiTBlock(32, 2, 4.0, alpha_attn=0.9, alpha_mlp=0.7, long_skip=True)
+    gen = torch.Generator().manual_seed(0)
+    x, skip, c = torch.randn(2, 5, 32, generator=gen), torch.randn(2, 5, 32, generator=gen), torch.randn(2, 32, generator=gen)
+    assert block(x, c, skip).sub(0.63 * x).abs().max() > 0.1  # torch's default init: the branches are on
+    assert block.zero_init_() is block
+    torch.testing.assert_close(block(x, c, skip), 0.9 * 0.7 * (x + block.skip_proj(skip)), rtol=1e-6, atol=1e-6)
+    final = d.FinalLayer(32, 2, 3).zero_init_()
+    assert final(x, c).abs().max() == 0
+    zeroed = []
+    for cls in (d.DiTBlock, d.FinalLayer):
+        real = cls.zero_init_
+        monkeypatch.setattr(cls, "zero_init_", lambda self, real=real: zeroed.append(type(self).__name__) or real(self))
+    model = tiny_model(depth=4)
+    assert zeroed == ["DiTBlock"] * 4 + ["FinalLayer"]
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    fresh = d.DiT(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=4, num_heads=2, alpha_min=0.3, skips=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_numbers_the_comments_state_hold():
+    """What the docstrings, presets and teaching comments state as numbers, against an independent
+    computation: the total shortcut decay prod(alphas) of the settings they name, the GELU gap, the
+    logit-normal share near t = 0 and the uniform share near any interior level."""
+    prod = lambda depth, alpha_min: math.prod(1 - np.linspace(0, 1, 2 * depth) * (1 - alpha_min))  # the authors' formula
+    assert f"{prod(6, 0.3):.2e}" == "2.64e-03" and f"{prod(6, 0.8):.2f}" == "0.27"  # PRESETS quick: our 0.3 vs their 0.8
+    assert f"{prod(28, 0.8):.1e}" == "2.4e-03" and f"{prod(12, 0.8):.1e}" == "7.6e-02"  # SiT-XL/2; the cifar preset
+    assert f"{prod(12, 0.7):.1e}" == "1.8e-02"  # the authors' MAE ViT-B/16 (alpha_min_for's docstring)
+    for text, depth, alpha_min in (("2.6e-3", 6, 0.3), ("0.27", 6, 0.8), ("2.4e-3", 28, 0.8)):
+        assert text in inspect.getsource(d).split("PRESETS = {")[1].split("}")[0] or text in d.__doc__, text
+    x = torch.linspace(-8, 8, 160_001, dtype=torch.float64)
+    assert (F.gelu(x) - F.gelu(x, approximate="tanh")).abs().max() <= 5e-4  # "differ by at most 5e-4"
+    # P(sigmoid(N(0, 1)) < 0.05) = Phi(logit(0.05)) = 0.0016, by 10^6 draws (standard error 4e-5)
+    draws = torch.sigmoid(torch.randn(1_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    assert abs((draws < 0.05).double().mean().item() - 0.0016) < 2e-4
+    assert abs(d.training_visits(0.25, "uniform") - 0.1) < 1e-12  # uniform: a tenth of the steps within +-0.05
+
+
 def test_long_skips_wire_the_documented_blocks():
     model = randomise_gates(tiny_model(depth=6))
     assert model.skip_sources() == [2, 1, 0]  # decoder blocks 3, 4, 5 get encoder blocks 2, 1, 0
