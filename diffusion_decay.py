@@ -30,7 +30,7 @@ warm-up (SiT: constant lr 1e-4, EMA 0.9999 from step 0); unconditional by defaul
 Run (each command prints what it does; `--help` lists every knob with its default):
 
     python diffusion_decay.py                       # CPU demo: skips off/on x alpha_min 1.0/0.3, built-in shapes 16px
-    python diffusion_decay.py --preset cifar --compile                    # DiT-S/2 on CIFAR-10, one GPU
+    python diffusion_decay.py --preset cifar --compile                    # DiT-S/2 on CIFAR-10, one GPU (CUDA graphs)
     python diffusion_decay.py --dataset fashion-mnist --img-size 28 --train-limit 10000 --epochs 3 --eval-every 0
     python diffusion_decay.py --class-cond --cfg-scale 2.0 --skips on --alpha-min 0.3   # class-conditional + CFG
     python diffusion_decay.py --preset cifar --benchmark --compile        # img/s, ms/step, memory, MFU
@@ -168,6 +168,7 @@ class Config:
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
     compile: bool = False         # torch.compile the model for training (falls back to eager if it fails)
+    compile_mode: str = "auto"    # with --compile: auto (reduce-overhead = CUDA graphs on one CUDA GPU, else default) | default | reduce-overhead | max-autotune
     out_dir: str = "runs/diffusion"  # where checkpoints, features, samples, plots and results go
     resume: bool = False          # continue each run from its checkpoint in out_dir
     ckpt_every: int = 4           # write a checkpoint every N epochs (and at the end) ...
@@ -253,8 +254,8 @@ class DiTBlock(nn.Module):
         ## With alpha = 1 this is the DiT block; the gates start at zero, so at initialisation the block
         ## is exactly alpha_a * alpha_m * x (decoder half, --skips on: alpha_a * alpha_m * (x + Linear(skip)),
         ## the skip Linear is not zeroed). The gates (B, D) broadcast over the T tokens: unsqueeze(1).
-        x = self.alpha_attn * x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = self.alpha_mlp * x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = scaled(x, self.alpha_attn) + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = scaled(x, self.alpha_mlp) + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
     def zero_init_(self):
@@ -265,6 +266,14 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
         return self
+
+
+def scaled(x, alpha):
+    """alpha * x, skipped when alpha is 1.0 (exactly x in floating point): the first sub-layer and
+    every sub-layer of the baseline save one read and one write of x, forward and backward."""
+    # a view, not x itself: a free autograd node in the multiply's place, so that autograd sums the
+    # gradients of a tensor with three consumers (a long skip's source) in the same order, bit for bit
+    return x.view_as(x) if alpha == 1.0 else alpha * x
 
 
 def modulate(x, shift, scale):  # (B, T, D), (B, D), (B, D) -> (B, T, D)
@@ -287,7 +296,9 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, T, D)
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        # unbind on the q/k/v dim of the head split: in backward the three gradients are stacked straight
+        # into the (B, T, 3, H, D/H) layout of the qkv Linear's output (permuting first costs one more copy)
+        q, k, v = (part.transpose(1, 2) for part in self.qkv(x).view(B, T, 3, self.heads, D // self.heads).unbind(2))  # 3 x (B, H, T, D/H)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
@@ -613,7 +624,7 @@ def generate(model, n, cfg, device, seed, in_chans, num_classes=0, batch_size=50
 ## Keys that change what a run computes: a checkpoint resumes only under identical values.
 TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "embed_dim", "depth", "num_heads",
                    "mlp_ratio", "class_cond", "class_dropout", "time_dist", "time_scale", "epochs", "batch_size", "base_lr", "min_lr",
-                   "warmup_epochs", "weight_decay", "beta2", "ema_decay")
+                   "warmup_epochs", "weight_decay", "beta2", "ema_decay", "compile_mode")
 
 
 ## The model sees pixels in [-1, 1] (DiT / SiT convention), not per-channel standardised ones:
@@ -621,15 +632,13 @@ TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 
 
-def training_batch(images, out_size, gen, flip, rank=0, world_size=1):
-    """uint8 (B, C, H, W) -> float (B, C, S, S) in [-1, 1], each image mirrored left-right with
-    probability 1/2 when `flip`. The coins come from the CPU generator `gen` (exact resume; the same
-    batch on every device). Diffusion models are trained without crops, so flips are all there is.
-    Under torchrun `images` is slice `rank` of a global batch world_size times larger: the coins
-    are tossed for the global batch, then sliced."""
+def training_batch(images, out_size, mirror=None):
+    """uint8 (B, C, H, W) -> float (B, C, S, S) in [-1, 1], image i mirrored left-right where the
+    bool mirror[i] is True (coins the caller tosses with probability 1/2 from its seeded CPU
+    generator: exact resume, the same batch on every device). Diffusion models are trained without
+    crops, so flips are all there is."""
     x = center_view(images, out_size, PIXEL_MEAN, PIXEL_STD)
-    if flip:
-        mirror = shard(torch.rand(len(x) * world_size, generator=gen) < 0.5, rank, world_size).to(x.device)
+    if mirror is not None:
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -674,9 +683,9 @@ def epoch_order(seed, epoch, n):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * model, every parameter in one multi-tensor lerp (one kernel
+    launch per group of tensors on CUDA, not one per parameter)."""
+    torch._foreach_lerp_(list(ema.parameters()), [param.detach() for param in model.parameters()], 1.0 - decay)
 
 
 def ema_decay_at(step, decay):
@@ -690,6 +699,7 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     The loop below is the step only (lr, forward under autocast, backward, AdamW, EMA, log); resume,
     DDP, the compile fallback, checkpoints, curve points and Ctrl-C are each one named helper."""
     rank, world_size = rank_and_world()
+    cfg = resolve_compile_mode(cfg, device, world_size)  # auto -> reduce-overhead on one CUDA GPU; "eager" without --compile
     torch.manual_seed(seed)  # the same initial weights in every process
     in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
     model = build_model(cfg, alpha_min, skips, in_chans, num_classes).to(device)
@@ -767,12 +777,25 @@ def wrap_ddp(model, device):
     return model
 
 
+def resolve_compile_mode(cfg, device, world_size):
+    """cfg with compile_mode made explicit (checkpoints record it and --resume checks it): "eager"
+    without --compile; --compile-mode auto is reduce-overhead (CUDA graphs: the whole forward and
+    backward replayed as one graph, no per-kernel launch cost) on one CUDA GPU, and torch.compile's
+    default under torchrun (DDP's gradient hooks) or off CUDA (no CUDA graphs there)."""
+    mode = cfg.compile_mode
+    if not cfg.compile:
+        mode = "eager"
+    elif mode == "auto":
+        mode = "reduce-overhead" if device.type == "cuda" and world_size == 1 else "default"
+    return dataclasses.replace(cfg, compile_mode=mode)
+
+
 def compile_or_eager(model, cfg):
-    """`model`, torch.compile'd with --compile. torch.compile fails lazily, at the first call: a
-    call that raises prints one line and runs, then and from then on, the eager `model`."""
+    """`model`, torch.compile'd in --compile-mode (resolved) with --compile. torch.compile fails lazily,
+    at the first call: a call that raises prints one line and runs, then and from then on, the eager `model`."""
     if not cfg.compile:
         return model
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=cfg.compile_mode)
 
     def forward(*args):
         nonlocal compiled
@@ -798,14 +821,27 @@ def training_inputs(data, idx, gen, cfg, num_classes, rank, world_size):
     ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
     ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
     idx, batch = shard(idx, rank, world_size), len(idx)  # (B/W,)
-    device = data["train_x"].device
-    x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
-    t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
-    noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
-    y = None
+    images, device = data["train_x"], data["train_x"].device
+    shape = (batch, images.shape[1], cfg.img_size, cfg.img_size)  # the global batch's noise: (B, C, S, S)
+    ## All of the step's random numbers, drawn on the CPU in a fixed order into ONE float32 buffer:
+    ## flip coins (B), times (B), noise (B*C*S*S), label-drop coins (B). Pinned (page-locked) on CUDA,
+    ## so ONE non-blocking copy sends them while the GPU still runs the previous step.
+    sizes = [batch if cfg.flip else 0, batch, math.prod(shape), batch if cfg.class_cond else 0]
+    draws = torch.empty(sum(sizes), pin_memory=device.type == "cuda")
+    flip_coins, t, noise, drop_coins = draws.split(sizes)
+    if cfg.flip:
+        torch.rand(batch, generator=gen, out=flip_coins)
+    t.copy_(sample_time(batch, gen, cfg.time_dist))
+    torch.randn(len(noise), generator=gen, out=noise)
     if cfg.class_cond:
-        drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
-        y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
+        torch.rand(batch, generator=gen, out=drop_coins)
+    flip_coins, t, noise, drop_coins = draws.to(device, non_blocking=True).split(sizes)
+    mirror = shard(flip_coins, rank, world_size) < 0.5 if cfg.flip else None  # each image mirrored with probability 1/2
+    x0 = training_batch(images[idx], cfg.img_size, mirror)  # (B/W, C, S, S) in [-1, 1]
+    t, noise = shard(t, rank, world_size), shard(noise.view(shape), rank, world_size)
+    y = None
+    if cfg.class_cond:  # the null class with probability class_dropout
+        y = torch.where(shard(drop_coins, rank, world_size) < cfg.class_dropout, num_classes, data["train_y"][idx])
     return x0, noise, t, y
 
 
@@ -839,7 +875,7 @@ class Bookkeeper:
 
     def after_step(self, loss, epoch, end_of_epoch):
         cfg, step = self.cfg, self.state["step"]
-        self.pending.append(loss.detach())
+        self.pending.append(loss.detach().clone())  # a copy: CUDA graphs (reduce-overhead) reuse the output's memory
         if not (len(self.pending) >= cfg.log_every or end_of_epoch or step == self.stop_step or self.ctrl_c["stop"]):
             return
         ## Checkpoints are written only here, right after a flush (a collective under torchrun, so
@@ -965,7 +1001,7 @@ def reference_network(cfg, data, device, batch_size=256, lr=2e-3):
             if i == 0:
                 order = epoch_order(10_007, epoch, n).to(device)
             idx = order[i * batch_size:(i + 1) * batch_size]
-            x = training_batch(data["train_x"][idx], cfg.img_size, step_generator(10_007, step), True)
+            x = training_batch(data["train_x"][idx], cfg.img_size, (torch.rand(len(idx), generator=step_generator(10_007, step)) < 0.5).to(device))
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step, total, steps_per_epoch // 2, lr, 0.0)
             with autocast(device):
@@ -1327,40 +1363,37 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
-    """Times the full training step (batch, flips, times, noise, forward, backward, AdamW, EMA) on
-    random uint8 data after warm-up (which includes compilation), with a device sync around it."""
+    """Times the full training step (the random draws and their one copy, flips, forward, backward,
+    AdamW, EMA) on random uint8 data: warmup_steps first (compilation and CUDA-graph capture
+    included), then the MEDIAN of timed_steps single steps, each timed by CUDA events on a GPU (no
+    host sync inside the timed steps) or by the wall clock with a device sync elsewhere."""
+    cfg = resolve_compile_mode(cfg, device, 1)
     skips, alpha_min = comparison(cfg)[-1]
     torch.manual_seed(0)
     model = build_model(cfg, alpha_min, skips, 3, 10).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = make_optimizer(model, cfg, device)
-    compiled = torch.compile(model) if cfg.compile else model
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (cfg.batch_size,), device=device) if cfg.class_cond else None
+    forward = compile_or_eager(model, cfg)
+    data = {"train_x": torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device),
+            "train_y": torch.randint(0, 10, (cfg.batch_size,), device=device)}
+    idx = torch.arange(cfg.batch_size, device=device)
 
     def train_step(step):
-        gen = step_generator(0, step)
-        x0 = training_batch(images, cfg.img_size, gen, cfg.flip)
-        t = sample_time(cfg.batch_size, gen, cfg.time_dist).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
+        x0, noise, t, y = training_inputs(data, idx, step_generator(0, step), cfg, 10, 0, 1)
         with autocast(device):
-            loss = flow_loss(compiled, x0, noise, t, labels)
+            loss = flow_loss(forward, x0, noise, t, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, model, cfg.ema_decay)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else (lambda: None)
     for step in range(warmup_steps):
         train_step(step)
-    sync()
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for step in range(timed_steps):
-        train_step(warmup_steps + step)
-    sync()
-    ms = (time.perf_counter() - started) / timed_steps * 1000
+    step_ms = step_times_ms(train_step, range(warmup_steps, warmup_steps + timed_steps), device)
+    ms = float(np.median(step_ms))
     img_s = cfg.batch_size / ms * 1000
     flops = dit_flops_per_image(cfg, skips)
     if device.type == "cuda":
@@ -1371,11 +1404,33 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
-    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
-          f"{cfg.img_size}px/{cfg.patch_size}, DiT {cfg.embed_dim}x{cfg.depth}, {setting_name(skips, alpha_min)}")
-    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  "
-          f"MFU {mfu}  memory {memory}")
-    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
+    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}{f' ({cfg.compile_mode})' if cfg.compile else ''}, "
+          f"batch {cfg.batch_size}, {cfg.img_size}px/{cfg.patch_size}, DiT {cfg.embed_dim}x{cfg.depth}, {setting_name(skips, alpha_min)}")
+    print(f"{ms:.1f} ms/step (median of {timed_steps} steps; min {min(step_ms):.1f}, max {max(step_ms):.1f})  {img_s:.0f} img/s  "
+          f"{flops / 1e9:.3f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  MFU {mfu}  memory {memory}")
+    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops, "step_ms": step_ms}
+
+
+def step_times_ms(run_step, steps, device):
+    """Milliseconds of each call run_step(step): CUDA events around every step on a GPU, read after
+    one sync at the end (the steps queue back to back, as in training); elsewhere the wall clock
+    with a device sync after each step."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in steps]
+        for step, (start, end) in zip(steps, events):
+            start.record()
+            run_step(step)
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+    sync = torch.mps.synchronize if device.type == "mps" else (lambda: None)
+    times = []
+    for step in steps:
+        started = time.perf_counter()
+        run_step(step)
+        sync()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
 
 
 # =============================================================================================
@@ -1506,6 +1561,8 @@ def check_config(cfg):
     need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+    need(cfg.compile_mode in ("auto", "default", "reduce-overhead", "max-autotune"),
+         f"--compile-mode must be auto, default, reduce-overhead or max-autotune, got '{cfg.compile_mode}'.")
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
     need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0 and cfg.ckpt_minutes > 0,
@@ -2139,6 +2196,7 @@ def main(argv=None):
     if cfg.benchmark:
         return run_benchmark(cfg, device)
     rank, world_size = rank_and_world()
+    cfg = resolve_compile_mode(cfg, device, world_size)  # recorded in config.json, results and checkpoints
     settings, seeds = comparison(cfg), parse_seeds(cfg.seeds)
     parts = load_dataset_once_per_node(cfg)
     ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
