@@ -37,6 +37,41 @@ Run (each command prints what it does; `--help` lists every knob with its defaul
     python diffusion_decay.py --alpha-eff 1,2.4e-3 --skips on             # our tool: alpha_min from a target prod(alphas)
     python diffusion_decay.py --probe authors       # the authors' linear probe (raw features, 200 epochs) instead of ours
 
+The study (--study): the paper's three diffusion rows as arms, plain DiT (skips off, alpha_min 1.0),
++ long skips (on, 1.0) and + long skips + decay (on, 0.8, the authors' SiT value), class-conditional,
+CIFAR-10 at 32 px, seeds 0 and 1, each run with its own full schedule. It prints ONE table (mean +-
+std over seeds per arm: FD-smallcnn unguided and at CFG 1.5, k-NN, probe, both ranks, loss, train
+seconds), the paired differences against the baseline arm on the same seed (and decay against long
+skips alone), and verdict lines naming which differences exceed the seed spread (|mean| > 2 x the std
+of the paired differences; a screen, not a test: see exceeds_seed_spread); it writes results.json
+(after every run, so a study stopped early keeps its finished runs) and samples.png (one grid per arm,
+one figure). The FD floor printed beside it is 2,000 real TRAINING images against the full test set:
+the same count as the samples against the same reference, so the floor carries the same finite-sample
+bias as the numbers it sits beside (two halves of the test set would compare 5,000 with 5,000).
+Not yet run on a GPU; the command for one GPU, with our ESTIMATE of its wall time:
+
+    python diffusion_decay.py --study --compile --data-dir DATA               # ~8.5 min (estimate below)
+    python diffusion_decay.py --study --compile --data-dir DATA --benchmark   # first, if in doubt: each arm's step, and the projected training time
+
+The estimate, from the README's H100 measurements (torch 2.11; an H200 is similar or a bit faster):
+* training: DiT-S/2 (width 384, depth 12, patch 2: 256 tokens) at 50.6 ms per step of 256 images
+  (compiled, default mode) = 9.9 s per CIFAR-10 epoch of 195 steps; 3 arms x 2 seeds x 3 epochs =
+  18 epochs = 178 s. --compile now uses CUDA graphs on one GPU, which should only shorten this (unmeasured).
+* FD: 2,000 samples per FD (Heun, 10 steps = 20 network calls), unguided and at CFG 1.5 (which runs a
+  doubled batch): 20 x 2,000 x (1 + 2) = 120,000 image forwards per run. The EMA model samples
+  eagerly; a forward is ~1/3 of a training step, so ~3 x 2,752 = 8,300 img/s (the README's eager
+  class-conditional DiT-S/2 step: 2,752 img/s) -> 14.5 s per run, 87 s for 6 runs.
+* features: 3 noise levels x 60,000 images through the encoder half (half a forward) = 90,000
+  forward-equivalents per run -> 11 s per run, 65 s for 6 runs.
+* not measured, assumed: k-NN and linear probes < 30 s in all; loading CIFAR-10 and training the
+  reference CNN (15 epochs, 95k parameters) < 30 s; compiling 3 graphs (one per arm; the seeds of an
+  arm share it) ~40 s each = 120 s.
+* sum: 178 + 87 + 65 + 30 + 30 + 120 = 510 s = 8.5 min. Why 3 epochs and 2,000 samples: they are what
+  fits; 10,000 samples per FD would cost 5 x 87 = 435 s of sampling alone. Whether 2,000 suffice
+  is read off the output: the floor is the FD a perfect generator would get at this count, and the
+  paired std is the seed-to-seed spread the verdicts compare each difference with. If the
+  --benchmark line projects more than ~200 s of training, lower --epochs to 2.
+
 Several GPUs (PyTorch DDP: one process per GPU; --batch-size stays the GLOBAL batch, split evenly,
 and the run follows the one-process trajectory; only rank 0 prints and writes files):
 
@@ -155,6 +190,7 @@ class Config:
     sampler: str = "heun"         # euler | heun: deterministic ODE sampler from t=1 (noise) to t=0 (data)
     sample_steps: int = 10        # sampler steps (heun costs two network calls per step)
     cfg_scale: float = 1.0        # classifier-free guidance scale with --class-cond (1 = conditional model)
+    fd_cfg_scale: float = 0.0     # with --class-cond: a second FD-smallcnn of samples at this guidance scale (0 = none)
     fd_samples: int = 500         # generated images (and real training images for the real-vs-real floor) per FD
     ref_epochs: int = 3           # epochs of the reference CNN whose features define FD-smallcnn
     # --- representation ---
@@ -165,6 +201,9 @@ class Config:
     probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2, batch 256, 200 epochs)
     probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); one default in every script
     probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); one default in every script
+    # --- study ---
+    study: bool = False           # the study: every --study-arms arm x every --seed, the STUDY settings, one table with paired differences and verdicts
+    study_arms: str = "plain,skips,decay"  # with --study: comma list of STUDY_ARMS names; the first is the baseline
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
     compile: bool = False         # torch.compile the model for training (falls back to eager if it fails)
@@ -196,6 +235,23 @@ PRESETS = {
                   ema_decay=0.9999, sample_steps=32, fd_samples=10000, ref_epochs=15, eval_every=10,
                   ckpt_every=5, log_every=50),
 }
+
+
+## The study (--study): the paper's three diffusion rows, each arm with its own full schedule, over
+## --seeds. Arm name -> (label, skips, alpha_min); the first arm of --study-arms is the baseline.
+STUDY_ARMS = {"plain": ("plain DiT", False, 1.0), "skips": ("+ long skips", True, 1.0),
+              "decay": ("+ long skips + decay", True, 0.8)}  # 0.8: the authors' SiT-XL/2 value
+
+## The study's settings (on top of the preset; typed flags still win). DiT-S/2 on CIFAR-10 because
+## it is the model whose speed was measured (README: 50.6 ms per step of 256 images on an H100,
+## torch.compile default mode, 9.9 s per epoch); class-conditional like the paper's SiT; 3 epochs
+## and 2,000 samples per FD so that the study fits ~8 minutes (the docstring's study section has the sums).
+## lr 3e-4 with half an epoch of warm-up (the cifar preset's 2e-4 and 2 warm-up epochs are for 100
+## epochs) is our untuned choice for a 3-epoch schedule.
+STUDY = dict(dataset="cifar10", img_size=32, patch_size=2, embed_dim=384, depth=12, num_heads=6, class_cond=True,
+             cfg_scale=1.0, fd_cfg_scale=1.5, epochs=3, batch_size=256, base_lr=3e-4, warmup_epochs=0.5,
+             ema_decay=0.9999, sample_steps=10, fd_samples=2000, ref_epochs=15, eval_every=0, seeds="0,1",
+             ckpt_every=5, log_every=50, out_dir="runs/diffusion_study")
 
 
 # =============================================================================================
@@ -1120,6 +1176,9 @@ def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_d
     last, images = evaluate_cheap(model, cfg, data, reference, device, seed)  # the final point of the curves
     fd = last["fd"]
     state["evals"].append({"epoch": epochs_done, "step": state["step"], **last})
+    fd_cfg = None  # --fd-cfg-scale: the same FD with guided samples (same noise and labels)
+    if cfg.fd_cfg_scale:
+        fd_cfg = generation_fd(model, dataclasses.replace(cfg, cfg_scale=cfg.fd_cfg_scale), data, reference, device, seed)[0]
     by_level = []
     for j, level in enumerate(noise_levels(cfg)):
         train_f = extract_features(model, data["train_x"], cfg, level, device)
@@ -1157,7 +1216,7 @@ def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_d
             "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
             "epoch_losses": [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(whole_epochs)],
             "losses": losses, "evals": state["evals"], "feature": describe_feature(cfg, by_level[0]["t"]),
-            "config": run_config, "samples": grid}
+            "config": run_config, "samples": grid, "fd_cfg": fd_cfg, "fd_cfg_scale": cfg.fd_cfg_scale}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1288,6 +1347,103 @@ def noise_level_table(results):
     return "\n".join(rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# The study (--study): one table of mean +- std over seeds per arm, paired differences against the
+# baseline arm (same seed), and verdict lines. The four small functions first are pure.
+# ---------------------------------------------------------------------------------------------
+
+def mean_and_std(values):
+    """(mean, sample standard deviation) of a list of numbers; the std is None for fewer than 2."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
+
+
+def paired_differences(values, baseline_values):
+    """arm minus baseline, seed by seed: two dicts seed -> number in, the list over the seeds both
+    have (in seed order) out. Pairing removes what a seed does to both arms alike."""
+    return [values[seed] - baseline_values[seed] for seed in sorted(values) if seed in baseline_values]
+
+
+def exceeds_seed_spread(differences, factor=2.0):
+    """Our rule: a paired difference counts when |mean| > factor * the sample std of the paired
+    differences. True / False, or None with fewer than 2 seeds (no spread to compare with).
+    It is a screen, not a significance test: with n seeds it asks t = mean / (std / sqrt(n)) to
+    exceed factor * sqrt(n), which pure noise does with probability 0.22 at n = 2 and 0.074 at n = 3
+    (Student's t with n - 1 degrees of freedom)."""
+    if len(differences) < 2:
+        return None
+    mean, std = mean_and_std(differences)
+    return abs(mean) > factor * std
+
+
+def verdict_line(arm, baseline, rows, factor=2.0):
+    """One plain sentence per pair of arms: rows = [(metric label, paired differences)]; which
+    differences exceed the seed spread (with their sign) and which do not."""
+    beyond, within = [], []
+    for label, differences in rows:
+        mean, std = mean_and_std(differences)
+        if exceeds_seed_spread(differences, factor):
+            beyond.append(f"{label} {'higher' if mean > 0 else 'lower'} by {abs(mean):.4g} (paired std {std:.2g})")
+        elif std is not None:
+            within.append(f"{label} ({mean:+.2g} +- {std:.2g})")
+    if len(rows) and all(len(differences) < 2 for _, differences in rows):
+        return f"{arm} vs {baseline}: one seed, no spread to judge any difference by; run more --seeds."
+    return (f"{arm} vs {baseline}: beyond the seed spread: {'; '.join(beyond) or 'nothing'}. "
+            f"Within it (no claim): {', '.join(within) or 'nothing'}.")
+
+
+def study_metrics(results):
+    """The study table's columns: label -> the number of one run."""
+    k = results[0]["knn_k"]
+    metrics = {"FD (no guidance)": lambda r: r["fd"]}
+    if results[0]["fd_cfg"] is not None:
+        metrics[f"FD (CFG {results[0]['fd_cfg_scale']:g})"] = lambda r: r["fd_cfg"]
+    metrics.update({f"k-NN@{k}": lambda r: r["knn"][k], "linear probe": lambda r: r["linear_probe"],
+                    "eff. rank": lambda r: r["effective_rank"], "centred rank": lambda r: r["effective_rank_centered"],
+                    "loss (last ep)": lambda r: r["last_epoch_loss"], "train s": lambda r: r["seconds"]})
+    return metrics
+
+
+def study_pairs(arms):
+    """The comparisons the study reports: every arm against the baseline (the first arm), and each
+    arm against the one before it when that is not the baseline (decay on top of long skips)."""
+    pairs = [(arm, arms[0]) for arm in arms[1:]]
+    return pairs + [(arm, before) for before, arm in zip(arms[1:], arms[2:])]
+
+
+def study_report(results, arms, factor=2.0):
+    """The study's table (mean +- std over seeds per arm), its paired differences and verdict lines
+    (text), and the same numbers as a dict for the results JSON. arms: [(label, skips, alpha_min)]."""
+    metrics = study_metrics(results)
+    values = {label: {name: {r["seed"]: get(r) for r in results if (r["skips"], r["alpha_min"]) == (skips, alpha)}
+                      for name, get in metrics.items()} for label, skips, alpha in arms}
+    width = max(len(label) for label, _, _ in arms)
+    header = f"{'arm':<{width}} {'skips':>5} {'alpha_min':>9} {'seeds':>5} " + " ".join(f"{m:>17}" for m in metrics)
+    lines = [header, "-" * len(header)]
+    for label, skips, alpha in arms:
+        lines.append(f"{label:<{width}} {'on' if skips else 'off':>5} {alpha:>9.4g} {len(values[label]['train s']):>5} "
+                     + " ".join(f"{mean_std(list(values[label][m].values())):>17}" for m in metrics))
+    pairs = study_pairs([label for label, _, _ in arms])
+    pair_width = max([len(f"{arm} - {reference}") for arm, reference in pairs] + [15])
+    header = f"{'arm - reference':<{pair_width}} " + " ".join(f"{m:>17}" for m in metrics if m != "train s")
+    lines += ["", "paired differences, arm minus reference on the same seed (mean +- std over seeds):", header, "-" * len(header)]
+    summary = {"arms": {label: {m: dict(zip(("mean", "std"), mean_and_std(list(v.values()))), values=list(v.values()))
+                                for m, v in values[label].items()} for label, _, _ in arms}, "pairs": [], "verdicts": []}
+    for arm, reference in pairs:
+        rows = [(m, paired_differences(values[arm][m], values[reference][m])) for m in metrics if m != "train s"]
+        cells = []
+        for m, differences in rows:
+            mean, std = mean_and_std(differences)
+            cells.append(f"{mean:+.4f}" + (f"+-{std:.4f}" if std is not None else ""))
+            summary["pairs"].append({"arm": arm, "reference": reference, "metric": m, "differences": differences,
+                                     "mean": mean, "std": std, "exceeds_seed_spread": exceeds_seed_spread(differences, factor)})
+        lines.append(f"{arm + ' - ' + reference:<{pair_width}} " + " ".join(f"{c:>17}" for c in cells))
+        summary["verdicts"].append(verdict_line(arm, reference, rows, factor))
+    lines += ["", f"verdicts (a difference counts when |mean| > {factor:g} x the std of its paired differences; "
+                  f"a screen, not a test: see exceeds_seed_spread):"] + [f"* {v}" for v in summary["verdicts"]]
+    return "\n".join(lines), summary
+
+
 def image_grid(images, rows=8):
     """(N, C, H, W) uint8 -> (rows*H + rows-1, cols*W + cols-1, C) numpy, one pixel of white between images."""
     n, c, h, w = images.shape
@@ -1299,9 +1455,9 @@ def image_grid(images, rows=8):
     return grid
 
 
-def save_plots(results, out_dir):
+def save_plots(results, out_dir, names=None):
     """curves.png (loss, FD-smallcnn, k-NN and both effective ranks over training) and samples.png
-    (grids side by side)."""
+    (the first seed's grid of every setting, side by side in one figure); names: setting -> title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1318,7 +1474,7 @@ def save_plots(results, out_dir):
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for r in results:
         setting = (r["skips"], r["alpha_min"])
-        label = f"{setting_name(*setting)} seed={r['seed']}"
+        label = f"{(names or {}).get(setting) or setting_name(*setting)} seed={r['seed']}"
         axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[setting], label=label)
         epochs = [e["epoch"] for e in r["evals"]]
         axes[1].plot(epochs, [e["fd"] for e in r["evals"]], "o-", color=colour[setting], label=label)
@@ -1342,7 +1498,8 @@ def save_plots(results, out_dir):
         grid = r["samples"]
         ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
                   interpolation="nearest")
-        ax.set_title(f"{setting_name(r['skips'], r['alpha_min'])}\nFD-smallcnn {r['fd']:.2f}", fontsize=8)
+        setting = (r["skips"], r["alpha_min"])
+        ax.set_title(f"{(names or {}).get(setting) or setting_name(*setting)}\nFD-smallcnn {r['fd']:.2f}", fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
     save(fig, "samples.png")
 
@@ -1362,13 +1519,13 @@ def dit_flops_per_image(cfg, skips=True, in_chans=3):
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
+def run_benchmark(cfg, device, setting=None, warmup_steps=5, timed_steps=20):
     """Times the full training step (the random draws and their one copy, flips, forward, backward,
     AdamW, EMA) on random uint8 data: warmup_steps first (compilation and CUDA-graph capture
     included), then the MEDIAN of timed_steps single steps, each timed by CUDA events on a GPU (no
     host sync inside the timed steps) or by the wall clock with a device sync elsewhere."""
     cfg = resolve_compile_mode(cfg, device, 1)
-    skips, alpha_min = comparison(cfg)[-1]
+    skips, alpha_min = setting or comparison(cfg)[-1]
     torch.manual_seed(0)
     model = build_model(cfg, alpha_min, skips, 3, 10).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -1409,6 +1566,20 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
     print(f"{ms:.1f} ms/step (median of {timed_steps} steps; min {min(step_ms):.1f}, max {max(step_ms):.1f})  {img_s:.0f} img/s  "
           f"{flops / 1e9:.3f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  MFU {mfu}  memory {memory}")
     return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops, "step_ms": step_ms}
+
+
+def study_benchmark(cfg, device):
+    """--study --benchmark: the training step of every arm, timed as --benchmark does, and the study's
+    training time projected from it (arms x seeds x epochs x steps per epoch x median ms per step).
+    Evaluation comes on top (the module docstring's study section estimates it)."""
+    n_train = len(load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)["train"][1])
+    n_train = min(n_train, cfg.train_limit or n_train)
+    steps = cfg.epochs * (n_train // cfg.batch_size) * len(parse_seeds(cfg.seeds))
+    timings = {label: run_benchmark(cfg, device, (skips, alpha_min)) for label, skips, alpha_min in study_arms(cfg)}
+    seconds = sum(steps * t["ms_per_step"] / 1000 for t in timings.values())
+    print(f"study training, projected: {len(timings)} arms x {len(parse_seeds(cfg.seeds))} seeds x {cfg.epochs} epochs x "
+          f"{n_train // cfg.batch_size} steps at the medians above = {seconds:.0f} s (evaluation and compilation not included)")
+    return {"arms": timings, "projected_train_seconds": seconds}
 
 
 def step_times_ms(run_step, steps, device):
@@ -1463,7 +1634,10 @@ def knob_help():
 def parse_config(argv=None):
     """Defaults < preset < command line. Returns a checked Config (UserError on any bad value)."""
     parser = OneSentenceParser(description="Diffusion transformer (flow) with decayed identity shortcuts and long skips "
-                                           "(arXiv 2404.10947). Every option shows its default (the quick preset's).")
+                                           "(arXiv 2404.10947). Every option shows its default (the quick preset's).",
+                               epilog="The study on one GPU: python diffusion_decay.py --study --compile --data-dir DATA "
+                                      "(an ESTIMATED 8.5 min on one H100 or H200, not yet run; the module docstring gives "
+                                      "the sums; --study --benchmark times each arm's step first).")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="a set of defaults: " + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the defaults'}"
                                                            for name, values in PRESETS.items()).replace("%", "%%"))
@@ -1486,8 +1660,15 @@ def parse_config(argv=None):
             kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
             group.add_argument(flag, type=kind, default=None, help=text)
     args = parser.parse_args(argv)
+    typed = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
     values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    if typed.get("study", values["study"]):
+        values.update(STUDY)
+        chosen = [f"--{k.replace('_', '-')}" for k in ("skips", "alpha_min", "alpha_eff") if k in typed]
+        if chosen:
+            raise UserError(f"--study trains its fixed arms ({', '.join(STUDY_ARMS)}): drop {' and '.join(chosen)} "
+                            f"or choose arms with --study-arms.")
+    values.update(typed)
     cfg = Config(**values)
     check_config(cfg)
     return cfg
@@ -1543,6 +1724,11 @@ def check_config(cfg):
     need(cfg.time_scale > 0, f"--time-scale must be positive, got {cfg.time_scale}.")
     need(0.0 <= cfg.class_dropout < 1.0, f"--class-dropout must be in [0, 1), got {cfg.class_dropout}.")
     need(cfg.cfg_scale >= 0, f"--cfg-scale cannot be negative, got {cfg.cfg_scale}.")
+    need(cfg.fd_cfg_scale >= 0, f"--fd-cfg-scale cannot be negative, got {cfg.fd_cfg_scale}.")
+    need(cfg.fd_cfg_scale == 0 or (cfg.class_cond and cfg.class_dropout > 0),
+         "--fd-cfg-scale needs a class-conditional model that also learned the null class: add --class-cond "
+         "and a --class-dropout above 0.")
+    study_arms(cfg)
     need(cfg.cfg_scale == 1.0 or cfg.class_cond, "--cfg-scale other than 1 needs a class-conditional model: add --class-cond.")
     need(cfg.cfg_scale == 1.0 or cfg.class_dropout > 0,
          "--cfg-scale other than 1 needs an unconditional model too: set --class-dropout above 0.")
@@ -1629,8 +1815,19 @@ def noise_levels(cfg):
 
 
 def comparison(cfg):
-    """Every (skips, alpha_min) pair this invocation trains, in table order."""
+    """Every (skips, alpha_min) pair this invocation trains, in table order (--study: its arms)."""
+    if cfg.study:
+        return [(skips, alpha_min) for _, skips, alpha_min in study_arms(cfg)]
     return [(skips, alpha_min) for skips in skip_settings(cfg) for alpha_min in alpha_settings(cfg)]
+
+
+def study_arms(cfg):
+    """The --study-arms as (label, skips, alpha_min), the baseline first."""
+    names = [v.strip() for v in cfg.study_arms.split(",") if v.strip()]
+    if not names or any(n not in STUDY_ARMS for n in names) or len(set(names)) != len(names):
+        raise UserError(f"--study-arms must be a comma list of distinct names from {', '.join(STUDY_ARMS)}, "
+                        f"got '{cfg.study_arms}'.")
+    return [STUDY_ARMS[n] for n in names]
 
 
 def setting_name(skips, alpha_min):
@@ -2194,7 +2391,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
     if cfg.benchmark:
-        return run_benchmark(cfg, device)
+        return study_benchmark(cfg, device) if cfg.study else run_benchmark(cfg, device)
     rank, world_size = rank_and_world()
     cfg = resolve_compile_mode(cfg, device, world_size)  # recorded in config.json, results and checkpoints
     settings, seeds = comparison(cfg), parse_seeds(cfg.seeds)
@@ -2224,25 +2421,36 @@ def main(argv=None):
         write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     reference = reference_network(cfg, data, device)
     results = []
+    runs_summary = lambda: {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
+                       "processes": world_size, "fd_reference": {"test_accuracy": reference["accuracy"], **reference["sanity"]},
+                       "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}
     for (skips, alpha_min, seed), run_dir in run_dirs.items():
         results.append(train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device))
+        if cfg.study and rank == 0:  # the finished runs, in case the study is stopped before its end
+            write_json(os.path.join(cfg.out_dir, "results.json"), {**runs_summary(), "complete": False})
     if rank == 0:
         sanity = reference["sanity"]
         print(f"\n{cfg.dataset}, {cfg.img_size}px; generation: FD-smallcnn of {cfg.fd_samples} EMA samples ({cfg.sampler}, "
               f"{cfg.sample_steps} steps{f', CFG {cfg.cfg_scale:g}' if cfg.class_cond else ''}) vs the test set "
               f"(real vs real {sanity['real_vs_real']:.2f}, noise vs real {sanity['noise_vs_real']:.2f}); "
               f"features: {results[0]['feature']} (the headline level: the first --feature-t, fixed in advance); "
-              f"k-NN: DINO protocol, T={cfg.knn_t}; linear probe: {describe_probe(cfg)}\n{results_table(results)}")
+              f"k-NN: DINO protocol, T={cfg.knn_t}; linear probe: {describe_probe(cfg)}")
+        if cfg.study:
+            table, study = study_report(results, study_arms(cfg))
+            print(f"study: {len(results)} runs ({len(study_arms(cfg))} arms x seeds {seeds}), {cfg.epochs} epochs each, "
+                  f"DiT {cfg.embed_dim}x{cfg.depth}/{cfg.patch_size}; FD floor: real vs real {sanity['real_vs_real']:.2f} "
+                  f"({min(cfg.fd_samples, len(data['train_x']))} training images vs the {len(data['test_x'])} test images, the "
+                  f"same count as the samples), ceiling: noise vs real {sanity['noise_vs_real']:.2f}\n{table}")
+        else:
+            print(results_table(results))
         print(f"\nthe features at every probed noise level t (train visits: share of training times within +-0.05 of t, "
               f"--time-dist {cfg.time_dist})\n{noise_level_table(results)}")
-        summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "processes": world_size,
-                   "fd_reference": {"test_accuracy": reference["accuracy"], **sanity},
-                   "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}
+        summary = {**runs_summary(), **({"study": study, "complete": True} if cfg.study else {})}
         write_json(os.path.join(cfg.out_dir, "results.json"), summary)
         if cfg.json:
             write_json(cfg.json, summary)
         if cfg.plots:
-            save_plots(results, cfg.out_dir)
+            save_plots(results, cfg.out_dir, {(skips, alpha): label for label, skips, alpha in study_arms(cfg)} if cfg.study else None)
             print(f"plots: {cfg.out_dir}/curves.png, samples.png (one samples.png per run folder too)")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
