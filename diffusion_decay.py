@@ -767,9 +767,10 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     ckpt_path, setting = os.path.join(run_dir, "ckpt.pt"), (skips, alpha_min)
     state = start_or_resume(ckpt_path, model, ema, optimizer, cfg, setting, seed, total_steps)  # fresh, or from the checkpoint
     forward = compile_or_eager(wrap_ddp(model, device), cfg)  # DDP under torchrun; torch.compile with an eager fallback
-    books = Bookkeeper(cfg, state, total_steps, stop_step, ckpt_path, setting_name(skips, alpha_min), seed,  # losses, curves,
-                       save=lambda: save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, setting, seed),  # checkpoints,
-                       curve_point=lambda: evaluate_cheap(ema, cfg, data, reference, device, seed)[0])  # Ctrl-C
+    # everything between steps: losses fetched in groups, curve points, checkpoints, Ctrl-C
+    books = Bookkeeper(cfg, state, total_steps, stop_step, ckpt_path, setting_name(skips, alpha_min), seed,
+                       save=lambda: save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, setting, seed),
+                       curve_point=lambda: evaluate_cheap(ema, cfg, data, reference, device, seed)[0])
     try:
         model.train()
         for step in range(state["step"], stop_step):
@@ -881,7 +882,8 @@ def training_inputs(data, idx, gen, cfg, num_classes, rank, world_size):
     shape = (batch, images.shape[1], cfg.img_size, cfg.img_size)  # the global batch's noise: (B, C, S, S)
     ## All of the step's random numbers, drawn on the CPU in a fixed order into ONE float32 buffer:
     ## flip coins (B), times (B), noise (B*C*S*S), label-drop coins (B). Pinned (page-locked) on CUDA,
-    ## so ONE non-blocking copy sends them while the GPU still runs the previous step.
+    ## so that ONE non-blocking copy is queued behind the previous step's kernels and the CPU goes on
+    ## without waiting for the GPU (a copy from ordinary memory would make it wait).
     sizes = [batch if cfg.flip else 0, batch, math.prod(shape), batch if cfg.class_cond else 0]
     draws = torch.empty(sum(sizes), pin_memory=device.type == "cuda")
     flip_coins, t, noise, drop_coins = draws.split(sizes)
@@ -1632,7 +1634,8 @@ def knob_help():
 
 
 def parse_config(argv=None):
-    """Defaults < preset < command line. Returns a checked Config (UserError on any bad value)."""
+    """Defaults < preset < the study settings (STUDY, with --study) < command line. Returns a checked
+    Config (UserError on any bad value)."""
     parser = OneSentenceParser(description="Diffusion transformer (flow) with decayed identity shortcuts and long skips "
                                            "(arXiv 2404.10947). Every option shows its default (the quick preset's).",
                                epilog="The study on one GPU: python diffusion_decay.py --study --compile --data-dir DATA "
@@ -2198,7 +2201,8 @@ def load_checkpoint(path, model, ema, optimizer, cfg, setting, seed):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
-    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
+    saved = {"compile_mode": "default" if ckpt["config"].get("compile") else "eager", **ckpt["config"]}  # older checkpoints
+    changed = [k for k in TRAJECTORY_KEYS if saved.get(k) != getattr(cfg, k)]
     if changed or (ckpt["skips"], ckpt["alpha_min"]) != setting or ckpt["seed"] != seed:
         raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'skips/alpha_min/seed'}); "
                         f"resume with the same flags or use another --out-dir.")

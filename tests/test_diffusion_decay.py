@@ -395,6 +395,32 @@ def test_the_training_loop_draws_labels_times_and_keeps_the_ema_as_stated(tmp_pa
     assert moved > 1e-3
 
 
+def test_the_training_loop_follows_its_stated_schedule(tmp_path, monkeypatch):
+    """The lr each optimizer step sees, against the schedule as the comments state it (peak = base_lr *
+    batch / 256, linear warm-up over warmup_epochs, then half-cycle cosine to min_lr, per step), and
+    the step count (the last incomplete batch of every epoch dropped)."""
+    cfg = tiny_cfg("--epochs", "3", "--warmup-epochs", "1", "--base-lr", "8e-3", "--min-lr", "1e-4",
+                   "--out-dir", str(tmp_path))
+    data = tiny_data(n_train=100)  # batch 32: 3 whole batches per epoch, 4 images dropped
+    seen, real_make_optimizer = [], d.make_optimizer
+
+    def make_optimizer(model, cfg, device):
+        optimizer = real_make_optimizer(model, cfg, device)
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: seen.append([g["lr"] for g in optimizer.param_groups]) or step(*a, **k)
+        return optimizer
+
+    monkeypatch.setattr(d, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(d, "finish_run", lambda model, state, *rest: state)
+    state = d.train_run(cfg, data, None, True, 0.5, 0, str(tmp_path / "run"), CPU)
+    assert state["step"] == len(seen) == 9 and len(state["losses"]) == 9
+    peak, warmup, total = 8e-3 * 32 / 256, 3, 9
+    for s, lrs in enumerate(seen):
+        want = peak * s / warmup if s < warmup else 1e-4 + (peak - 1e-4) * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2
+        assert lrs == [pytest.approx(want, rel=1e-12)] * 2, s  # both parameter groups
+    assert seen[0] == [0.0, 0.0] and seen[warmup][0] == pytest.approx(peak)  # starts at 0, peaks when warm-up ends
+
+
 def ks_statistic(samples, cdf):
     """sup_t |F_n(t) - F(t)| of a sample against a CDF (evaluated at the jumps, both sides)."""
     v = torch.sort(samples.double()).values
@@ -636,6 +662,12 @@ def test_compile_mode_cuda_graphs_on_one_gpu_and_resume_checks_it(tmp_path, monk
     assert modes == ["default"]  # on the CPU
     with pytest.raises(d.UserError, match=r"other settings \(compile_mode\)"):
         run_training(tmp_path, "run", "--epochs", "1", "--resume")  # eager now
+    # a checkpoint from before compile_mode existed resumes under the same --compile choice
+    path = tmp_path / "run" / "run" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["compile_mode"]
+    torch.save(ckpt, path)
+    assert run_training(tmp_path, "run", "--epochs", "1", "--resume", "--compile")["steps"] == 8
     with pytest.raises(d.UserError, match="--compile-mode must be"):
         tiny_cfg("--compile-mode", "fast")
 
