@@ -43,9 +43,9 @@ CIFAR-10 at 32 px, seeds 0 and 1, each run with its own full schedule. It prints
 std over seeds per arm: FD-smallcnn unguided and at CFG 1.5, k-NN, probe, both ranks, loss, train
 seconds), the paired differences against the baseline arm on the same seed (and decay against long
 skips alone), and verdict lines naming which differences exceed the seed spread (|mean| > 2 x the std
-of the paired differences; a screen, not a test: see exceeds_seed_spread); it writes results.json
-(after every run, so a study stopped early keeps its finished runs) and samples.png (one grid per arm,
-one figure). The FD floor printed beside it is 2,000 real TRAINING images against the full test set:
+of the paired differences; a screen, not a test: see exceeds_seed_spread); it writes, in
+runs/diffusion_study, results.json (after every run, so a study stopped early keeps its finished
+runs) and samples.png (one grid per arm, one figure). The FD floor printed beside it is 2,000 real TRAINING images against the full test set:
 the same count as the samples against the same reference, so the floor carries the same finite-sample
 bias as the numbers it sits beside (two halves of the test set would compare 5,000 with 5,000).
 Not yet run on a GPU; the command for one GPU, with our ESTIMATE of its wall time:
