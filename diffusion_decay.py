@@ -30,12 +30,47 @@ warm-up (SiT: constant lr 1e-4, EMA 0.9999 from step 0); unconditional by defaul
 Run (each command prints what it does; `--help` lists every knob with its default):
 
     python diffusion_decay.py                       # CPU demo: skips off/on x alpha_min 1.0/0.3, built-in shapes 16px
-    python diffusion_decay.py --preset cifar --compile                    # DiT-S/2 on CIFAR-10, one GPU
+    python diffusion_decay.py --preset cifar --compile                    # DiT-S/2 on CIFAR-10, one GPU (CUDA graphs)
     python diffusion_decay.py --dataset fashion-mnist --img-size 28 --train-limit 10000 --epochs 3 --eval-every 0
     python diffusion_decay.py --class-cond --cfg-scale 2.0 --skips on --alpha-min 0.3   # class-conditional + CFG
     python diffusion_decay.py --preset cifar --benchmark --compile        # img/s, ms/step, memory, MFU
     python diffusion_decay.py --alpha-eff 1,2.4e-3 --skips on             # our tool: alpha_min from a target prod(alphas)
     python diffusion_decay.py --probe authors       # the authors' linear probe (raw features, 200 epochs) instead of ours
+
+The study (--study): the paper's three diffusion rows as arms, plain DiT (skips off, alpha_min 1.0),
++ long skips (on, 1.0) and + long skips + decay (on, 0.8, the authors' SiT value), class-conditional,
+CIFAR-10 at 32 px, seeds 0 and 1, each run with its own full schedule. It prints ONE table (mean +-
+std over seeds per arm: FD-smallcnn unguided and at CFG 1.5, k-NN, probe, both ranks, loss, train
+seconds), the paired differences against the baseline arm on the same seed (and decay against long
+skips alone), and verdict lines naming which differences exceed the seed spread (|mean| > 2 x the std
+of the paired differences; a screen, not a test: see exceeds_seed_spread); it writes, in
+runs/diffusion_study, results.json (after every run, so a study stopped early keeps its finished
+runs) and samples.png (one grid per arm, one figure). The FD floor printed beside it is 2,000 real TRAINING images against the full test set:
+the same count as the samples against the same reference, so the floor carries the same finite-sample
+bias as the numbers it sits beside (two halves of the test set would compare 5,000 with 5,000).
+Not yet run on a GPU; the command for one GPU, with our ESTIMATE of its wall time:
+
+    python diffusion_decay.py --study --compile --data-dir DATA               # ~8.5 min (estimate below)
+    python diffusion_decay.py --study --compile --data-dir DATA --benchmark   # first, if in doubt: each arm's step, and the projected training time
+
+The estimate, from the README's H100 measurements (torch 2.11; an H200 is similar or a bit faster):
+* training: DiT-S/2 (width 384, depth 12, patch 2: 256 tokens) at 50.6 ms per step of 256 images
+  (compiled, default mode) = 9.9 s per CIFAR-10 epoch of 195 steps; 3 arms x 2 seeds x 3 epochs =
+  18 epochs = 178 s. --compile now uses CUDA graphs on one GPU, which should only shorten this (unmeasured).
+* FD: 2,000 samples per FD (Heun, 10 steps = 20 network calls), unguided and at CFG 1.5 (which runs a
+  doubled batch): 20 x 2,000 x (1 + 2) = 120,000 image forwards per run. The EMA model samples
+  eagerly; a forward is ~1/3 of a training step, so ~3 x 2,752 = 8,300 img/s (the README's eager
+  class-conditional DiT-S/2 step: 2,752 img/s) -> 14.5 s per run, 87 s for 6 runs.
+* features: 3 noise levels x 60,000 images through the encoder half (half a forward) = 90,000
+  forward-equivalents per run -> 11 s per run, 65 s for 6 runs.
+* not measured, assumed: k-NN and linear probes < 30 s in all; loading CIFAR-10 and training the
+  reference CNN (15 epochs, 95k parameters) < 30 s; compiling 3 graphs (one per arm; the seeds of an
+  arm share it) ~40 s each = 120 s.
+* sum: 178 + 87 + 65 + 30 + 30 + 120 = 510 s = 8.5 min. Why 3 epochs and 2,000 samples: they are what
+  fits; 10,000 samples per FD would cost 5 x 87 = 435 s of sampling alone. Whether 2,000 suffice
+  is read off the output: the floor is the FD a perfect generator would get at this count, and the
+  paired std is the seed-to-seed spread the verdicts compare each difference with. If the
+  --benchmark line projects more than ~200 s of training, lower --epochs to 2.
 
 Several GPUs (PyTorch DDP: one process per GPU; --batch-size stays the GLOBAL batch, split evenly,
 and the run follows the one-process trajectory; only rank 0 prints and writes files):
@@ -58,8 +93,9 @@ What is measured, and how:
   (training images) and noise-vs-real values are printed next to it as floor and ceiling.
 * Representation: tokens at the end of the ENCODER HALF (the U-ViT bottleneck) of the EMA model,
   mean-pooled, null class, for the image noised along the path to each --feature-t (default 0.1,
-  0.25, 0.5: inside the range training visits; a clean t = 0 input lies at its edge, and
-  logit-normal training almost never sees it).
+  0.25, 0.5: uniform training times visit each of them as often as any other level, a tenth of
+  the steps within +-0.05; a clean t = 0 input lies at the edge of that range, and with
+  --time-dist logit-normal training almost never sees it: 0.0016 of the steps below t = 0.05).
   The headline is the FIRST level, fixed in advance (never picked on test labels); every level is
   printed in a second table. k-NN (DINO protocol), linear probe (final epoch; ours or, with
   --probe authors, the authors'), effective rank uncentred (RankMe) and centred.
@@ -154,6 +190,7 @@ class Config:
     sampler: str = "heun"         # euler | heun: deterministic ODE sampler from t=1 (noise) to t=0 (data)
     sample_steps: int = 10        # sampler steps (heun costs two network calls per step)
     cfg_scale: float = 1.0        # classifier-free guidance scale with --class-cond (1 = conditional model)
+    fd_cfg_scale: float = 0.0     # with --class-cond: a second FD-smallcnn of samples at this guidance scale (0 = none)
     fd_samples: int = 500         # generated images (and real training images for the real-vs-real floor) per FD
     ref_epochs: int = 3           # epochs of the reference CNN whose features define FD-smallcnn
     # --- representation ---
@@ -164,9 +201,13 @@ class Config:
     probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2, batch 256, 200 epochs)
     probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); one default in every script
     probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); one default in every script
+    # --- study ---
+    study: bool = False           # the study: every --study-arms arm x every --seed, the STUDY settings, one table with paired differences and verdicts
+    study_arms: str = "plain,skips,decay"  # with --study: comma list of STUDY_ARMS names; the first is the baseline
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
     compile: bool = False         # torch.compile the model for training (falls back to eager if it fails)
+    compile_mode: str = "auto"    # with --compile: auto (reduce-overhead = CUDA graphs on one CUDA GPU, else default) | default | reduce-overhead | max-autotune
     out_dir: str = "runs/diffusion"  # where checkpoints, features, samples, plots and results go
     resume: bool = False          # continue each run from its checkpoint in out_dir
     ckpt_every: int = 4           # write a checkpoint every N epochs (and at the end) ...
@@ -196,12 +237,29 @@ PRESETS = {
 }
 
 
+## The study (--study): the paper's three diffusion rows, each arm with its own full schedule, over
+## --seeds. Arm name -> (label, skips, alpha_min); the first arm of --study-arms is the baseline.
+STUDY_ARMS = {"plain": ("plain DiT", False, 1.0), "skips": ("+ long skips", True, 1.0),
+              "decay": ("+ long skips + decay", True, 0.8)}  # 0.8: the authors' SiT-XL/2 value
+
+## The study's settings (on top of the preset; typed flags still win). DiT-S/2 on CIFAR-10 because
+## it is the model whose speed was measured (README: 50.6 ms per step of 256 images on an H100,
+## torch.compile default mode, 9.9 s per epoch); class-conditional like the paper's SiT; 3 epochs
+## and 2,000 samples per FD so that the study fits ~8 minutes (the docstring's study section has the sums).
+## lr 3e-4 with half an epoch of warm-up (the cifar preset's 2e-4 and 2 warm-up epochs are for 100
+## epochs) is our untuned choice for a 3-epoch schedule.
+STUDY = dict(dataset="cifar10", img_size=32, patch_size=2, embed_dim=384, depth=12, num_heads=6, class_cond=True,
+             cfg_scale=1.0, fd_cfg_scale=1.5, epochs=3, batch_size=256, base_lr=3e-4, warmup_epochs=0.5,
+             ema_decay=0.9999, sample_steps=10, fd_samples=2000, ref_epochs=15, eval_every=0, seeds="0,1",
+             ckpt_every=5, log_every=50, out_dir="runs/diffusion_study")
+
+
 # =============================================================================================
 # THE IDEA, part 1: a DiT whose every residual sub-layer has a decayed shortcut, plus U-ViT
 # long skips. Read this first: it is the paper's method, line by line.
 # =============================================================================================
 ## A transformer block has two residual sub-layers (attention, then MLP). The paper replaces each
-##     x_{k+1} = x_k + f_k(x_k)        by        x_{k+1} = alpha_k * x_k + f_k(x_k),
+##     x_{k+1} = x_k + f_k(norm(x_k))        by        x_{k+1} = alpha_k * x_k + f_k(norm(x_k)),
 ## with alpha_k a FIXED number (nothing learnable) that falls linearly from 1 at the first sub-layer
 ## to alpha_min at the last. A shortcut weighted below 1 lets an early layer's signal reach the
 ## end only after being shrunk by every later alpha, so the deep layers must re-derive what they
@@ -232,7 +290,7 @@ class DiTBlock(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
         ## adaLN-Zero (DiT, Peebles & Xie 2023): one Linear maps the conditioning vector c to six
         ## per-channel vectors: shift, scale and gate for each of the two sub-layers. It starts at
-        ## ZERO (init_weights), so every gate is 0 and every branch is switched off at step 0.
+        ## ZERO (zero_init_ below), so every gate is 0 and every branch is switched off at step 0.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         ## Decoder-half blocks (--skips on) also read one encoder-half output through a Linear.
         self.skip_proj = nn.Linear(dim, dim) if long_skip else None
@@ -250,10 +308,28 @@ class DiTBlock(nn.Module):
         ## alpha * (x + f(x)), is another rule: the paper's ImageNet-100 ablation of sqrt(0.5) * (x + f)
         ## gives a linear probe of 82.6 against 83.6 for the decay.)
         ## With alpha = 1 this is the DiT block; the gates start at zero, so at initialisation the block
-        ## is exactly alpha_a * alpha_m * x. The gates (B, D) broadcast over the T tokens: unsqueeze(1).
-        x = self.alpha_attn * x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = self.alpha_mlp * x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        ## is exactly alpha_a * alpha_m * x (decoder half, --skips on: alpha_a * alpha_m * (x + Linear(skip)),
+        ## the skip Linear is not zeroed). The gates (B, D) broadcast over the T tokens: unsqueeze(1).
+        x = scaled(x, self.alpha_attn) + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = scaled(x, self.alpha_mlp) + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+    def zero_init_(self):
+        """adaLN-Zero: zero the modulation Linear (weight and bias), after any other init. Every shift,
+        scale and gate is then 0, and the block starts as the alpha-scaled identity."""
+        ## The zero init matters as much as the rule: the paper reports that without it feature norms
+        ## blow up early in training once alpha_min is at or below 0.7. A copied block carries it.
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        return self
+
+
+def scaled(x, alpha):
+    """alpha * x, skipped when alpha is 1.0 (exactly x in floating point): the first sub-layer and
+    every sub-layer of the baseline save one read and one write of x, forward and backward."""
+    # a view, not x itself: a free autograd node in the multiply's place, so that autograd sums the
+    # gradients of a tensor with three consumers (a long skip's source) in the same order, bit for bit
+    return x.view_as(x) if alpha == 1.0 else alpha * x
 
 
 def modulate(x, shift, scale):  # (B, T, D), (B, D), (B, D) -> (B, T, D)
@@ -276,7 +352,9 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, T, D)
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D/H)
+        # unbind on the q/k/v dim of the head split: in backward the three gradients are stacked straight
+        # into the (B, T, 3, H, D/H) layout of the qkv Linear's output (permuting first costs one more copy)
+        q, k, v = (part.transpose(1, 2) for part in self.qkv(x).view(B, T, 3, self.heads, D // self.heads).unbind(2))  # 3 x (B, H, T, D/H)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
@@ -328,6 +406,13 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):  # (B, T, D), (B, D) -> (B, T, p*p*C)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+    def zero_init_(self):
+        """Zero the modulation and the output Linear: the network's velocity starts at exactly 0."""
+        for linear in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        return self
 
 
 class DiT(nn.Module):
@@ -410,13 +495,13 @@ def init_weights(model):
     * Linear: xavier-uniform weight, zero bias (long-skip Linears included: they are NOT zeroed);
       the patch-embedding Conv2d likewise, seen as a Linear;
     * timestep MLP: normal(0, 0.02); class embedding: normal(0, 0.02);
-    * ZERO (adaLN-Zero): the modulation Linear of every block and of the final layer, and the final
-      Linear, so every gate starts at 0, every block is exactly the alpha-scaled identity and the
-      network predicts velocity 0;
+    * ZERO (adaLN-Zero, each block's and the final layer's zero_init_): the modulation Linear of every
+      block and of the final layer, and the final Linear, so every gate starts at 0, every block is
+      the alpha-scaled identity (plus its long skip's Linear in the decoder half) and the network
+      predicts velocity 0;
     * LayerNorms have no parameters; position embeddings are fixed."""
-    ## The zero init matters as much as the rule: the paper reports that without it feature norms
-    ## blow up early in training once alpha_min is at or below 0.7. At step 0 the encoder half is a
-    ## pure chain of alpha-scaled identities: features = prod(alphas of the encoder half) * tokens.
+    ## At step 0 the encoder half is a pure chain of alpha-scaled identities:
+    ## features = prod(alphas of the encoder half) * tokens.
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -429,10 +514,7 @@ def init_weights(model):
     if model.y_embedder is not None:
         nn.init.normal_(model.y_embedder.weight, std=0.02)
     for block in list(model.blocks) + [model.final_layer]:
-        nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        nn.init.zeros_(block.adaLN_modulation[-1].bias)
-    nn.init.zeros_(model.final_layer.linear.weight)
-    nn.init.zeros_(model.final_layer.linear.bias)
+        block.zero_init_()
 
 
 def build_model(cfg, alpha_min, skips, in_chans, num_classes):
@@ -598,7 +680,7 @@ def generate(model, n, cfg, device, seed, in_chans, num_classes=0, batch_size=50
 ## Keys that change what a run computes: a checkpoint resumes only under identical values.
 TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "embed_dim", "depth", "num_heads",
                    "mlp_ratio", "class_cond", "class_dropout", "time_dist", "time_scale", "epochs", "batch_size", "base_lr", "min_lr",
-                   "warmup_epochs", "weight_decay", "beta2", "ema_decay")
+                   "warmup_epochs", "weight_decay", "beta2", "ema_decay", "compile_mode")
 
 
 ## The model sees pixels in [-1, 1] (DiT / SiT convention), not per-channel standardised ones:
@@ -606,15 +688,13 @@ TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 
 
-def training_batch(images, out_size, gen, flip, rank=0, world_size=1):
-    """uint8 (B, C, H, W) -> float (B, C, S, S) in [-1, 1], each image mirrored left-right with
-    probability 1/2 when `flip`. The coins come from the CPU generator `gen` (exact resume; the same
-    batch on every device). Diffusion models are trained without crops, so flips are all there is.
-    Under torchrun `images` is slice `rank` of a global batch world_size times larger: the coins
-    are tossed for the global batch, then sliced."""
+def training_batch(images, out_size, mirror=None):
+    """uint8 (B, C, H, W) -> float (B, C, S, S) in [-1, 1], image i mirrored left-right where the
+    bool mirror[i] is True (coins the caller tosses with probability 1/2 from its seeded CPU
+    generator: exact resume, the same batch on every device). Diffusion models are trained without
+    crops, so flips are all there is."""
     x = center_view(images, out_size, PIXEL_MEAN, PIXEL_STD)
-    if flip:
-        mirror = shard(torch.rand(len(x) * world_size, generator=gen) < 0.5, rank, world_size).to(x.device)
+    if mirror is not None:
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -648,7 +728,7 @@ def make_optimizer(model, cfg, device):
 
 ## Every random number of a step comes from a generator seeded by (seed, step), and the data order
 ## from one seeded by (seed, epoch). Nothing depends on history, so --resume continues exactly, and
-## runs on CPU and GPU draw the same crops, flips and masks.
+## runs on CPU and GPU draw the same flips, times, noise and label drops.
 def step_generator(seed, step):
     return torch.Generator().manual_seed(1_000_003 * seed + step)
 
@@ -659,9 +739,9 @@ def epoch_order(seed, epoch, n):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * model, every parameter in one multi-tensor lerp (one kernel
+    launch per group of tensors on CUDA, not one per parameter)."""
+    torch._foreach_lerp_(list(ema.parameters()), [param.detach() for param in model.parameters()], 1.0 - decay)
 
 
 def ema_decay_at(step, decay):
@@ -671,137 +751,227 @@ def ema_decay_at(step, decay):
 
 
 def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
-    """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples)."""
+    """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples).
+    The loop below is the step only (lr, forward under autocast, backward, AdamW, EMA, log); resume,
+    DDP, the compile fallback, checkpoints, curve points and Ctrl-C are each one named helper."""
     rank, world_size = rank_and_world()
+    cfg = resolve_compile_mode(cfg, device, world_size)  # auto -> reduce-overhead on one CUDA GPU; "eager" without --compile
     torch.manual_seed(seed)  # the same initial weights in every process
     in_chans, num_classes = data["train_x"].shape[1], len(data["classes"])
     model = build_model(cfg, alpha_min, skips, in_chans, num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  ## the EMA weights are what gets evaluated and sampled
     optimizer = make_optimizer(model, cfg, device)
     n_train, batch = len(data["train_x"]), cfg.batch_size
-    if batch > n_train:
-        raise UserError(f"--batch-size {batch} is larger than the {n_train} training images; lower it.")
-    check_world_size(batch, world_size)
-    steps_per_epoch = n_train // batch  # the last incomplete batch of an epoch is dropped
-    total_steps = cfg.epochs * steps_per_epoch
-    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps, stop_step, warmup_steps = step_counts(cfg, n_train, world_size)
     peak_lr = cfg.base_lr * batch / 256
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    name = setting_name(skips, alpha_min)
-
-    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0}
-    if os.path.exists(ckpt_path):
-        if not cfg.resume:
-            raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
-        state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, (skips, alpha_min), seed)  # every process loads it
-        if rank == 0:
-            print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
-
-    def evaluate_curve(epoch):
-        state["evals"].append({"epoch": epoch, "step": state["step"],
-                               **evaluate_cheap(ema, cfg, data, reference, device, seed)[0]})
-        e = state["evals"][-1]
-        if rank == 0:
-            tqdm.write(f"{name} seed={seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{cfg.knn_k} {e['knn']:.4f} "
-                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
-
-    if cfg.eval_every and state["step"] == 0 and not state["evals"]:
-        evaluate_curve(0)
-    ## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process,
-    ## so none can write the checkpoint before all have looked for it); `model` stays the plain
-    ## module that the EMA follows and checkpoints save, so they resume with any number of processes.
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_available() and dist.is_initialized() else model
-    compiled = torch.compile(ddp_model) if cfg.compile else ddp_model
-    pending = []  # per-step losses still on the device (fetched in groups: a fetch syncs the device)
-    ctrl_c = catch_ctrl_c() if world_size == 1 else {"stop": False}  # under torchrun, torchrun handles Ctrl-C
-    progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
-                    disable=rank != 0)
-    last_time, last_step = time.perf_counter(), state["step"]
-    last_save = time.perf_counter()
-
-    def flush():
-        nonlocal pending, last_time, last_step
-        if not pending:
-            return
-        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
-        values = mean_over_ranks(torch.stack(pending), world_size).tolist()
-        pending = []
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:  # every process sees the same values, so all stop together
-            raise UserError(f"the loss became {values[bad]} at step {last_step + bad} ({name}); "
-                            f"lower --base-lr or raise --alpha-min.")
-        state["losses"] += values
-        now = time.perf_counter()
-        state["seconds"] += now - last_time
-        progress.update(len(values))
-        progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * batch / (now - last_time):.0f}")
-        last_time, last_step = now, last_step + len(values)
-
+    ckpt_path, setting = os.path.join(run_dir, "ckpt.pt"), (skips, alpha_min)
+    state = start_or_resume(ckpt_path, model, ema, optimizer, cfg, setting, seed, total_steps)  # fresh, or from the checkpoint
+    forward = compile_or_eager(wrap_ddp(model, device), cfg)  # DDP under torchrun; torch.compile with an eager fallback
+    # everything between steps: losses fetched in groups, curve points, checkpoints, Ctrl-C
+    books = Bookkeeper(cfg, state, total_steps, stop_step, ckpt_path, setting_name(skips, alpha_min), seed,
+                       save=lambda: save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, setting, seed),
+                       curve_point=lambda: evaluate_cheap(ema, cfg, data, reference, device, seed)[0])
     try:
         model.train()
         for step in range(state["step"], stop_step):
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or step == state["step"]:
                 order = epoch_order(seed, epoch, n_train).to(device)
-            ## Same trajectory for any number of processes: every process draws the data order, the flips,
-            ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
-            ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
-            ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
-            ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
-            idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
-            gen = step_generator(seed, step)
-            x0 = training_batch(data["train_x"][idx], cfg.img_size, gen, cfg.flip, rank, world_size)  # (B/W, C, S, S) in [-1, 1]
-            t = shard(sample_time(batch, gen, cfg.time_dist), rank, world_size).to(device)
-            noise = shard(torch.randn((batch, *x0.shape[1:]), generator=gen), rank, world_size).to(device, non_blocking=True)
-            y = None
-            if cfg.class_cond:
-                drop = shard(torch.rand(batch, generator=gen) < cfg.class_dropout, rank, world_size).to(device)
-                y = torch.where(drop, num_classes, data["train_y"][idx])  # null class with probability class_dropout
+            x0, noise, t, y = training_inputs(data, order[i * batch:(i + 1) * batch], step_generator(seed, step), cfg,
+                                              num_classes, rank, world_size)  # (B/W, C, S, S) x2, (B/W,), (B/W,) or None
             lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(device):
-                try:
-                    loss = flow_loss(compiled, x0, noise, t, y)
-                except Exception as e:  # torch.compile fails lazily, at the first call
-                    if compiled is model:
-                        raise
-                    if rank == 0:
-                        print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
-                    compiled = ddp_model
-                    loss = flow_loss(ddp_model, x0, noise, t, y)
+                loss = flow_loss(forward, x0, noise, t, y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))  # identical in every process: so are the parameters
-            pending.append(loss.detach())
             state["step"] = step + 1
-            end_of_epoch = i == steps_per_epoch - 1
-            if len(pending) >= cfg.log_every or end_of_epoch or step + 1 == stop_step or ctrl_c["stop"]:
-                ## Checkpoints are written only here, right after a flush (a collective under torchrun, so
-                ## every process reaches it at the same steps): the saved losses always match the saved step.
-                flush()
-                save_now = time.perf_counter() - last_save > 60 * cfg.ckpt_minutes or ctrl_c["stop"]
-                if end_of_epoch:
-                    done = epoch + 1
-                    if cfg.eval_every and done % cfg.eval_every == 0 and step + 1 < stop_step:  # the last point: finish_run
-                        evaluate_curve(done)
-                        last_time = time.perf_counter()  # evaluation time is not training time
-                    save_now |= done % cfg.ckpt_every == 0 or done == cfg.epochs
-                if save_now and rank == 0:
-                    save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
-                    last_time = last_save = time.perf_counter()
-                if ctrl_c["stop"]:
-                    progress.close()
-                    raise Interrupted(f"interrupted at step {state['step']}/{total_steps}; checkpoint {ckpt_path} saved: "
-                                      f"rerun the same command with --resume to continue")
+            books.after_step(loss, epoch, i == steps_per_epoch - 1)  # log; at a flush: curve point, checkpoint, Ctrl-C
     finally:  # also when the loop ends by an error: a later Ctrl-C must interrupt again
-        release_ctrl_c()
-    progress.close()
+        books.close()
     if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
-        save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, (skips, alpha_min), seed)
+        save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, setting, seed)
     return finish_run(ema, state, cfg, data, reference, skips, alpha_min, seed, run_dir, device, steps_per_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop's helpers: one job each, in the order train_run calls them. Skip on a first read.
+# ---------------------------------------------------------------------------------------------
+
+def step_counts(cfg, n_train, world_size):
+    """(steps per epoch, total steps of the schedule, the step to stop at (--max-steps), warm-up steps)."""
+    if cfg.batch_size > n_train:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images; lower it.")
+    check_world_size(cfg.batch_size, world_size)
+    steps_per_epoch = n_train // cfg.batch_size  # the last incomplete batch of an epoch is dropped
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    return steps_per_epoch, total_steps, stop_step, round(cfg.warmup_epochs * steps_per_epoch)
+
+
+def start_or_resume(ckpt_path, model, ema, optimizer, cfg, setting, seed, total_steps):
+    """The run's progress: fresh, or (with --resume) loaded from its checkpoint into model, EMA and
+    optimizer, by every process. A checkpoint without --resume is an error: nothing is overwritten."""
+    if not os.path.exists(ckpt_path):
+        return {"step": 0, "losses": [], "evals": [], "seconds": 0.0}
+    if not cfg.resume:
+        raise UserError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --out-dir.")
+    state = load_checkpoint(ckpt_path, model, ema, optimizer, cfg, setting, seed)
+    if rank_and_world()[0] == 0:
+        print(f"resumed {ckpt_path} at step {state['step']}/{total_steps}")
+    return state
+
+
+## Under torchrun the model is wrapped in DDP (whose constructor also waits for every process, so
+## none can write the checkpoint before all have looked for it); `model` stays the plain module that
+## the EMA follows and checkpoints save, so they resume with any number of processes.
+def wrap_ddp(model, device):
+    if dist.is_available() and dist.is_initialized():
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def resolve_compile_mode(cfg, device, world_size):
+    """cfg with compile_mode made explicit (checkpoints record it and --resume checks it): "eager"
+    without --compile; --compile-mode auto is reduce-overhead (CUDA graphs: the whole forward and
+    backward replayed as one graph, no per-kernel launch cost) on one CUDA GPU, and torch.compile's
+    default under torchrun (DDP's gradient hooks) or off CUDA (no CUDA graphs there)."""
+    mode = cfg.compile_mode
+    if not cfg.compile:
+        mode = "eager"
+    elif mode == "auto":
+        mode = "reduce-overhead" if device.type == "cuda" and world_size == 1 else "default"
+    return dataclasses.replace(cfg, compile_mode=mode)
+
+
+def compile_or_eager(model, cfg):
+    """`model`, torch.compile'd in --compile-mode (resolved) with --compile. torch.compile fails lazily,
+    at the first call: a call that raises prints one line and runs, then and from then on, the eager `model`."""
+    if not cfg.compile:
+        return model
+    compiled = torch.compile(model, mode=cfg.compile_mode)
+
+    def forward(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except Exception as e:
+            if compiled is model:
+                raise
+            if rank_and_world()[0] == 0:
+                print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing in eager mode")
+            compiled = model
+            return model(*args)
+    return forward
+
+
+def training_inputs(data, idx, gen, cfg, num_classes, rank, world_size):
+    """One step's inputs from its global batch of indices `idx` (B,) and the step's generator:
+    the flipped images x0 in [-1, 1], the noise, the times t and the labels (None unless --class-cond;
+    the null class with probability --class-dropout). Returns this process's slice of each."""
+    ## Same trajectory for any number of processes: every process draws the data order, the flips,
+    ## the times t, the noise and the label drops for the WHOLE global batch from the same seeded
+    ## generators, then keeps its contiguous slice [rank*B/W, (rank+1)*B/W). The W slices together
+    ## are exactly the one-process batch, and the loss is a mean over equal-sized slices, so the
+    ## mean of the W per-process losses (what DDP's gradient average differentiates) is the global loss.
+    idx, batch = shard(idx, rank, world_size), len(idx)  # (B/W,)
+    images, device = data["train_x"], data["train_x"].device
+    shape = (batch, images.shape[1], cfg.img_size, cfg.img_size)  # the global batch's noise: (B, C, S, S)
+    ## All of the step's random numbers, drawn on the CPU in a fixed order into ONE float32 buffer:
+    ## flip coins (B), times (B), noise (B*C*S*S), label-drop coins (B). Pinned (page-locked) on CUDA,
+    ## so that ONE non-blocking copy is queued behind the previous step's kernels and the CPU goes on
+    ## without waiting for the GPU (a copy from ordinary memory would make it wait).
+    sizes = [batch if cfg.flip else 0, batch, math.prod(shape), batch if cfg.class_cond else 0]
+    draws = torch.empty(sum(sizes), pin_memory=device.type == "cuda")
+    flip_coins, t, noise, drop_coins = draws.split(sizes)
+    if cfg.flip:
+        torch.rand(batch, generator=gen, out=flip_coins)
+    t.copy_(sample_time(batch, gen, cfg.time_dist))
+    torch.randn(len(noise), generator=gen, out=noise)
+    if cfg.class_cond:
+        torch.rand(batch, generator=gen, out=drop_coins)
+    flip_coins, t, noise, drop_coins = draws.to(device, non_blocking=True).split(sizes)
+    mirror = shard(flip_coins, rank, world_size) < 0.5 if cfg.flip else None  # each image mirrored with probability 1/2
+    x0 = training_batch(images[idx], cfg.img_size, mirror)  # (B/W, C, S, S) in [-1, 1]
+    t, noise = shard(t, rank, world_size), shard(noise.view(shape), rank, world_size)
+    y = None
+    if cfg.class_cond:  # the null class with probability class_dropout
+        y = torch.where(shard(drop_coins, rank, world_size) < cfg.class_dropout, num_classes, data["train_y"][idx])
+    return x0, noise, t, y
+
+
+class Bookkeeper:
+    """Everything a run does between steps besides the step. Per-step losses stay on the device and
+    are fetched in groups (a fetch syncs the device): every --log-every steps, at each epoch end, at
+    the last step and at Ctrl-C. At such a flush the losses are checked (NaN stops the run), shown on
+    the progress bar and timed; at an epoch end the curves get a point every --eval-every epochs;
+    a checkpoint is written every --ckpt-every epochs, at the last epoch, after --ckpt-minutes and at
+    Ctrl-C, whose first press stops the run after the step with that checkpoint."""
+
+    def __init__(self, cfg, state, total_steps, stop_step, ckpt_path, name, seed, save, curve_point):
+        self.cfg, self.state, self.total_steps, self.stop_step, self.ckpt_path = cfg, state, total_steps, stop_step, ckpt_path
+        self.name, self.seed, self.save, self.curve_point = name, seed, save, curve_point
+        self.rank, self.world_size = rank_and_world()
+        if cfg.eval_every and state["step"] == 0 and not state["evals"]:
+            self.add_curve_point(0)  # the curves start at the initial model
+        self.pending = []  # per-step losses still on the device
+        self.ctrl_c = catch_ctrl_c() if self.world_size == 1 else {"stop": False}  # under torchrun, torchrun handles Ctrl-C
+        self.progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
+                             disable=self.rank != 0)
+        self.last_time = self.last_save = time.perf_counter()
+        self.last_step = state["step"]
+
+    def add_curve_point(self, epoch):
+        self.state["evals"].append({"epoch": epoch, "step": self.state["step"], **self.curve_point()})
+        e = self.state["evals"][-1]
+        if self.rank == 0:
+            tqdm.write(f"{self.name} seed={self.seed} epoch {epoch}: FD-smallcnn {e['fd']:.2f}, k-NN@{self.cfg.knn_k} {e['knn']:.4f} "
+                       f"(5k/1k subset), effective rank {e['effective_rank']:.1f} (centred {e['effective_rank_centered']:.1f})")
+
+    def after_step(self, loss, epoch, end_of_epoch):
+        cfg, step = self.cfg, self.state["step"]
+        self.pending.append(loss.detach().clone())  # a copy: CUDA graphs (reduce-overhead) reuse the output's memory
+        if not (len(self.pending) >= cfg.log_every or end_of_epoch or step == self.stop_step or self.ctrl_c["stop"]):
+            return
+        ## Checkpoints are written only here, right after a flush (a collective under torchrun, so
+        ## every process reaches it at the same steps): the saved losses always match the saved step.
+        self.flush()
+        save_now = time.perf_counter() - self.last_save > 60 * cfg.ckpt_minutes or self.ctrl_c["stop"]
+        if end_of_epoch:
+            done = epoch + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and step < self.stop_step:  # the last point: finish_run
+                self.add_curve_point(done)
+                self.last_time = time.perf_counter()  # evaluation time is not training time
+            save_now |= done % cfg.ckpt_every == 0 or done == cfg.epochs
+        if save_now and self.rank == 0:
+            self.save()
+            self.last_time = self.last_save = time.perf_counter()
+        if self.ctrl_c["stop"]:
+            self.progress.close()
+            raise Interrupted(f"interrupted at step {step}/{self.total_steps}; checkpoint {self.ckpt_path} saved: "
+                              f"rerun the same command with --resume to continue")
+
+    def flush(self):
+        ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
+        values = mean_over_ranks(torch.stack(self.pending), self.world_size).tolist()
+        self.pending = []
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:  # every process sees the same values, so all stop together
+            raise UserError(f"the loss became {values[bad]} at step {self.last_step + bad} ({self.name}); "
+                            f"lower --base-lr or raise --alpha-min.")
+        self.state["losses"] += values
+        now = time.perf_counter()
+        self.state["seconds"] += now - self.last_time
+        self.progress.update(len(values))
+        self.progress.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{len(values) * self.cfg.batch_size / (now - self.last_time):.0f}")
+        self.last_time, self.last_step = now, self.last_step + len(values)
+
+    def close(self):
+        release_ctrl_c()
+        self.progress.close()
 
 
 # =============================================================================================
@@ -889,7 +1059,7 @@ def reference_network(cfg, data, device, batch_size=256, lr=2e-3):
             if i == 0:
                 order = epoch_order(10_007, epoch, n).to(device)
             idx = order[i * batch_size:(i + 1) * batch_size]
-            x = training_batch(data["train_x"][idx], cfg.img_size, step_generator(10_007, step), True)
+            x = training_batch(data["train_x"][idx], cfg.img_size, (torch.rand(len(idx), generator=step_generator(10_007, step)) < 0.5).to(device))
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step, total, steps_per_epoch // 2, lr, 0.0)
             with autocast(device):
@@ -991,7 +1161,8 @@ def describe_probe(cfg):
 
 def training_visits(level, time_dist, window=0.05):
     """The share of training times t within +-window of a probed noise level: how familiar the
-    network is with inputs at that level (logit-normal training puts 0.0016 of its steps below 0.05)."""
+    network is with inputs at that level (uniform times, the default: 2 * window at every interior
+    level; logit-normal times put only 0.0016 of the steps below 0.05)."""
     return time_cdf(level + window, time_dist) - time_cdf(level - window, time_dist)
 
 
@@ -1007,6 +1178,9 @@ def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_d
     last, images = evaluate_cheap(model, cfg, data, reference, device, seed)  # the final point of the curves
     fd = last["fd"]
     state["evals"].append({"epoch": epochs_done, "step": state["step"], **last})
+    fd_cfg = None  # --fd-cfg-scale: the same FD with guided samples (same noise and labels)
+    if cfg.fd_cfg_scale:
+        fd_cfg = generation_fd(model, dataclasses.replace(cfg, cfg_scale=cfg.fd_cfg_scale), data, reference, device, seed)[0]
     by_level = []
     for j, level in enumerate(noise_levels(cfg)):
         train_f = extract_features(model, data["train_x"], cfg, level, device)
@@ -1044,7 +1218,7 @@ def finish_run(model, state, cfg, data, reference, skips, alpha_min, seed, run_d
             "seconds": state["seconds"], "eval_seconds": time.perf_counter() - started,
             "epoch_losses": [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])) for e in range(whole_epochs)],
             "losses": losses, "evals": state["evals"], "feature": describe_feature(cfg, by_level[0]["t"]),
-            "config": run_config, "samples": grid}
+            "config": run_config, "samples": grid, "fd_cfg": fd_cfg, "fd_cfg_scale": cfg.fd_cfg_scale}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1175,6 +1349,103 @@ def noise_level_table(results):
     return "\n".join(rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# The study (--study): one table of mean +- std over seeds per arm, paired differences against the
+# baseline arm (same seed), and verdict lines. The four small functions first are pure.
+# ---------------------------------------------------------------------------------------------
+
+def mean_and_std(values):
+    """(mean, sample standard deviation) of a list of numbers; the std is None for fewer than 2."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
+
+
+def paired_differences(values, baseline_values):
+    """arm minus baseline, seed by seed: two dicts seed -> number in, the list over the seeds both
+    have (in seed order) out. Pairing removes what a seed does to both arms alike."""
+    return [values[seed] - baseline_values[seed] for seed in sorted(values) if seed in baseline_values]
+
+
+def exceeds_seed_spread(differences, factor=2.0):
+    """Our rule: a paired difference counts when |mean| > factor * the sample std of the paired
+    differences. True / False, or None with fewer than 2 seeds (no spread to compare with).
+    It is a screen, not a significance test: with n seeds it asks t = mean / (std / sqrt(n)) to
+    exceed factor * sqrt(n), which pure noise does with probability 0.22 at n = 2 and 0.074 at n = 3
+    (Student's t with n - 1 degrees of freedom)."""
+    if len(differences) < 2:
+        return None
+    mean, std = mean_and_std(differences)
+    return abs(mean) > factor * std
+
+
+def verdict_line(arm, baseline, rows, factor=2.0):
+    """One plain sentence per pair of arms: rows = [(metric label, paired differences)]; which
+    differences exceed the seed spread (with their sign) and which do not."""
+    beyond, within = [], []
+    for label, differences in rows:
+        mean, std = mean_and_std(differences)
+        if exceeds_seed_spread(differences, factor):
+            beyond.append(f"{label} {'higher' if mean > 0 else 'lower'} by {abs(mean):.4g} (paired std {std:.2g})")
+        elif std is not None:
+            within.append(f"{label} ({mean:+.2g} +- {std:.2g})")
+    if len(rows) and all(len(differences) < 2 for _, differences in rows):
+        return f"{arm} vs {baseline}: one seed, no spread to judge any difference by; run more --seeds."
+    return (f"{arm} vs {baseline}: beyond the seed spread: {'; '.join(beyond) or 'nothing'}. "
+            f"Within it (no claim): {', '.join(within) or 'nothing'}.")
+
+
+def study_metrics(results):
+    """The study table's columns: label -> the number of one run."""
+    k = results[0]["knn_k"]
+    metrics = {"FD (no guidance)": lambda r: r["fd"]}
+    if results[0]["fd_cfg"] is not None:
+        metrics[f"FD (CFG {results[0]['fd_cfg_scale']:g})"] = lambda r: r["fd_cfg"]
+    metrics.update({f"k-NN@{k}": lambda r: r["knn"][k], "linear probe": lambda r: r["linear_probe"],
+                    "eff. rank": lambda r: r["effective_rank"], "centred rank": lambda r: r["effective_rank_centered"],
+                    "loss (last ep)": lambda r: r["last_epoch_loss"], "train s": lambda r: r["seconds"]})
+    return metrics
+
+
+def study_pairs(arms):
+    """The comparisons the study reports: every arm against the baseline (the first arm), and each
+    arm against the one before it when that is not the baseline (decay on top of long skips)."""
+    pairs = [(arm, arms[0]) for arm in arms[1:]]
+    return pairs + [(arm, before) for before, arm in zip(arms[1:], arms[2:])]
+
+
+def study_report(results, arms, factor=2.0):
+    """The study's table (mean +- std over seeds per arm), its paired differences and verdict lines
+    (text), and the same numbers as a dict for the results JSON. arms: [(label, skips, alpha_min)]."""
+    metrics = study_metrics(results)
+    values = {label: {name: {r["seed"]: get(r) for r in results if (r["skips"], r["alpha_min"]) == (skips, alpha)}
+                      for name, get in metrics.items()} for label, skips, alpha in arms}
+    width = max(len(label) for label, _, _ in arms)
+    header = f"{'arm':<{width}} {'skips':>5} {'alpha_min':>9} {'seeds':>5} " + " ".join(f"{m:>17}" for m in metrics)
+    lines = [header, "-" * len(header)]
+    for label, skips, alpha in arms:
+        lines.append(f"{label:<{width}} {'on' if skips else 'off':>5} {alpha:>9.4g} {len(values[label]['train s']):>5} "
+                     + " ".join(f"{mean_std(list(values[label][m].values())):>17}" for m in metrics))
+    pairs = study_pairs([label for label, _, _ in arms])
+    pair_width = max([len(f"{arm} - {reference}") for arm, reference in pairs] + [15])
+    header = f"{'arm - reference':<{pair_width}} " + " ".join(f"{m:>17}" for m in metrics if m != "train s")
+    lines += ["", "paired differences, arm minus reference on the same seed (mean +- std over seeds):", header, "-" * len(header)]
+    summary = {"arms": {label: {m: dict(zip(("mean", "std"), mean_and_std(list(v.values()))), values=list(v.values()))
+                                for m, v in values[label].items()} for label, _, _ in arms}, "pairs": [], "verdicts": []}
+    for arm, reference in pairs:
+        rows = [(m, paired_differences(values[arm][m], values[reference][m])) for m in metrics if m != "train s"]
+        cells = []
+        for m, differences in rows:
+            mean, std = mean_and_std(differences)
+            cells.append(f"{mean:+.4f}" + (f"+-{std:.4f}" if std is not None else ""))
+            summary["pairs"].append({"arm": arm, "reference": reference, "metric": m, "differences": differences,
+                                     "mean": mean, "std": std, "exceeds_seed_spread": exceeds_seed_spread(differences, factor)})
+        lines.append(f"{arm + ' - ' + reference:<{pair_width}} " + " ".join(f"{c:>17}" for c in cells))
+        summary["verdicts"].append(verdict_line(arm, reference, rows, factor))
+    lines += ["", f"verdicts (a difference counts when |mean| > {factor:g} x the std of its paired differences; "
+                  f"a screen, not a test: see exceeds_seed_spread):"] + [f"* {v}" for v in summary["verdicts"]]
+    return "\n".join(lines), summary
+
+
 def image_grid(images, rows=8):
     """(N, C, H, W) uint8 -> (rows*H + rows-1, cols*W + cols-1, C) numpy, one pixel of white between images."""
     n, c, h, w = images.shape
@@ -1186,9 +1457,9 @@ def image_grid(images, rows=8):
     return grid
 
 
-def save_plots(results, out_dir):
+def save_plots(results, out_dir, names=None):
     """curves.png (loss, FD-smallcnn, k-NN and both effective ranks over training) and samples.png
-    (grids side by side)."""
+    (the first seed's grid of every setting, side by side in one figure); names: setting -> title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1205,7 +1476,7 @@ def save_plots(results, out_dir):
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for r in results:
         setting = (r["skips"], r["alpha_min"])
-        label = f"{setting_name(*setting)} seed={r['seed']}"
+        label = f"{(names or {}).get(setting) or setting_name(*setting)} seed={r['seed']}"
         axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[setting], label=label)
         epochs = [e["epoch"] for e in r["evals"]]
         axes[1].plot(epochs, [e["fd"] for e in r["evals"]], "o-", color=colour[setting], label=label)
@@ -1229,7 +1500,8 @@ def save_plots(results, out_dir):
         grid = r["samples"]
         ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
                   interpolation="nearest")
-        ax.set_title(f"{setting_name(r['skips'], r['alpha_min'])}\nFD-smallcnn {r['fd']:.2f}", fontsize=8)
+        setting = (r["skips"], r["alpha_min"])
+        ax.set_title(f"{(names or {}).get(setting) or setting_name(*setting)}\nFD-smallcnn {r['fd']:.2f}", fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
     save(fig, "samples.png")
 
@@ -1249,41 +1521,38 @@ def dit_flops_per_image(cfg, skips=True, in_chans=3):
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
-    """Times the full training step (batch, flips, times, noise, forward, backward, AdamW, EMA) on
-    random uint8 data after warm-up (which includes compilation), with a device sync around it."""
-    skips, alpha_min = comparison(cfg)[-1]
+def run_benchmark(cfg, device, setting=None, warmup_steps=5, timed_steps=20):
+    """Times the full training step (the random draws and their one copy, flips, forward, backward,
+    AdamW, EMA) on random uint8 data: warmup_steps first (compilation and CUDA-graph capture
+    included), then the MEDIAN of timed_steps single steps, each timed by CUDA events on a GPU (no
+    host sync inside the timed steps) or by the wall clock with a device sync elsewhere."""
+    cfg = resolve_compile_mode(cfg, device, 1)
+    skips, alpha_min = setting or comparison(cfg)[-1]
     torch.manual_seed(0)
     model = build_model(cfg, alpha_min, skips, 3, 10).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = make_optimizer(model, cfg, device)
-    compiled = torch.compile(model) if cfg.compile else model
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (cfg.batch_size,), device=device) if cfg.class_cond else None
+    forward = compile_or_eager(model, cfg)
+    data = {"train_x": torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device),
+            "train_y": torch.randint(0, 10, (cfg.batch_size,), device=device)}
+    idx = torch.arange(cfg.batch_size, device=device)
 
     def train_step(step):
-        gen = step_generator(0, step)
-        x0 = training_batch(images, cfg.img_size, gen, cfg.flip)
-        t = sample_time(cfg.batch_size, gen, cfg.time_dist).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
+        x0, noise, t, y = training_inputs(data, idx, step_generator(0, step), cfg, 10, 0, 1)
         with autocast(device):
-            loss = flow_loss(compiled, x0, noise, t, labels)
+            loss = flow_loss(forward, x0, noise, t, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, model, cfg.ema_decay)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize if device.type == "mps" else (lambda: None)
     for step in range(warmup_steps):
         train_step(step)
-    sync()
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for step in range(timed_steps):
-        train_step(warmup_steps + step)
-    sync()
-    ms = (time.perf_counter() - started) / timed_steps * 1000
+    step_ms = step_times_ms(train_step, range(warmup_steps, warmup_steps + timed_steps), device)
+    ms = float(np.median(step_ms))
     img_s = cfg.batch_size / ms * 1000
     flops = dit_flops_per_image(cfg, skips)
     if device.type == "cuda":
@@ -1294,11 +1563,47 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak process RSS)"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     mfu = f"{flops * img_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "n/a (no peak FLOP/s known for this device)"
-    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}, batch {cfg.batch_size}, "
-          f"{cfg.img_size}px/{cfg.patch_size}, DiT {cfg.embed_dim}x{cfg.depth}, {setting_name(skips, alpha_min)}")
-    print(f"{ms:.1f} ms/step  {img_s:.0f} img/s  {flops / 1e9:.3f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  "
-          f"MFU {mfu}  memory {memory}")
-    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops}
+    print(f"device {name}, torch {torch.__version__}, compile={cfg.compile}{f' ({cfg.compile_mode})' if cfg.compile else ''}, "
+          f"batch {cfg.batch_size}, {cfg.img_size}px/{cfg.patch_size}, DiT {cfg.embed_dim}x{cfg.depth}, {setting_name(skips, alpha_min)}")
+    print(f"{ms:.1f} ms/step (median of {timed_steps} steps; min {min(step_ms):.1f}, max {max(step_ms):.1f})  {img_s:.0f} img/s  "
+          f"{flops / 1e9:.3f} GFLOP/img  {flops * img_s / 1e12:.2f} TFLOP/s  MFU {mfu}  memory {memory}")
+    return {"ms_per_step": ms, "img_per_s": img_s, "flops_per_image": flops, "step_ms": step_ms}
+
+
+def study_benchmark(cfg, device):
+    """--study --benchmark: the training step of every arm, timed as --benchmark does, and the study's
+    training time projected from it (arms x seeds x epochs x steps per epoch x median ms per step).
+    Evaluation comes on top (the module docstring's study section estimates it)."""
+    n_train = len(load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)["train"][1])
+    n_train = min(n_train, cfg.train_limit or n_train)
+    steps = cfg.epochs * (n_train // cfg.batch_size) * len(parse_seeds(cfg.seeds))
+    timings = {label: run_benchmark(cfg, device, (skips, alpha_min)) for label, skips, alpha_min in study_arms(cfg)}
+    seconds = sum(steps * t["ms_per_step"] / 1000 for t in timings.values())
+    print(f"study training, projected: {len(timings)} arms x {len(parse_seeds(cfg.seeds))} seeds x {cfg.epochs} epochs x "
+          f"{n_train // cfg.batch_size} steps at the medians above = {seconds:.0f} s (evaluation and compilation not included)")
+    return {"arms": timings, "projected_train_seconds": seconds}
+
+
+def step_times_ms(run_step, steps, device):
+    """Milliseconds of each call run_step(step): CUDA events around every step on a GPU, read after
+    one sync at the end (the steps queue back to back, as in training); elsewhere the wall clock
+    with a device sync after each step."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in steps]
+        for step, (start, end) in zip(steps, events):
+            start.record()
+            run_step(step)
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+    sync = torch.mps.synchronize if device.type == "mps" else (lambda: None)
+    times = []
+    for step in steps:
+        started = time.perf_counter()
+        run_step(step)
+        sync()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
 
 
 # =============================================================================================
@@ -1329,9 +1634,13 @@ def knob_help():
 
 
 def parse_config(argv=None):
-    """Defaults < preset < command line. Returns a checked Config (UserError on any bad value)."""
+    """Defaults < preset < the study settings (STUDY, with --study) < command line. Returns a checked
+    Config (UserError on any bad value)."""
     parser = OneSentenceParser(description="Diffusion transformer (flow) with decayed identity shortcuts and long skips "
-                                           "(arXiv 2404.10947). Every option shows its default (the quick preset's).")
+                                           "(arXiv 2404.10947). Every option shows its default (the quick preset's).",
+                               epilog="The study on one GPU: python diffusion_decay.py --study --compile --data-dir DATA "
+                                      "(an ESTIMATED 8.5 min on one H100 or H200, not yet run; the module docstring gives "
+                                      "the sums; --study --benchmark times each arm's step first).")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="a set of defaults: " + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the defaults'}"
                                                            for name, values in PRESETS.items()).replace("%", "%%"))
@@ -1354,8 +1663,15 @@ def parse_config(argv=None):
             kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
             group.add_argument(flag, type=kind, default=None, help=text)
     args = parser.parse_args(argv)
+    typed = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
     values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    if typed.get("study", values["study"]):
+        values.update(STUDY)
+        chosen = [f"--{k.replace('_', '-')}" for k in ("skips", "alpha_min", "alpha_eff") if k in typed]
+        if chosen:
+            raise UserError(f"--study trains its fixed arms ({', '.join(STUDY_ARMS)}): drop {' and '.join(chosen)} "
+                            f"or choose arms with --study-arms.")
+    values.update(typed)
     cfg = Config(**values)
     check_config(cfg)
     return cfg
@@ -1411,6 +1727,11 @@ def check_config(cfg):
     need(cfg.time_scale > 0, f"--time-scale must be positive, got {cfg.time_scale}.")
     need(0.0 <= cfg.class_dropout < 1.0, f"--class-dropout must be in [0, 1), got {cfg.class_dropout}.")
     need(cfg.cfg_scale >= 0, f"--cfg-scale cannot be negative, got {cfg.cfg_scale}.")
+    need(cfg.fd_cfg_scale >= 0, f"--fd-cfg-scale cannot be negative, got {cfg.fd_cfg_scale}.")
+    need(cfg.fd_cfg_scale == 0 or (cfg.class_cond and cfg.class_dropout > 0),
+         "--fd-cfg-scale needs a class-conditional model that also learned the null class: add --class-cond "
+         "and a --class-dropout above 0.")
+    study_arms(cfg)
     need(cfg.cfg_scale == 1.0 or cfg.class_cond, "--cfg-scale other than 1 needs a class-conditional model: add --class-cond.")
     need(cfg.cfg_scale == 1.0 or cfg.class_dropout > 0,
          "--cfg-scale other than 1 needs an unconditional model too: set --class-dropout above 0.")
@@ -1429,6 +1750,8 @@ def check_config(cfg):
     need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
+    need(cfg.compile_mode in ("auto", "default", "reduce-overhead", "max-autotune"),
+         f"--compile-mode must be auto, default, reduce-overhead or max-autotune, got '{cfg.compile_mode}'.")
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
     need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0 and cfg.ckpt_minutes > 0,
@@ -1495,8 +1818,19 @@ def noise_levels(cfg):
 
 
 def comparison(cfg):
-    """Every (skips, alpha_min) pair this invocation trains, in table order."""
+    """Every (skips, alpha_min) pair this invocation trains, in table order (--study: its arms)."""
+    if cfg.study:
+        return [(skips, alpha_min) for _, skips, alpha_min in study_arms(cfg)]
     return [(skips, alpha_min) for skips in skip_settings(cfg) for alpha_min in alpha_settings(cfg)]
+
+
+def study_arms(cfg):
+    """The --study-arms as (label, skips, alpha_min), the baseline first."""
+    names = [v.strip() for v in cfg.study_arms.split(",") if v.strip()]
+    if not names or any(n not in STUDY_ARMS for n in names) or len(set(names)) != len(names):
+        raise UserError(f"--study-arms must be a comma list of distinct names from {', '.join(STUDY_ARMS)}, "
+                        f"got '{cfg.study_arms}'.")
+    return [STUDY_ARMS[n] for n in names]
 
 
 def setting_name(skips, alpha_min):
@@ -1867,7 +2201,8 @@ def load_checkpoint(path, model, ema, optimizer, cfg, setting, seed):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
-    changed = [k for k in TRAJECTORY_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
+    saved = {"compile_mode": "default" if ckpt["config"].get("compile") else "eager", **ckpt["config"]}  # older checkpoints
+    changed = [k for k in TRAJECTORY_KEYS if saved.get(k) != getattr(cfg, k)]
     if changed or (ckpt["skips"], ckpt["alpha_min"]) != setting or ckpt["seed"] != seed:
         raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'skips/alpha_min/seed'}); "
                         f"resume with the same flags or use another --out-dir.")
@@ -2060,8 +2395,9 @@ def main(argv=None):
     cfg = parse_config(argv)
     device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
     if cfg.benchmark:
-        return run_benchmark(cfg, device)
+        return study_benchmark(cfg, device) if cfg.study else run_benchmark(cfg, device)
     rank, world_size = rank_and_world()
+    cfg = resolve_compile_mode(cfg, device, world_size)  # recorded in config.json, results and checkpoints
     settings, seeds = comparison(cfg), parse_seeds(cfg.seeds)
     parts = load_dataset_once_per_node(cfg)
     ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
@@ -2089,25 +2425,36 @@ def main(argv=None):
         write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
     reference = reference_network(cfg, data, device)
     results = []
+    runs_summary = lambda: {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
+                       "processes": world_size, "fd_reference": {"test_accuracy": reference["accuracy"], **reference["sanity"]},
+                       "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}
     for (skips, alpha_min, seed), run_dir in run_dirs.items():
         results.append(train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device))
+        if cfg.study and rank == 0:  # the finished runs, in case the study is stopped before its end
+            write_json(os.path.join(cfg.out_dir, "results.json"), {**runs_summary(), "complete": False})
     if rank == 0:
         sanity = reference["sanity"]
         print(f"\n{cfg.dataset}, {cfg.img_size}px; generation: FD-smallcnn of {cfg.fd_samples} EMA samples ({cfg.sampler}, "
               f"{cfg.sample_steps} steps{f', CFG {cfg.cfg_scale:g}' if cfg.class_cond else ''}) vs the test set "
               f"(real vs real {sanity['real_vs_real']:.2f}, noise vs real {sanity['noise_vs_real']:.2f}); "
               f"features: {results[0]['feature']} (the headline level: the first --feature-t, fixed in advance); "
-              f"k-NN: DINO protocol, T={cfg.knn_t}; linear probe: {describe_probe(cfg)}\n{results_table(results)}")
+              f"k-NN: DINO protocol, T={cfg.knn_t}; linear probe: {describe_probe(cfg)}")
+        if cfg.study:
+            table, study = study_report(results, study_arms(cfg))
+            print(f"study: {len(results)} runs ({len(study_arms(cfg))} arms x seeds {seeds}), {cfg.epochs} epochs each, "
+                  f"DiT {cfg.embed_dim}x{cfg.depth}/{cfg.patch_size}; FD floor: real vs real {sanity['real_vs_real']:.2f} "
+                  f"({min(cfg.fd_samples, len(data['train_x']))} training images vs the {len(data['test_x'])} test images, the "
+                  f"same count as the samples), ceiling: noise vs real {sanity['noise_vs_real']:.2f}\n{table}")
+        else:
+            print(results_table(results))
         print(f"\nthe features at every probed noise level t (train visits: share of training times within +-0.05 of t, "
               f"--time-dist {cfg.time_dist})\n{noise_level_table(results)}")
-        summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "processes": world_size,
-                   "fd_reference": {"test_accuracy": reference["accuracy"], **sanity},
-                   "runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}
+        summary = {**runs_summary(), **({"study": study, "complete": True} if cfg.study else {})}
         write_json(os.path.join(cfg.out_dir, "results.json"), summary)
         if cfg.json:
             write_json(cfg.json, summary)
         if cfg.plots:
-            save_plots(results, cfg.out_dir)
+            save_plots(results, cfg.out_dir, {(skips, alpha): label for label, skips, alpha in study_arms(cfg)} if cfg.study else None)
             print(f"plots: {cfg.out_dir}/curves.png, samples.png (one samples.png per run folder too)")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
