@@ -208,6 +208,14 @@ def alpha_min_for(alpha_eff, depth):
     return (low + high) / 2
 
 
+def scaled(x, alpha):
+    """alpha * x, skipped when alpha is 1.0 (exactly x in floating point): the first sub-layer and
+    every sub-layer of the baseline save one read and one write of x, forward and backward."""
+    # a view, not x itself: a free autograd node in the multiply's place, so that autograd sums the
+    # gradients of a tensor with three consumers (a long skip's source) in the same order, bit for bit
+    return x.view_as(x) if alpha == 1.0 else alpha * x
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with one shortcut weight per residual sub-layer."""
 
@@ -221,9 +229,8 @@ class Block(nn.Module):
         ## The paper's rule, x_{k+1} = alpha_k * x_k + f_k(norm(x_k)). With alpha = 1 this is the
         ## standard residual block; with alpha < 1 the identity path of the stack is attenuated
         ## (its total weight is prod(alphas)), which pushes deep features toward low rank.
-        ## (1.0 * x == x exactly, so the multiply is skipped there: one kernel less, the same numbers.)
-        x = (x if self.alpha_attn == 1.0 else self.alpha_attn * x) + self.attn(self.norm1(x))
-        x = (x if self.alpha_mlp == 1.0 else self.alpha_mlp * x) + self.mlp(self.norm2(x))
+        x = scaled(x, self.alpha_attn) + self.attn(self.norm1(x))
+        x = scaled(x, self.alpha_mlp) + self.mlp(self.norm2(x))
         return x
 
     @torch.no_grad()
@@ -244,9 +251,9 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, T, D)
         B, T, D = x.shape
-        ## (B, T, 3*D) -> (B, T, 3, H, D/H) -> (B, H, 3, T, D/H) -> q, k, v: views only, so backward
-        ## writes the three gradients straight into one (B, T, 3*D) buffer, no extra copy.
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).transpose(1, 3).unbind(2)  # 3 x (B, H, T, D/H)
+        # unbind on the q/k/v dim of the head split: in backward the three gradients are stacked straight
+        # into the (B, T, 3, H, D/H) layout of the qkv Linear's output (permuting first costs one more copy)
+        q, k, v = (part.transpose(1, 2) for part in self.qkv(x).view(B, T, 3, self.heads, D // self.heads).unbind(2))  # 3 x (B, H, T, D/H)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), flash / memory-efficient kernel when available
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
@@ -1108,6 +1115,28 @@ def save_plots(results, out_dir):
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def step_times_ms(run_step, steps, device):
+    """Milliseconds of each call run_step(step): CUDA events around every step on a GPU, read after
+    one sync at the end (the steps queue back to back, as in training); elsewhere the wall clock
+    with a device sync after each step."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in steps]
+        for step, (start, end) in zip(steps, events):
+            start.record()
+            run_step(step)
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+    sync = torch.mps.synchronize if device.type == "mps" else (lambda: None)
+    times = []
+    for step in steps:
+        started = time.perf_counter()
+        run_step(step)
+        sync()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
 def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
     """Times the training step as train_run runs it (random draws, augmentation, masking, forward,
     backward, AdamW) on random uint8 data after warm-up (which includes compilation): the MEDIAN
@@ -1135,20 +1164,7 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(timed_steps + 1)]
-        events[0].record()
-        for step in range(timed_steps):
-            train_step(warmup_steps + step)
-            events[step + 1].record()
-        sync()
-        times = [start.elapsed_time(end) for start, end in zip(events, events[1:])]  # ms
-    else:
-        times = []
-        for step in range(timed_steps):
-            started = time.perf_counter()
-            train_step(warmup_steps + step)
-            sync()
-            times.append((time.perf_counter() - started) * 1000)
+    times = step_times_ms(train_step, range(warmup_steps, warmup_steps + timed_steps), device)
     ms = float(np.median(times))
     img_s = cfg.batch_size / ms * 1000
     flops = mae_flops_per_image(cfg)

@@ -770,10 +770,8 @@ def test_step_draws_are_the_same_numbers_as_drawing_crops_then_noise():
 
 
 def test_attention_unbind_split_and_skipped_unit_alpha_change_no_number():
-    """The q/k/v split by views (.transpose.unbind) against the permute it replaced, forward and
-    gradients, bit for bit; and a block with alpha = 1 (the multiply skipped) against 1.0 * x + f.
-    In a whole MAE the skip decoder reads block outputs a third time, and autograd may then add the
-    three gradient contributions in another order: equal to float32 rounding, not bit for bit."""
+    """The q/k/v split by views (.unbind) against the permute it replaced, forward and gradients, bit
+    for bit; and a block with alpha = 1 (the multiply skipped) against 1.0 * x + f."""
     torch.manual_seed(0)
     block = m.Block(32, 4, 4.0)
     randomise(block)
