@@ -1510,7 +1510,7 @@ def load_folder(root, size, cache_dir):
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
-        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
+        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ (or test/<class>/) folders of images.")
     subfolders = lambda d: {n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)) and not n.startswith(".")}
     classes = sorted(subfolders(train_dir))
     files = {}  # split -> [(path, label)]
@@ -1530,8 +1530,16 @@ def load_folder(root, size, cache_dir):
                                 f"add some or remove it.")
             files[split] += [(os.path.join(cls_dir, n), label) for n in names]
         if not files[split]:
-            raise UserError(f"{folder} holds no class folders of images named like those of {train_dir}.")
-    listing = sorted((os.path.relpath(p, root), os.stat(p)) for pairs in files.values() for p, _ in pairs)
+            raise UserError(f"{train_dir} holds no class folders; put each class's images in {train_dir}/<class>/."
+                            if split == "train" else f"{folder} holds no class folders named like those of "
+                            f"{train_dir} (val/ is read when it exists, else test/); add them there.")
+
+    def stat(path):  # a dangling link or a symlink loop named like an image: one sentence, not a traceback
+        try:
+            return os.stat(path)
+        except OSError as e:
+            raise UserError(f"{path} cannot be read ({e.strerror}); fix or remove it.") from None
+    listing = sorted((os.path.relpath(p, root), stat(p)) for pairs in files.values() for p, _ in pairs)
     fingerprint = hashlib.sha256("\n".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}" for n, st in listing).encode()).hexdigest()
     where = os.path.realpath(root)
     cache = os.path.join(cache_dir, "image_folder_cache",
