@@ -221,7 +221,9 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio, alpha_attn=1.0, alpha_mlp=1.0):
         super().__init__()
-        self.alpha_attn, self.alpha_mlp = alpha_attn, alpha_mlp  # plain floats: nothing learnable
+        ## Plain floats, fixed by the schedule: the paper reports that a learnable alpha drifts back
+        ## toward 1 and probes worse (ImageNet-100 linear probe 79.5 against 83.6 fixed).
+        self.alpha_attn, self.alpha_mlp = alpha_attn, alpha_mlp
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), MLP(dim, int(dim * mlp_ratio))
 
@@ -243,6 +245,8 @@ class Block(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention: every token attends to every token (no mask, no causal order)."""
+
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -259,6 +263,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The per-token feed-forward branch: Linear, GELU, Linear (hidden = mlp_ratio * dim)."""
+
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
@@ -270,6 +276,8 @@ class MLP(nn.Module):
 def sincos_pos_embed(dim, grid_size):
     """Fixed 2D sin-cos position embeddings (MAE): (1 + grid_size**2, dim), row 0 (cls) is zero.
     Half the channels encode the row, half the column, each as sin/cos at dim/4 frequencies."""
+    ## Fixed, not learned (as MAE): the decoder must know WHERE each hidden patch is, and a table it
+    ## cannot tune keeps that information from being mixed into the features the encoder learns.
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
 
@@ -303,12 +311,17 @@ def random_masking(x, mask_ratio, noise):
     in the original patch order, and ids_restore (B, L) that puts a shuffled sequence back in order."""
     B, L, D = x.shape
     keep = int(L * (1 - mask_ratio))
+    ## Sorting uniform noise gives each image its own random permutation in one batched call, and
+    ## every image keeps exactly `keep` patches, so the visible tokens stack into one dense (B, L_keep, D)
+    ## tensor: the encoder never sees (nor computes on) a hidden patch, which is what makes MAE cheap.
     ids_shuffle = noise.argsort(dim=1)  # small noise = kept
+    ## The argsort of a permutation is its inverse: ids_restore[b, j] is where patch j went, so one
+    ## gather with it puts any shuffled sequence (visible first, then hidden) back in image order.
     ids_restore = ids_shuffle.argsort(dim=1)
     visible = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
     mask = torch.ones(B, L, device=x.device)
-    mask[:, :keep] = 0
-    return visible, torch.gather(mask, 1, ids_restore), ids_restore
+    mask[:, :keep] = 0  # in shuffled order the first `keep` are the visible ones ...
+    return visible, torch.gather(mask, 1, ids_restore), ids_restore  # ... the mask in image order
 
 
 def unshuffle(tokens, mask_token, ids_restore):
@@ -316,6 +329,10 @@ def unshuffle(tokens, mask_token, ids_restore):
     mask_token, patches back in their original order, cls first."""
     B, n_tokens, D = tokens.shape
     L = ids_restore.shape[1]
+    ## Append one shared, learned mask token per hidden patch (the shuffled order is visible first,
+    ## hidden after), then gather with ids_restore. The decoder thus sees a full grid in which it
+    ## cannot tell hidden patches apart except by their position embeddings: it must predict them from
+    ## the visible ones, and the loss (masked_patch_loss) asks for nothing else.
     patches = torch.cat([tokens[:, 1:], mask_token.to(tokens.dtype).expand(B, L + 1 - n_tokens, D)], dim=1)
     patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, D))
     return torch.cat([tokens[:, :1], patches], dim=1)
@@ -326,13 +343,19 @@ class SkipMerge(nn.Module):
 
     def __init__(self, decoder_dim, encoder_dim):
         super().__init__()
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder_dim))  # one set per skip, encoder width
+        ## Each skip has its OWN mask token, at ENCODER width: the encoder block it reads saw only the
+        ## visible patches, so its hidden places are filled before merging, and what "nothing seen here"
+        ## looks like differs from block to block (shallow vs deep features).
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder_dim))
+        ## Concatenate, then a 2-layer MLP back to decoder width (not a sum): the encoder and decoder
+        ## widths differ, and the MLP learns how much of the skip to let in, per token.
         self.fc1 = nn.Linear(encoder_dim + decoder_dim, decoder_dim)
         self.fc2 = nn.Linear(decoder_dim, decoder_dim)  # zero-initialised: the merge starts as a no-op
 
     def forward(self, stream, encoder_tokens, ids_restore):  # (B, 1+L, Dd), (B, 1+L_keep, De)
         full = unshuffle(encoder_tokens, self.mask_token, ids_restore)  # (B, 1+L, De)
-        return stream + self.fc2(F.silu(self.fc1(torch.cat([full, stream], dim=-1))))
+        ## A residual merge: the stream goes on unchanged, plus what the MLP reads from the skip.
+        return stream + self.fc2(F.silu(self.fc1(torch.cat([full, stream], dim=-1))))  # (B, 1+L, Dd)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -344,6 +367,8 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_kind = decoder
         grid = img_size // patch_size
         # --- encoder: decayed shortcuts live here and only here ---
+        ## A Conv2d with kernel = stride = patch size is a Linear applied to each non-overlapping
+        ## p x p x C patch (one fused kernel instead of patchify + matmul); init_weights treats it so.
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, grid)[None], persistent=False)  # (1, 1+L, D)
@@ -363,6 +388,8 @@ class MaskedAutoencoder(nn.Module):
             self.decoder_embed = nn.Linear(decoder_dim, decoder_dim)
             self.skips = nn.ModuleList(SkipMerge(decoder_dim, embed_dim) for _ in range(depth // 2))
         else:
+            ## The vanilla MAE decoder: the LAST encoder block's tokens, projected to decoder width,
+            ## with one shared mask token per hidden patch (MAE, He et al. 2022).
             self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth))
@@ -374,25 +401,34 @@ class MaskedAutoencoder(nn.Module):
         """imgs (B, C, H, W) -> (outputs, mask, ids_restore): outputs is the list of every encoder
         block's tokens (B, 1 + L_visible, D), cls first. `noise` (B, L) selects the visible patches
         (MAE masking); noise=None keeps every patch (feature extraction)."""
+        ## Position embeddings are added BEFORE masking, so a visible token keeps its place in the image.
         x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, L, D)
         mask = ids_restore = None
         if noise is not None:
             x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)  # (B, L_keep, D)
+        ## The cls token is kept because the authors keep it (their features average it with the patch
+        ## tokens); nothing in MAE's loss trains it for classification.
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         outputs = []
         for block in self.blocks:
             x = block(x)
             outputs.append(x)
+        ## Every block's output is kept: the UNet decoder reads every second one, and the features
+        ## (extract_features) can be taken from any block.
         outputs[-1] = self.norm(outputs[-1])  # identity unless --final-norm
         return outputs, mask, ids_restore
 
     def skip_sources(self):
         """0-indexed encoder blocks feeding decoder blocks 1, 2, ... (unet decoder): depth-1, depth-3, ..."""
+        ## U-Net order: the first decoder block hears the DEEPEST encoder block, the last one the
+        ## shallowest, so the decoder walks back down the encoder as it reconstructs.
         return [i for i in range(len(self.blocks)) if i % 2 == 1][::-1]
 
     def decode(self, outputs, ids_restore):  # -> (B, L, p*p*C) predicted patches
         if self.decoder_kind == "unet":
+            ## The stream starts as the same (1, 1+L, Dd) for every image: all it learns about the image
+            ## enters through the skips, merged just before decoder blocks 1, 2, ..., depth/2.
             start = torch.cat([self.decoder_cls_token, self.decoder_pos_embed[:, 1:]], dim=1)  # (1, 1+L, Dd)
             x = self.decoder_embed(start).expand(outputs[0].shape[0], -1, -1)
             sources = self.skip_sources()
@@ -401,6 +437,8 @@ class MaskedAutoencoder(nn.Module):
                     x = self.skips[i](x, outputs[sources[i]], ids_restore)
                 x = block(x)
         else:
+            ## Position embeddings again, at decoder width: the mask tokens are all alike and only
+            ## these tell the decoder which patch each must predict.
             x = unshuffle(self.decoder_embed(outputs[-1]), self.mask_token, ids_restore) + self.decoder_pos_embed
             for block in self.decoder_blocks:
                 x = block(x)
@@ -410,12 +448,18 @@ class MaskedAutoencoder(nn.Module):
         """imgs (B, C, H, W) normalised; noise (B, L) uniform. Returns (loss, pred (B, L, p*p*C), mask (B, L))."""
         outputs, mask, ids_restore = self.encode(imgs, noise)
         pred = self.decode(outputs, ids_restore)
+        ## The loss in float32 even under bf16 autocast: a mean of many small squared errors loses
+        ## digits in bf16's 8-bit mantissa.
         return masked_patch_loss(pred.float(), imgs.float(), mask, self.patch_size, self.norm_pix), pred, mask
 
 
 def masked_patch_loss(pred, imgs, mask, patch_size, norm_pix):
     """Mean squared error on the HIDDEN patches only. With norm_pix each target patch is
     standardised by its own mean and (unbiased) variance, as in the reference MAE code."""
+    ## Only hidden patches count: a visible patch could be copied through the network, which would
+    ## teach nothing (MAE reports worse features when the loss includes them). norm_pix removes each
+    ## patch's brightness and contrast from the target, which MAE found to improve the features: the
+    ## model is asked for local structure, not for the overall intensity it could guess from neighbours.
     target = patchify(imgs, patch_size)  # (B, L, p*p*C)
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -430,6 +474,8 @@ def init_weights(model):
       each SkipMerge's last Linear, and the prediction head, so that at initialisation every block
       is exactly the alpha-scaled identity and the decoder predicts 0;
     * LayerNorm: weight 1, bias 0; cls / mask tokens: normal(0, 0.02); position embeddings: fixed."""
+    ## Xavier-uniform keeps each Linear's output variance near its input's at the start; MAE's code
+    ## and the authors' use it for every Linear, so every arm here starts from one recipe.
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -437,6 +483,8 @@ def init_weights(model):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    ## The patch Conv2d is a Linear on flattened patches (see MaskedAutoencoder): initialise it as one,
+    ## with fan-in p*p*C, not the Conv2d default.
     w = model.patch_embed.weight
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     nn.init.zeros_(model.patch_embed.bias)
@@ -444,6 +492,8 @@ def init_weights(model):
     ## norms blowing up early in training for alpha_min <= 0.7 without it.
     for block in list(model.blocks) + list(model.decoder_blocks):
         block.zero_init_()
+    ## Likewise each skip merge starts as a no-op and the head predicts 0: the first gradients then
+    ## flow through the identity paths, and no random branch adds noise of its own at step 0.
     for skip in getattr(model, "skips", []):
         nn.init.zeros_(skip.fc2.weight)
     nn.init.zeros_(model.decoder_pred.weight)
@@ -462,6 +512,8 @@ def build_model(cfg, alpha_min, in_chans):
 def block_norms(model, imgs):
     """Mean L2 norm of the tokens after each encoder block, on unmasked images: with alpha_min < 1
     the identity path no longer accumulates, so the norms stop growing with depth."""
+    ## What decay does to the residual stream, in numbers: with alpha = 1 every block adds to the
+    ## norm it receives; feature_norms.png draws the curves at initialisation and after training.
     outputs, _, _ = model.encode(imgs)
     return [float(o.float().norm(dim=-1).mean()) for o in outputs]
 
@@ -637,8 +689,9 @@ def train_run(cfg, data, alpha_min, seed, run_dir, device):
             idx = shard(order[i * batch:(i + 1) * batch], rank, world_size)  # (B/W,)
             theta, noise = step_draws(step_generator(seed, step), batch, num_patches, cfg.crop_min, rank, world_size, device)
             imgs = crop_and_flip(data["train_x"][idx], theta, cfg.img_size, data["mean"], data["std"])  # (B/W, C, H, W)
+            lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+                group["lr"] = lr
             with autocast(device):
                 loss = forward(imgs, noise)[0]
             loss.backward()

@@ -813,3 +813,42 @@ def test_compile_mode_auto_is_cuda_graphs_on_one_cuda_gpu_only():
     assert m.compile_mode(cfg, torch.device("cuda", 0)) == "reduce-overhead"
     assert m.compile_mode(cfg, torch.device("cpu")) == "default"
     assert m.compile_mode(m.parse_config(["--compile", "--compile-mode", "max-autotune"]), torch.device("cuda", 0)) == "max-autotune"
+
+
+# --------------------------------------------------------------------------- what the teaching comments state
+
+def test_patch_embedding_conv_is_a_linear_on_flattened_patches():
+    # the comment: "a Conv2d with kernel = stride = patch size is a Linear applied to each p x p x C patch"
+    model = m.MaskedAutoencoder(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                                decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    imgs = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    conv = model.patch_embed.double()
+    as_linear = conv.weight.permute(0, 2, 3, 1).reshape(32, -1)  # (D, p*p*C) in patchify's (p, p, C) layout
+    expected = m.patchify(imgs, 4) @ as_linear.T + conv.bias
+    assert torch.allclose(conv(imgs).flatten(2).transpose(1, 2), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_at_initialisation_skip_merges_are_no_ops_and_the_decoder_predicts_zero():
+    torch.manual_seed(0)
+    model = m.MaskedAutoencoder(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=4, num_heads=2,
+                                decoder_dim=24, decoder_depth=2, decoder_heads=2)
+    stream, encoder_tokens = torch.randn(2, 17, 24), torch.randn(2, 5, 32)
+    ids_restore = torch.stack([torch.randperm(16) for _ in range(2)])
+    for skip in model.skips:
+        assert torch.equal(skip(stream, encoder_tokens, ids_restore), stream)  # "starts as a no-op"
+        assert skip.mask_token.shape == (1, 1, 32)  # "its OWN mask token, at ENCODER width"
+    assert len({id(skip.mask_token) for skip in model.skips}) == len(model.skips) == 2
+    _, pred, _ = model(torch.randn(2, 3, 16, 16), torch.rand(2, 16))
+    assert torch.equal(pred, torch.zeros_like(pred))  # "the decoder predicts 0"
+
+
+def test_training_loop_uses_the_linear_scaling_rule_and_drops_the_last_incomplete_batch(tmp_path, monkeypatch):
+    # the loop's comments: peak lr = base_lr * batch / 256; the last incomplete batch of an epoch is dropped
+    seen, get_lr = [], m.get_lr
+
+    def recording_get_lr(step, total_steps, warmup_steps, peak_lr, min_lr):
+        seen.append((step, total_steps, warmup_steps, peak_lr))
+        return get_lr(step, total_steps, warmup_steps, peak_lr, min_lr)
+    monkeypatch.setattr(m, "get_lr", recording_get_lr)
+    run_training(tmp_path, "lr", "--epochs", "2", "--train-limit", "100")  # 100 images, batch 32: 3 steps an epoch
+    assert [s[0] for s in seen] == list(range(6)) and {s[1:] for s in seen} == {(6, round(0.5 * 3), 2e-3 * 32 / 256)}
