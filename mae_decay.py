@@ -138,7 +138,7 @@ class Config:
     knn_t: float = 0.07           # k-NN temperature
     feature: str = "mean"         # mean (all tokens of the block, the authors') | cls
     feature_block: int = 0        # encoder block (1-indexed) whose output is the feature; 0 = last
-    probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2, batch 256, 200 epochs)
+    probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2 weight decay 0.01, batch 256, 200 epochs, cosine per epoch)
     probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); one default in every script
     probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); one default in every script
     pixels: bool = True           # add a reference row: the same k-NN / probe / ranks on raw pixels (skipped above 8 GiB)
@@ -1256,7 +1256,9 @@ def size_study(timing, arms, seeds, n_workers, steps_per_epoch, seconds_left, ep
     {label: {start, ms_per_step, final_eval_seconds, periodic_eval_seconds}}. Plans are tried from
     the largest (every arm, every seed) down to the required (3 arms, 2 seeds), fewer seeds last;
     the first whose epoch count can reach epoch_range[0] wins, at the most epochs that fit (at most
-    epoch_range[1]). If none fits, the smallest plan at epoch_range[0]. Returns (arms, seeds, epochs, lines).
+    epoch_range[1]). If none does, the smallest plan gets the most epochs that fit below the range,
+    down to a third of its floor (a budget overrun loses the whole study, a shorter schedule does
+    not), and a line says so. Returns (arms, seeds, epochs, lines).
     A run's time: start + epochs * steps_per_epoch * ms_per_step + its evaluations; runs fill the
     n_workers slots in order (study_makespan)."""
     low, high = epoch_range
@@ -1287,9 +1289,13 @@ def size_study(timing, arms, seeds, n_workers, steps_per_epoch, seconds_left, ep
                          f"of the {seconds_left:.0f} s left (larger plans did not reach {low} epochs)")
             return plan_arms, plan_seeds, epochs, lines
     plan_arms, plan_seeds = plans[-1]
-    lines.append(f"plan: NOT within the budget: the smallest plan ({len(plan_arms)} arms x {len(plan_seeds)} seeds) at "
-                 f"{low} epochs is expected to take {makespan(plan_arms, plan_seeds, low):.0f} s, {seconds_left:.0f} s are left")
-    return plan_arms, plan_seeds, low, lines
+    floor = max(1, low // 3)
+    epochs = max([e for e in range(floor, low) if makespan(plan_arms, plan_seeds, e) <= seconds_left], default=floor)
+    lines.append(f"plan: NOT within the budget at {low} epochs (the smallest plan, {len(plan_arms)} arms x {len(plan_seeds)} "
+                 f"seeds, would take {makespan(plan_arms, plan_seeds, low):.0f} s of the {seconds_left:.0f} s left): "
+                 f"{epochs} epochs instead, expected {makespan(plan_arms, plan_seeds, epochs):.0f} s; raise --study-minutes "
+                 f"or give --epochs for a longer schedule")
+    return plan_arms, plan_seeds, epochs, lines
 
 
 def paired_difference(values, baseline):
@@ -1431,7 +1437,8 @@ def run_study(cfg):
 
     def done(name, code):
         label, seed, out = folders[name]
-        print(f"{name}: {'finished' if code == 0 else f'FAILED (exit {code}), see {out}/worker.log'} "
+        print(f"{name}: {'finished' if code == 0 else 'stopped' if code == 130 else f'FAILED (exit {code})'}"
+              f"{'' if code == 0 else f', see {out}/worker.log'} "
               f"at {time.perf_counter() - started:.0f} s")
 
     codes, _ = run_workers(jobs, cfg.study_workers, on_done=done)

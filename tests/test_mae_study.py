@@ -88,9 +88,11 @@ def test_size_study_picks_the_largest_plan_that_reaches_the_minimum_epochs():
     assert m.size_study(timing, arms, [0, 1, 2], 2, 2, 10_000, (30, 50), 0)[2] == 50
     # periodic evaluations count (every 10 epochs + the one at epoch 0): 14 + E + (E // 10 + 1) per run
     assert m.size_study(timing, arms, [0, 1, 2], 2, 2, 300, (30, 50), 10)[2] == 32
-    # nothing fits: the smallest plan (3 arms x 2 seeds) at the minimum, and a line that says so
-    plan_arms, plan_seeds, epochs, lines = m.size_study(timing, arms, [0, 1, 2], 2, 2, 50, (30, 50), 0)
-    assert (len(plan_arms), plan_seeds, epochs) == (3, [0, 1], 30) and "NOT within the budget" in lines[-1]
+    # 30 epochs fit no plan: the smallest (3 arms x 2 seeds, 3 rounds) gets 3 * (14 + E) <= 100 -> 19 epochs,
+    # never fewer than a third of the floor, and a line says so
+    plan_arms, plan_seeds, epochs, lines = m.size_study(timing, arms, [0, 1, 2], 2, 2, 100, (30, 50), 0)
+    assert (len(plan_arms), plan_seeds, epochs) == (3, [0, 1], 19) and "NOT within the budget at 30 epochs" in lines[-1]
+    assert m.size_study(timing, arms, [0, 1, 2], 2, 2, 50, (30, 50), 0)[2] == 10
 
 
 def test_makespan_is_the_greedy_schedule():
