@@ -1243,6 +1243,17 @@ def study_benchmark(cfg):
     return result
 
 
+def log_tail(path, lines=15):
+    """The last lines of a worker's log, indented, so a failure's cause is in the study's own output."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-20000:].decode(errors="replace").replace("\r", "\n")
+    except OSError:
+        return f" (no log at {path})"
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return f"; the end of {path}:\n" + "\n".join("    " + line for line in tail)
+
+
 def study_makespan(durations, n_workers):
     """Wall time of running jobs of these durations, in order, each on the first free of n_workers slots."""
     slots = [0.0] * n_workers
@@ -1398,13 +1409,13 @@ def run_study(cfg):
     if "RANK" in os.environ:
         raise UserError("--study starts its own worker processes: run it with python, not torchrun.")
     arms, seeds = study_arms(cfg), study_seeds(cfg)
+    plan_path = os.path.join(cfg.out_dir, "study_plan.json")
+    if os.path.exists(plan_path) and not cfg.resume:
+        raise UserError(f"{plan_path} already exists: pass --resume to continue that study, or choose another --out-dir.")
     parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)  # on the CPU: sizes only
     n_train = min(len(parts["train"][1]), cfg.train_limit or len(parts["train"][1]))
     if cfg.batch_size > n_train:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images; lower it.")
-    plan_path = os.path.join(cfg.out_dir, "study_plan.json")
-    if os.path.exists(plan_path) and not cfg.resume:
-        raise UserError(f"{plan_path} already exists: pass --resume to continue that study, or choose another --out-dir.")
     print(f"study: {cfg.dataset}, {n_train} training images, arms {', '.join(a[0] for a in arms)}; seeds {seeds}; "
           f"{cfg.study_workers} workers; out {cfg.out_dir}")
     if os.path.exists(plan_path):  # --resume: the plan is kept, so every run resumes under its own settings
@@ -1437,9 +1448,8 @@ def run_study(cfg):
 
     def done(name, code):
         label, seed, out = folders[name]
-        print(f"{name}: {'finished' if code == 0 else 'stopped' if code == 130 else f'FAILED (exit {code})'}"
-              f"{'' if code == 0 else f', see {out}/worker.log'} "
-              f"at {time.perf_counter() - started:.0f} s")
+        print(f"{name}: {'finished' if code == 0 else 'stopped' if code == 130 else f'FAILED (exit {code})'} "
+              f"at {time.perf_counter() - started:.0f} s{'' if code in (0, 130) else log_tail(os.path.join(out, 'worker.log'))}")
 
     codes, _ = run_workers(jobs, cfg.study_workers, on_done=done)
     failed = [name for name, code in codes.items() if code != 0]
@@ -1456,14 +1466,14 @@ def run_study(cfg):
                              "blocks": r["study"]["blocks"], "epoch_losses": r["epoch_losses"], "evals": r["evals"],
                              "alpha_min": r["alpha_min"], "alpha_eff": r["alpha_eff"], "feature": r["feature"],
                              "authors_probe_is": r["study"]["authors_probe_is"]})
-    if failed:
-        raise UserError(f"{len(failed)} run(s) failed ({', '.join(failed)}); read their worker.log, fix the cause and "
-                        f"rerun with --resume (finished runs are kept).")
+    if not runs:
+        raise UserError(f"every run failed ({', '.join(failed)}); read their worker.log, fix the cause and rerun with --resume.")
     k = min(cfg.knn_k, n_train)
     text, comparisons = study_report(runs, pixels, k)
-    wall = time.perf_counter() - started
+    wall, missing = time.perf_counter() - started, f"; FAILED and missing: {', '.join(failed)}" if failed else ""
     head = (f"study: {cfg.dataset} at {cfg.img_size}px, ViT {cfg.embed_dim}x{cfg.depth}/{cfg.patch_size}, {epochs} epochs, "
-            f"batch {cfg.batch_size}, seeds {seeds}, {cfg.study_workers} workers, {wall:.0f} s wall; torch {torch.__version__}\n"
+            f"batch {cfg.batch_size}, seeds {seeds}, {cfg.study_workers} workers, {wall:.0f} s wall; torch {torch.__version__}"
+            f"{missing}\n"
             f"headline feature: last encoder block, mean over all tokens (the vanilla MAE's after its final LayerNorm); "
             f"k-NN: DINO, k={k}, T={cfg.knn_t}; linear probe: {describe_probe(dataclasses.replace(cfg, probe='standard'))}; "
             f"authors' probe: {describe_probe(dataclasses.replace(cfg, probe='authors'))}; k-NN centred: train mean subtracted")
@@ -1475,6 +1485,9 @@ def run_study(cfg):
         f.write(f"{head}\n{text}\n")
     os.replace(os.path.join(cfg.out_dir, ".study.txt.tmp"), os.path.join(cfg.out_dir, "study.txt"))
     print(f"\n{head}\n{text}\nwritten: {cfg.out_dir}/study.txt, study.json")
+    if failed:  # the table above holds the runs that finished; the failed ones are missing from it
+        raise UserError(f"{len(failed)} run(s) failed ({', '.join(failed)}) and are missing from the table; read their "
+                        f"worker.log, fix the cause and rerun with --resume (finished runs are kept).")
     return {"runs": runs, "comparisons": comparisons, "epochs": epochs}
 
 
@@ -1501,9 +1514,13 @@ def study_size_by_benchmark(cfg, arms, seeds, n_train, started):
             open(os.path.join(bench_dir, "go"), "w").close()
 
     codes, launched = run_workers(jobs, n, tick=tick)
+    device_kind = "cuda" if pick_device(cfg.device).type == "cuda" else "other"
     failed = [name for name, code in codes.items() if code != 0]
-    if failed:
-        raise UserError(f"the study's benchmark failed in {', '.join(failed)}; read {bench_dir}/{failed[0]}.log.")
+    if failed:  # nothing to size by: the smallest plan at the floor of the range, rather than no study at all
+        print(f"the benchmark failed in {', '.join(failed)}{log_tail(os.path.join(bench_dir, failed[0] + '.log'))}")
+        low = STUDY_EPOCHS[device_kind][0]
+        return arms[:3], seeds[:2], low, [f"benchmark FAILED ({', '.join(failed)}): nothing measured; the smallest plan "
+                                          f"(3 arms x 2 seeds) at {low} epochs, unsized"]
     timing = {}  # per arm, the slowest of its workers: the budget must hold for every run
     for label, folder, _ in arms:
         names = [name for name, *_ in jobs if name.rsplit("_", 1)[0] == folder]
@@ -1511,7 +1528,6 @@ def study_size_by_benchmark(cfg, arms, seeds, n_train, started):
         timing[label] = {"start": max(numbers[name]["ready_at"] - launched[name] for name in names), "concurrent": n,
                          **{key: max(r[key] for r in numbers.values())
                             for key in ("ms_per_step", "final_eval_seconds", "periodic_eval_seconds")}}
-    device_kind = "cuda" if pick_device(cfg.device).type == "cuda" else "other"
     seconds_left = 60 * cfg.study_minutes - (time.perf_counter() - started)
     plan_arms, plan_seeds, epochs, lines = size_study(timing, arms, seeds, cfg.study_workers, n_train // cfg.batch_size,
                                                       seconds_left, STUDY_EPOCHS[device_kind], cfg.eval_every)

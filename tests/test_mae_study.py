@@ -153,12 +153,20 @@ def test_bad_study_flags_give_one_clear_sentence(flags, message):
 # --------------------------------------------------------------------------- end to end
 
 def test_study_end_to_end_on_cpu(tmp_path, capsys):
+    """The path a GPU run takes: a concurrent benchmark of each arm, the sizing (a budget so small
+    that nothing fits: the smallest plan, 2 arms x 2 seeds, at the CPU's floor of 1 epoch), the
+    workers, the table. Then --resume of the finished study rebuilds the same table."""
     out = tmp_path / "study"
-    result = m.main(TINY + ["--study", "--study-arms", "vanilla,0.7", "--seeds", "0,1", "--epochs", "1",
-                            "--study-workers", "2", "--out-dir", str(out)])
+    flags = TINY + ["--study", "--study-arms", "vanilla,0.7", "--seeds", "0,1", "--study-minutes", "0.01",
+                    "--study-workers", "2", "--out-dir", str(out)]
+    result = m.main(flags)
     text = (out / "study.txt").read_text()
     summary = json.loads((out / "study.json").read_text())
     assert summary["epochs"] == 1 and summary["seeds"] == [0, 1] and len(summary["runs"]) == 4
+    assert "NOT within the budget at 1 epochs" in summary["sizing"][-2]
+    for name in ("vanilla_0", "skip0.7_1"):  # one benchmark worker per arm, all timed at once
+        bench = json.loads((out / "benchmark" / f"{name}.json").read_text())
+        assert bench["ms_per_step"] > 0 and bench["final_eval_seconds"] > bench["periodic_eval_seconds"] > 0
     table = text.split("\n\n")[0].splitlines()[4:]  # after the two heading lines, the column names and the rule
     assert {line[:40].strip(): line[40:].split()[0] for line in table[:2]} == {"vanilla MAE": "2", "skip, alpha_min=0.7": "2"}
     assert table[2].startswith("raw pixels") and len(table) == 3
@@ -200,7 +208,6 @@ def test_study_end_to_end_on_cpu(tmp_path, capsys):
     assert result["epochs"] == 1
     # a second run refuses to overwrite, --resume finds every run done and rebuilds the same table
     with pytest.raises(m.UserError, match="--resume"):
-        m.main(TINY + ["--study", "--study-arms", "vanilla,0.7", "--seeds", "0,1", "--epochs", "1", "--out-dir", str(out)])
-    again = m.main(TINY + ["--study", "--study-arms", "vanilla,0.7", "--seeds", "0,1", "--epochs", "1", "--resume",
-                           "--out-dir", str(out)])
-    assert again["comparisons"] == result["comparisons"]
+        m.main(flags)
+    again = m.main(flags + ["--resume"])
+    assert again["comparisons"] == result["comparisons"] and again["epochs"] == 1
