@@ -1262,14 +1262,14 @@ def study_makespan(durations, n_workers):
     return max(slots)
 
 
-def size_study(timing, arms, seeds, n_workers, steps_per_epoch, seconds_left, epoch_range, eval_every):
+def size_study(timing, arms, seeds, n_workers, steps_per_epoch, seconds_left, epoch_range, eval_every, shortest=None):
     """The plan (arms, seeds, epochs) that fits the time left, from the measured timing of each arm
     {label: {start, ms_per_step, final_eval_seconds, periodic_eval_seconds}}. Plans are tried from
     the largest (every arm, every seed) down to the required (3 arms, 2 seeds), fewer seeds last;
     the first whose epoch count can reach epoch_range[0] wins, at the most epochs that fit (at most
     epoch_range[1]). If none does, the smallest plan gets the most epochs that fit below the range,
-    down to a third of its floor (a budget overrun loses the whole study, a shorter schedule does
-    not), and a line says so. Returns (arms, seeds, epochs, lines).
+    down to `shortest` (default a third of its floor; a budget overrun loses the whole study, a
+    shorter schedule does not), and a line says so. Returns (arms, seeds, epochs, lines).
     A run's time: start + epochs * steps_per_epoch * ms_per_step + its evaluations; runs fill the
     n_workers slots in order (study_makespan)."""
     low, high = epoch_range
@@ -1300,7 +1300,7 @@ def size_study(timing, arms, seeds, n_workers, steps_per_epoch, seconds_left, ep
                          f"of the {seconds_left:.0f} s left (larger plans did not reach {low} epochs)")
             return plan_arms, plan_seeds, epochs, lines
     plan_arms, plan_seeds = plans[-1]
-    floor = max(1, low // 3)
+    floor = min(low, shortest or max(1, low // 3))
     epochs = max([e for e in range(floor, low) if makespan(plan_arms, plan_seeds, e) <= seconds_left], default=floor)
     lines.append(f"plan: NOT within the budget at {low} epochs (the smallest plan, {len(plan_arms)} arms x {len(plan_seeds)} "
                  f"seeds, would take {makespan(plan_arms, plan_seeds, low):.0f} s of the {seconds_left:.0f} s left): "
@@ -1518,7 +1518,7 @@ def study_size_by_benchmark(cfg, arms, seeds, n_train, started):
     failed = [name for name, code in codes.items() if code != 0]
     if failed:  # nothing to size by: the smallest plan at the floor of the range, rather than no study at all
         print(f"the benchmark failed in {', '.join(failed)}{log_tail(os.path.join(bench_dir, failed[0] + '.log'))}")
-        low = STUDY_EPOCHS[device_kind][0]
+        low = max(STUDY_EPOCHS[device_kind][0], math.ceil(cfg.warmup_epochs))
         return arms[:3], seeds[:2], low, [f"benchmark FAILED ({', '.join(failed)}): nothing measured; the smallest plan "
                                           f"(3 arms x 2 seeds) at {low} epochs, unsized"]
     timing = {}  # per arm, the slowest of its workers: the budget must hold for every run
@@ -1529,10 +1529,13 @@ def study_size_by_benchmark(cfg, arms, seeds, n_train, started):
                          **{key: max(r[key] for r in numbers.values())
                             for key in ("ms_per_step", "final_eval_seconds", "periodic_eval_seconds")}}
     seconds_left = 60 * cfg.study_minutes - (time.perf_counter() - started)
+    warmup = math.ceil(cfg.warmup_epochs)  # a run needs at least its warm-up epochs
+    low, high = (max(e, warmup) for e in STUDY_EPOCHS[device_kind])
     plan_arms, plan_seeds, epochs, lines = size_study(timing, arms, seeds, cfg.study_workers, n_train // cfg.batch_size,
-                                                      seconds_left, STUDY_EPOCHS[device_kind], cfg.eval_every)
+                                                      seconds_left, (low, high), cfg.eval_every,
+                                                      shortest=max(1, warmup, low // 3))
     lines.insert(0, f"benchmark took {time.perf_counter() - started:.0f} s of the {60 * cfg.study_minutes:.0f} s budget; "
-                    f"epochs clamped to {STUDY_EPOCHS[device_kind]} on {device_kind}")
+                    f"epochs clamped to {low}-{high} on {device_kind} (at least the {cfg.warmup_epochs:g} warm-up epochs)")
     return plan_arms, plan_seeds, epochs, lines + [f"timing: {json.dumps(timing)}"]
 
 

@@ -93,6 +93,7 @@ def test_size_study_picks_the_largest_plan_that_reaches_the_minimum_epochs():
     plan_arms, plan_seeds, epochs, lines = m.size_study(timing, arms, [0, 1, 2], 2, 2, 100, (30, 50), 0)
     assert (len(plan_arms), plan_seeds, epochs) == (3, [0, 1], 19) and "NOT within the budget at 30 epochs" in lines[-1]
     assert m.size_study(timing, arms, [0, 1, 2], 2, 2, 50, (30, 50), 0)[2] == 10
+    assert m.size_study(timing, arms, [0, 1, 2], 2, 2, 50, (30, 50), 0, shortest=12)[2] == 12  # e.g. the warm-up epochs
 
 
 def test_makespan_is_the_greedy_schedule():
