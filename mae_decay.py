@@ -1390,6 +1390,13 @@ def study_report(runs, pixels, k):
               "differences have the same sign and are within a factor 3 of each other; a 95 % t-test would need |mean| > "
               "12.7 (2 seeds) or 4.3 (3 seeds) standard errors):"] + verdicts
     depth = len(runs[0]["blocks"]["mean"])
+    lines += ["", f"best block (mean feature, mean over seeds; picked on the test numbers, so descriptive only; the "
+                  f"headline is block {depth}):"]
+    for label in labels:
+        for key, title in (("knn", f"k-NN@{k}"), ("linear_probe", "linear probe")):
+            values = np.mean([[b[key] for b in r["blocks"]["mean"]] for r in runs if r["arm"] == label], axis=0)
+            lines.append(f"{label}: {title} best at block {values.argmax() + 1} ({values.max():.4f}), "
+                         f"last block {values[-1]:.4f}")
     for pooling in ("mean", "cls"):
         for key, title in (("knn", f"k-NN@{k}"), ("knn_centered", f"k-NN@{k} centred"), ("linear_probe", "linear probe (standard)")):
             lines += ["", f"per encoder block: {title}, {'mean over all tokens' if pooling == 'mean' else 'cls token'}, "

@@ -67,6 +67,7 @@ def test_study_report_verdict_on_hand_made_numbers():
     beyond, within = verdict.split("; within it")
     assert "k-NN@20 +0.0500" in beyond and "linear probe" not in beyond and "linear probe" in within
     assert "no difference beyond the seed spread" in next(l for l in text.splitlines() if l.startswith("skip, alpha_min=0.7 vs skip"))
+    assert "vanilla MAE: k-NN@20 best at block 2 (0.2000), last block 0.2000" in text  # fake blocks: k-NN 0.1, 0.2
     row = next(line for line in text.splitlines() if line.startswith("vanilla MAE "))
     assert row.split()[2:4] == ["2", "0.5250+-0.0354"]  # 2 seeds; mean +- sample std of 0.50 and 0.55
 
