@@ -1169,8 +1169,10 @@ def run_workers(jobs, n_workers, on_done=None, tick=None):
     to each running worker as ONE SIGINT: the first makes them checkpoint at their next step and exit
     (and no new one starts), a second stops them at once. Then Interrupted is raised: --resume continues."""
     import subprocess
+    ## The CPU cores are shared out between the workers (math threads, and torch.compile's kernel
+    ## compilers, which would otherwise start one process per core in every worker).
     threads = str(max(1, (os.cpu_count() or 1) // min(n_workers, max(1, len(jobs)))))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    env = {"OMP_NUM_THREADS": threads, "TORCHINDUCTOR_COMPILE_THREADS": threads, **os.environ, "PYTHONUNBUFFERED": "1"}
     received, forwarded, running, codes, launched, queue = [], 0, {}, {}, {}, list(jobs)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
