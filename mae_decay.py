@@ -145,7 +145,7 @@ class Config:
     knn_t: float = 0.07           # k-NN temperature
     feature: str = "mean"         # mean (all tokens of the block, the authors') | cls
     feature_block: int = 0        # encoder block (1-indexed) whose output is the feature; 0 = last
-    probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2, batch 256, 200 epochs)
+    probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2 weight decay 0.01, batch 256, 200 epochs, cosine per epoch)
     probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); one default in every script
     probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); one default in every script
     pixels: bool = True           # add a reference row: the same k-NN / probe / ranks on raw pixels (skipped above 8 GiB)
@@ -163,6 +163,12 @@ class Config:
     benchmark: bool = False       # only time the training step and print img/s, ms/step, memory, MFU
     dist_backend: str = "auto"    # under torchrun: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     dist_timeout: float = 30.0    # under torchrun: minutes a process waits for the others before failing
+    # --- the study (run_study): arms x seeds as parallel worker processes on one device, one table ---
+    study: bool = False           # run the study: every arm of --study-arms x seeds (--seeds if 2 or more, else 0,1,2), each its own full run
+    study_arms: str = "vanilla,1.0,0.7,0.6"  # with --study, in priority order: vanilla (standard decoder, final LayerNorm, alpha_min 1) or a skip-decoder alpha_min; arms after the 3rd only if the budget allows
+    study_workers: int = 4        # with --study: runs trained at once, each a process of this file sharing the device
+    study_minutes: float = 8.0    # with --study: wall-clock budget; a benchmark sizes the epochs (30-50 on a GPU) to fit it; 0 = use --epochs (typing --epochs sets 0)
+    study_eval: bool = False      # also evaluate every encoder block (mean and cls, raw and centred k-NN, probe) and the authors' probe (on in the study's workers)
 
 
 PRESETS = {
@@ -849,21 +855,27 @@ class StepLog:
 # =============================================================================================
 
 @torch.no_grad()
-def extract_features(model, images, cfg, data, device, batch_size=512):
+def extract_features(model, images, cfg, data, device, batch_size=512, all_blocks=False):
     """Frozen features of the whole, unmasked, un-augmented image (eval mode, no grad).
     Default (the authors'): tokens of the last encoder block, no final norm, mean-pooled over ALL
     tokens, cls included. --feature cls takes the cls token; --feature-block K takes block K.
+    all_blocks=True: every block's mean and cls features from the same forward pass, (N, 2, depth, D).
     Under torchrun each process extracts a contiguous run of batches and all get every feature, in order."""
     rank, world_size = rank_and_world()
     was_training = model.training
     model.eval()
     block = (cfg.feature_block or cfg.depth) - 1
-    features = [torch.zeros(0, cfg.embed_dim, device=images.device)]  # (0, D): a process may get no batch
+    shape = (2, cfg.depth, cfg.embed_dim) if all_blocks else (cfg.embed_dim,)
+    features = [torch.zeros(0, *shape, device=images.device)]  # (0, ...): a process may get no batch
     for start in block_starts(len(images), batch_size, rank, world_size):
         x = center_view(images[start:start + batch_size], cfg.img_size, data["mean"], data["std"])
         with autocast(device):
-            tokens = model.encode(x)[0][block]  # (B, 1+L, D)
-        features.append((tokens.mean(1) if cfg.feature == "mean" else tokens[:, 0]).float())
+            outputs = model.encode(x)[0]  # depth x (B, 1+L, D)
+        if all_blocks:
+            tokens = torch.stack(outputs, 1)  # (B, depth, 1+L, D)
+            features.append(torch.stack([tokens.mean(2), tokens[:, :, 0]], 1).float())  # (B, 2, depth, D)
+        else:
+            features.append((outputs[block].mean(1) if cfg.feature == "mean" else outputs[block][:, 0]).float())
     model.train(was_training)
     return all_gather_rows(torch.cat(features), world_size)
 
@@ -902,10 +914,12 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
 
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
-                 standardize=True):
+                 standardize=True, weight_decay=0.0, lr_per_epoch=False, drop_last=False):
     """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
     affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
-    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    one Linear layer, cross-entropy, AdamW (weight decay 0 unless given) and a cosine schedule, per
+    step (lr_per_epoch=True: set once after each epoch, as the authors' probe does; drop_last=True
+    drops each epoch's incomplete batch, keeping at least one).
     Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
     gen = torch.Generator().manual_seed(seed)
     device = train_x.device
@@ -920,25 +934,32 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_siz
         bound = 1 / math.sqrt(train_z.shape[1])
         head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
         head.bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, len(train_z) // batch_size) if drop_last else math.ceil(len(train_z) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(train_z), generator=gen).to(device)
-        for start in range(0, len(train_z), batch_size):
+        for start in range(0, steps_per_epoch * batch_size, batch_size):
             idx = order[start:start + batch_size]
             loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            if not lr_per_epoch:
+                schedule.step()
+        if lr_per_epoch:  ## the authors': after epoch e (from 0), lr = lr * 0.5 * (1 + cos(pi * e / epochs)); epochs 0 and 1 both run at lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     with torch.no_grad():
         return (head(test_z).argmax(1) == test_y).float().mean().item()
 
 
 ## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
-## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
-AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
+## torch.optim.AdamW(params, 1e-2) and so torch's default weight decay 0.01, batch 256 (per GPU:
+## theirs ran on 8), the incomplete batch dropped, 200 epochs, cosine set once per epoch, final
+## epoch. Offered beside the standardised one.
+AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200, "weight_decay": 0.01,
+                 "lr_per_epoch": True, "drop_last": True}
 
 
 def effective_rank(z, center=False, eps=1e-7):
@@ -960,7 +981,8 @@ def probe_settings(cfg):
 
 def describe_probe(cfg):
     if cfg.probe == "authors":
-        return "the authors' (raw features, AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch)"
+        return ("the authors' (raw features, AdamW lr 1e-2, weight decay 0.01, batch 256, incomplete batch dropped, "
+                "200 epochs, cosine set once per epoch, final epoch)")
     return f"standardised features, AdamW lr {cfg.probe_lr:g}, batch 1024, {cfg.probe_epochs} epochs, cosine, final epoch"
 
 
@@ -1050,7 +1072,8 @@ def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_
             "losses": losses, "evals": state["evals"], "block_norms_init": state["init_norms"],
             "block_norms": block_norms(model, probe_imgs), "feature": describe_feature(cfg),
             "recon": reconstruction_examples(model, data["test_x"], cfg, data, seed),
-            "pca": pca_maps(model, data["test_x"], cfg, data)}
+            "pca": pca_maps(model, data["test_x"], cfg, data),
+            **({"study": study_evaluation(model, cfg, data, device, seed)} if cfg.study_eval else {})}
 
 
 # =============================================================================================
@@ -1237,6 +1260,478 @@ def run_benchmark(cfg, device, warmup_steps=5, timed_steps=20):
 
 
 # =============================================================================================
+# The study: vanilla MAE vs the skip decoder alone vs skip decoder + decay, over seeds, one device
+# skip on a first read; run_study is the whole of it, study_evaluation what each run adds
+# =============================================================================================
+
+## The paper compares the vanilla MAE (standard decoder, final LayerNorm) with its method (the skip
+## decoder AND decay); the skip decoder without decay, the control that separates the two, is
+## reported nowhere. The study trains every arm with several seeds, each (arm, seed) a full run of
+## its own, as parallel worker processes of this file (a small model can leave a big GPU idle between
+## kernel launches, which other processes may fill; the study's benchmark times the step with all of
+## them running, so any gain or loss is measured), and reports paired differences against their spread.
+STUDY_EPOCHS = {"cuda": (30, 50), "other": (1, 50)}  # the sized epoch count is clamped to this range
+
+
+def study_evaluation(model, cfg, data, device, seed):
+    """Evaluation that cannot flatter an arm, beside the headline (last block, mean over all tokens):
+    every encoder block, mean and cls features, k-NN@k (DINO) on raw and on centred features (the
+    train mean subtracted from train and test), the standard probe and both effective ranks per block,
+    all from ONE forward pass; and the authors' probe on the headline feature. With --final-norm
+    (the vanilla MAE) the last block's features are taken after the final LayerNorm."""
+    started = time.perf_counter()
+    feats = {s: extract_features(model, data[f"{s}_x"], cfg, data, device, all_blocks=True) for s in ("train", "test")}
+    num_classes, train_y, test_y = len(data["classes"]), data["train_y"], data["test_y"]
+    k = min(cfg.knn_k, len(train_y))
+
+    def knn(train_f, test_f):
+        return (knn_predict(train_f, train_y, test_f, k, cfg.knn_t, num_classes=num_classes) == test_y).float().mean().item()
+
+    blocks = {}
+    for p, pooling in enumerate(("mean", "cls")):
+        blocks[pooling] = []
+        for b in range(cfg.depth):
+            train_f, test_f = feats["train"][:, p, b], feats["test"][:, p, b]  # (N, D)
+            centre = train_f.mean(0)
+            blocks[pooling].append({
+                "block": b + 1, "knn": knn(train_f, test_f), "knn_centered": knn(train_f - centre, test_f - centre),
+                "linear_probe": linear_probe(train_f, train_y, test_f, test_y, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                                             seed=seed, num_classes=num_classes),
+                "effective_rank": effective_rank(train_f[:25600]),
+                "effective_rank_centered": effective_rank(train_f[:25600], center=True)})
+    authors = linear_probe(feats["train"][:, 0, -1], train_y, feats["test"][:, 0, -1], test_y, seed=seed,
+                           num_classes=num_classes, **AUTHORS_PROBE)
+    return {"blocks": blocks, "authors_probe": authors, "knn_k": k, "final_norm": cfg.final_norm,
+            "authors_probe_is": describe_probe(dataclasses.replace(cfg, probe="authors")),
+            "probe_per_block_is": describe_probe(dataclasses.replace(cfg, probe="standard")),
+            "seconds": time.perf_counter() - started}
+
+
+def study_arms(cfg):
+    """The arms of --study-arms in priority order: (label, folder name, the Config values it sets)."""
+    arms = []
+    for item in (a.strip() for a in cfg.study_arms.split(",") if a.strip()):
+        if item == "vanilla":
+            arms.append(("vanilla MAE", "vanilla", {"decoder": "mae", "final_norm": True, "alpha_min": "1.0"}))
+            continue
+        try:
+            alpha_min = float(item)
+        except ValueError:
+            alpha_min = math.nan
+        if not 0.0 < alpha_min <= 1.0:
+            raise UserError(f"--study-arms takes 'vanilla' and alpha_min values in (0, 1], got '{item}'.")
+        arms.append((f"skip, alpha_min={alpha_min:g}", f"skip{alpha_min:g}",
+                     {"decoder": "unet", "final_norm": False, "alpha_min": repr(alpha_min)}))
+    if not arms or len({a[1] for a in arms}) < len(arms):
+        raise UserError(f"--study-arms needs distinct arms, e.g. vanilla,1.0,0.7; got '{cfg.study_arms}'.")
+    return arms
+
+
+def study_seeds(cfg):
+    seeds = parse_seeds(cfg.seeds)
+    return seeds if len(seeds) >= 2 else [0, 1, 2]
+
+
+def worker_argv(cfg, **overrides):
+    """The command line whose Config equals cfg with `overrides`: every knob spelled out, so a worker
+    never depends on a preset or on the defaults of the file it runs."""
+    argv = []
+    for name, value in {**dataclasses.asdict(cfg), "study": False, "alpha_eff": "", "vanilla": False, **overrides}.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [f"{flag}={value}"]
+    return argv
+
+
+def run_workers(jobs, n_workers, on_done=None, tick=None):
+    """Runs jobs [(name, argv, log path)] as processes of this file, at most n_workers at once, in
+    order; returns ({name: exit code}, {name: launch time}). Each worker has its own session, so a
+    Ctrl-C in the terminal reaches only this process, which passes every SIGINT or SIGTERM it gets on
+    to each running worker as ONE SIGINT: the first makes them checkpoint at their next step and exit
+    (and no new one starts), a second stops them at once. Then Interrupted is raised: --resume continues."""
+    import subprocess
+    ## The CPU cores are shared out between the workers (math threads, and torch.compile's kernel
+    ## compilers, which would otherwise start one process per core in every worker).
+    threads = str(max(1, (os.cpu_count() or 1) // min(n_workers, max(1, len(jobs)))))
+    env = {"OMP_NUM_THREADS": threads, "TORCHINDUCTOR_COMPILE_THREADS": threads, **os.environ, "PYTHONUNBUFFERED": "1"}
+    received, forwarded, running, codes, launched, queue = [], 0, {}, {}, {}, list(jobs)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        while queue or running:
+            queue = [] if received else queue
+            while queue and len(running) < n_workers:
+                name, argv, log_path = queue.pop(0)
+                os.makedirs(os.path.dirname(log_path), exist_ok=True)
+                with open(log_path, "ab") as log:
+                    launched[name] = time.time()
+                    running[name] = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log,
+                                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            if len(received) > forwarded:
+                for process in running.values():
+                    process.send_signal(signal.SIGINT)
+                forwarded = len(received)
+            for name, process in list(running.items()):
+                if process.poll() is not None:
+                    codes[name] = running.pop(name).returncode
+                    if on_done:
+                        on_done(name, codes[name])
+            if tick:
+                tick(codes)
+            time.sleep(0.1)
+    finally:
+        for process in running.values():  # reached only on an unexpected error here: stop them as a Ctrl-C would
+            process.send_signal(signal.SIGINT)
+            process.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise Interrupted(f"interrupted: {len(codes)} run(s) stopped (each saved a checkpoint if it was training); "
+                          f"rerun the same command with --resume to continue the study")
+    return codes, launched
+
+
+def study_benchmark(cfg):
+    """One benchmark worker of the study (--benchmark --study-eval): loads the data, compiles and
+    warms up its arm's training step (run_benchmark), waits until every worker is warm (a file
+    barrier), times the step while they all run at once (contention included), then times one final
+    evaluation of an untrained model (finish_run with study_evaluation). Writes the numbers to --json."""
+    device = pick_device(cfg.device)
+    parent, go = os.getppid(), os.path.join(os.path.dirname(cfg.json), "go")
+    data = to_device(load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download), device, cfg.train_limit)
+    run_benchmark(cfg, device, warmup_steps=3, timed_steps=1)  # compilation and CUDA-graph capture, not timed
+    write_json(cfg.json + ".ready", {"time": time.time()})
+    while not os.path.exists(go):
+        if os.getppid() != parent:
+            raise UserError("the study that started this benchmark worker is gone; rerun the study.")
+        time.sleep(0.05)
+    ## 100 steps on a GPU: long against the spread of the workers' re-warm-ups (a fresh model re-captures
+    ## its CUDA graphs), so that the timed windows overlap and the contention is really measured.
+    timed = run_benchmark(cfg, device, warmup_steps=2, timed_steps=100 if device.type == "cuda" else 2)
+    alpha_min = alpha_settings(cfg)[0]
+    torch.manual_seed(0)
+    model = build_model(cfg, alpha_min, data["train_x"].shape[1]).to(device)
+    probe_imgs = center_view(data["test_x"][:256], cfg.img_size, data["mean"], data["std"])
+    state = {"step": 0, "losses": [], "evals": [], "seconds": 0.0, "init_norms": None}
+    run_dir = os.path.join(os.path.dirname(cfg.json), f".eval_{os.getpid()}")
+    os.makedirs(run_dir, exist_ok=True)
+    started = time.perf_counter()
+    evaluated = finish_run(model, state, cfg, data, alpha_min, 0, run_dir, device, probe_imgs, 1)
+    final_eval_seconds = time.perf_counter() - started
+    os.remove(os.path.join(run_dir, "features.npz"))
+    os.rmdir(run_dir)
+    ## A periodic evaluation (k-NN, probe and ranks of the headline feature) costs about what
+    ## finish_run spends before its plot material and study_evaluation: its eval_seconds.
+    result = {"ms_per_step": timed["ms_per_step"], "ready_at": json.load(open(cfg.json + ".ready"))["time"],
+              "final_eval_seconds": final_eval_seconds, "periodic_eval_seconds": evaluated["eval_seconds"]}
+    write_json(cfg.json, result)
+    return result
+
+
+def log_tail(path, lines=15):
+    """The last lines of a worker's log, indented, so a failure's cause is in the study's own output."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-20000:].decode(errors="replace").replace("\r", "\n")
+    except OSError:
+        return f" (no log at {path})"
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return f"; the end of {path}:\n" + "\n".join("    " + line for line in tail)
+
+
+def study_makespan(durations, n_workers):
+    """Wall time of running jobs of these durations, in order, each on the first free of n_workers slots."""
+    slots = [0.0] * n_workers
+    for d in durations:
+        slots[slots.index(min(slots))] += d
+    return max(slots)
+
+
+def size_study(timing, arms, seeds, n_workers, steps_per_epoch, seconds_left, epoch_range, eval_every, shortest=None):
+    """The plan (arms, seeds, epochs) that fits the time left, from the measured timing of each arm
+    {label: {start, ms_per_step, final_eval_seconds, periodic_eval_seconds}}. Plans are tried from
+    the largest (every arm, every seed) down to the required (3 arms, 2 seeds), fewer seeds last;
+    the first whose epoch count can reach epoch_range[0] wins, at the most epochs that fit (at most
+    epoch_range[1]). If none does, the smallest plan gets the most epochs that fit below the range,
+    down to `shortest` (default a third of its floor; a budget overrun loses the whole study, a
+    shorter schedule does not), and a line says so. Returns (arms, seeds, epochs, lines).
+    A run's time: start + epochs * steps_per_epoch * ms_per_step + its evaluations; runs fill the
+    n_workers slots in order (study_makespan)."""
+    low, high = epoch_range
+
+    def makespan(plan_arms, plan_seeds, epochs):
+        durations = []
+        for _ in plan_seeds:
+            for label, *_ in plan_arms:
+                t = timing[label]
+                periodic = (epochs // eval_every + 1) if eval_every else 0  # the epoch-0 evaluation included
+                durations.append(t["start"] + epochs * steps_per_epoch * t["ms_per_step"] / 1000
+                                 + t["final_eval_seconds"] + periodic * t["periodic_eval_seconds"])
+        return study_makespan(durations, n_workers)
+
+    plans = [(arms[:a], seeds[:s]) for s in range(len(seeds), min(2, len(seeds)) - 1, -1)
+             for a in range(len(arms), min(3, len(arms)) - 1, -1)]
+    lines = [f"{label}: start {timing[label]['start']:.1f} s (process, data, compile), "
+             f"{timing[label]['ms_per_step']:.1f} ms/step with {timing[label]['concurrent']} benchmark workers at once = "
+             f"{steps_per_epoch * timing[label]['ms_per_step'] / 1000:.2f} s/epoch, final evaluation "
+             f"{timing[label]['final_eval_seconds']:.1f} s, periodic {timing[label]['periodic_eval_seconds']:.1f} s"
+             for label, *_ in arms]
+    for plan_arms, plan_seeds in plans:
+        fits = [e for e in range(low, high + 1) if makespan(plan_arms, plan_seeds, e) <= seconds_left]
+        if fits:
+            epochs = fits[-1]
+            lines.append(f"plan: {len(plan_arms)} arms x {len(plan_seeds)} seeds = {len(plan_arms) * len(plan_seeds)} runs "
+                         f"on {n_workers} workers, {epochs} epochs: expected {makespan(plan_arms, plan_seeds, epochs):.0f} s "
+                         f"of the {seconds_left:.0f} s left (larger plans did not reach {low} epochs)")
+            return plan_arms, plan_seeds, epochs, lines
+    plan_arms, plan_seeds = plans[-1]
+    floor = min(low, shortest or max(1, low // 3))
+    epochs = max([e for e in range(floor, low) if makespan(plan_arms, plan_seeds, e) <= seconds_left], default=floor)
+    lines.append(f"plan: NOT within the budget at {low} epochs (the smallest plan, {len(plan_arms)} arms x {len(plan_seeds)} "
+                 f"seeds, would take {makespan(plan_arms, plan_seeds, low):.0f} s of the {seconds_left:.0f} s left): "
+                 f"{epochs} epochs instead, expected {makespan(plan_arms, plan_seeds, epochs):.0f} s; raise --study-minutes "
+                 f"or give --epochs for a longer schedule")
+    return plan_arms, plan_seeds, epochs, lines
+
+
+def paired_difference(values, baseline):
+    """values, baseline: {seed: number}. The differences on the seeds both have, their mean, sample
+    std, standard error std/sqrt(n), and whether |mean| > 2 x standard error (the study's rule)."""
+    seeds = sorted(set(values) & set(baseline))
+    diffs = np.asarray([values[s] - baseline[s] for s in seeds], dtype=np.float64)
+    n = len(diffs)
+    mean = float(diffs.mean()) if n else math.nan
+    std = float(diffs.std(ddof=1)) if n >= 2 else math.nan
+    se = std / math.sqrt(n) if n >= 2 else math.nan
+    return {"seeds": seeds, "diffs": diffs.tolist(), "mean": mean, "std": std, "se": se,
+            "beyond_noise": bool(n >= 2 and abs(mean) > 2 * se)}
+
+
+## (key, column title, decimals) of the study's table; "k-NN@k" gets the real k.
+STUDY_METRICS = [("knn", "k-NN@k", 4), ("linear_probe", "linear probe", 4), ("knn_centered", "k-NN centred", 4),
+                 ("authors_probe", "authors' probe", 4), ("effective_rank", "eff. rank", 1),
+                 ("effective_rank_centered", "eff. rank (c)", 1), ("last_epoch_loss", "loss (last ep)", 4),
+                 ("seconds", "train s", 0)]
+
+
+def plus_minus(mean, std, digits, sign=False):
+    """'0.6420+-0.0031' (or '+0.0120+-0.0031' with sign); the std part only when there is one."""
+    text = f"{mean:{'+' if sign else ''}.{digits}f}"
+    return text if math.isnan(std) else f"{text}+-{std:.{digits}f}"
+
+
+def study_metrics(run):
+    """The headline numbers of one run's results.json entry, flat (JSON turns the k-NN keys into text)."""
+    k = run["knn_k"]
+    last_mean = run["study"]["blocks"]["mean"][-1] if "study" in run else {}
+    return {"knn": run["knn"].get(str(k), run["knn"].get(k, math.nan)), "linear_probe": run["linear_probe"],
+            "knn_centered": last_mean.get("knn_centered", math.nan),
+            "authors_probe": run.get("study", {}).get("authors_probe", math.nan),
+            "effective_rank": run["effective_rank"], "effective_rank_centered": run["effective_rank_centered"],
+            "last_epoch_loss": run["last_epoch_loss"], "seconds": run["seconds"]}
+
+
+def study_comparisons(labels):
+    """(arm, baseline) pairs: every arm against the vanilla MAE, and every decayed skip arm against
+    the skip decoder without decay (alpha_min 1)."""
+    pairs = [(label, "vanilla MAE") for label in labels if label != "vanilla MAE" and "vanilla MAE" in labels]
+    control = "skip, alpha_min=1"
+    return pairs + [(label, control) for label in labels if label.startswith("skip,") and label != control and control in labels]
+
+
+def study_report(runs, pixels, k):
+    """runs: [{arm, seed, metrics, blocks}]. Returns (text, comparisons): the mean +- std table, the
+    paired differences with their spread, the verdict lines, and per-block k-NN / probe tables."""
+    labels = list(dict.fromkeys(r["arm"] for r in runs))
+    by_arm = {label: {r["seed"]: r["metrics"] for r in runs if r["arm"] == label} for label in labels}
+    names = [name.replace("k-NN@k", f"k-NN@{k}") for _, name, _ in STUDY_METRICS]
+    header = f"{'arm':<40} {'seeds':>5} " + " ".join(f"{n:>16}" for n in names)
+    lines = [header, "-" * len(header)]
+    for label in labels:
+        cells = []
+        for key, _, digits in STUDY_METRICS:
+            values = np.asarray([m[key] for m in by_arm[label].values()], dtype=np.float64)
+            cells.append(plus_minus(values.mean(), values.std(ddof=1) if len(values) > 1 else math.nan, digits))
+        lines.append(f"{label:<40} {len(by_arm[label]):>5} " + " ".join(f"{c:>16}" for c in cells))
+    if pixels:
+        cells = ["" if math.isnan(pixels[key]) or key == "seconds" else f"{pixels[key]:.{digits}f}" for key, _, digits in STUDY_METRICS]
+        lines.append(f"{'raw pixels':<40} {'':>5} " + " ".join(f"{c:>16}" for c in cells))
+    comparisons, verdicts = [], []
+    lines += ["", "paired differences (arm - baseline on the same seed), mean +- std over seeds:"]
+    for arm, base in study_comparisons(labels):
+        diffs = {key: paired_difference({s: m[key] for s, m in by_arm[arm].items()},
+                                        {s: m[key] for s, m in by_arm[base].items()}) for key, _, _ in STUDY_METRICS}
+        comparisons.append({"arm": arm, "baseline": base, "differences": diffs})
+        cells = [plus_minus(diffs[key]["mean"], diffs[key]["std"], digits, sign=True) for key, _, digits in STUDY_METRICS]
+        lines.append(f"{arm + ' - ' + base:<40} {len(diffs['knn']['seeds']):>5} " + " ".join(f"{c:>16}" for c in cells))
+        beyond = [f"{name} {diffs[key]['mean']:+.{digits}f}" for (key, _, digits), name in zip(STUDY_METRICS, names)
+                  if diffs[key]["beyond_noise"]]
+        within = [name for (key, _, _), name in zip(STUDY_METRICS, names) if not diffs[key]["beyond_noise"]]
+        verdicts.append(f"{arm} vs {base} ({len(diffs['knn']['seeds'])} paired seeds): "
+                        + (f"beyond the seed spread: {', '.join(beyond)}" if beyond else "no difference beyond the seed spread")
+                        + (f"; within it, so not told apart here: {', '.join(within)}" if within else "") + ".")
+    lines += ["", "verdict (rule: a paired difference, arm minus baseline, counts as beyond the seed spread when |mean| > 2 x "
+              "its standard error std/sqrt(n). A rule of thumb, not a significance test: with 2 seeds it holds whenever both "
+              "differences have the same sign and are within a factor 3 of each other; a 95 % t-test would need |mean| > "
+              "12.7 (2 seeds) or 4.3 (3 seeds) standard errors):"] + verdicts
+    depth = len(runs[0]["blocks"]["mean"])
+    lines += ["", f"best block (mean feature, mean over seeds; picked on the test numbers, so descriptive only; the "
+                  f"headline is block {depth}):"]
+    for label in labels:
+        for key, title in (("knn", f"k-NN@{k}"), ("linear_probe", "linear probe")):
+            values = np.mean([[b[key] for b in r["blocks"]["mean"]] for r in runs if r["arm"] == label], axis=0)
+            lines.append(f"{label}: {title} best at block {values.argmax() + 1} ({values.max():.4f}), "
+                         f"last block {values[-1]:.4f}")
+    for pooling in ("mean", "cls"):
+        for key, title in (("knn", f"k-NN@{k}"), ("knn_centered", f"k-NN@{k} centred"), ("linear_probe", "linear probe (standard)")):
+            lines += ["", f"per encoder block: {title}, {'mean over all tokens' if pooling == 'mean' else 'cls token'}, "
+                          f"mean over seeds (block {depth} is the last; the vanilla MAE's is after its final LayerNorm)",
+                      f"{'arm':<40} " + " ".join(f"{b:>6}" for b in range(1, depth + 1))]
+            for label in labels:
+                values = np.mean([[b[key] for b in r["blocks"][pooling]] for r in runs if r["arm"] == label], axis=0)
+                lines.append(f"{label:<40} " + " ".join(f"{v:>6.3f}" for v in values))
+    return "\n".join(lines), comparisons
+
+
+def run_study(cfg):
+    """The study: benchmark each arm with the workers running at once, size the epochs to the budget,
+    train every (arm, seed) as a worker process, then one table with paired differences and verdicts.
+    Writes study_plan.json, study.json and study.txt in --out-dir; each run has its own folder."""
+    started = time.perf_counter()
+    if "RANK" in os.environ:
+        raise UserError("--study starts its own worker processes: run it with python, not torchrun.")
+    arms, seeds = study_arms(cfg), study_seeds(cfg)
+    plan_path = os.path.join(cfg.out_dir, "study_plan.json")
+    if os.path.exists(plan_path) and not cfg.resume:
+        raise UserError(f"{plan_path} already exists: pass --resume to continue that study, or choose another --out-dir.")
+    parts = load_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.download)  # on the CPU: sizes only
+    n_train = min(len(parts["train"][1]), cfg.train_limit or len(parts["train"][1]))
+    if cfg.batch_size > n_train:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images; lower it.")
+    print(f"study: {cfg.dataset}, {n_train} training images, arms {', '.join(a[0] for a in arms)}; seeds {seeds}; "
+          f"{cfg.study_workers} workers; out {cfg.out_dir}")
+    if os.path.exists(plan_path):  # --resume: the plan is kept, so every run resumes under its own settings
+        plan = json.load(open(plan_path))
+        known = {a[1]: a for a in arms}
+        if any(folder not in known for folder in plan["arms"]):
+            raise UserError(f"{plan_path} names arms {plan['arms']} that --study-arms lacks; resume with the same flags.")
+        arms, seeds, epochs, sizing = [known[f] for f in plan["arms"]], plan["seeds"], plan["epochs"], plan["sizing"]
+        print(f"--resume: the study's plan from {plan_path}: {epochs} epochs")
+    elif cfg.study_minutes == 0:
+        epochs, sizing = cfg.epochs, [f"--epochs {cfg.epochs} given: no benchmark, every arm and seed"]
+    else:
+        arms, seeds, epochs, sizing = study_size_by_benchmark(cfg, arms, seeds, n_train, started)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(plan_path, {"arms": [a[1] for a in arms], "seeds": seeds, "epochs": epochs, "sizing": sizing})
+    print("\n".join(sizing))
+
+    jobs, folders = [], {}
+    for seed in seeds:  # seed-major: the first seed of every arm is trained first
+        for i, (label, folder, values) in enumerate(arms):
+            name = f"{folder}_seed{seed}"
+            out = os.path.join(cfg.out_dir, name)
+            folders[name] = (label, seed, out)
+            if os.path.exists(os.path.join(out, "results.json")):
+                print(f"{name}: already done ({out}/results.json)")
+                continue
+            jobs.append((name, worker_argv(cfg, **values, seeds=str(seed), epochs=epochs, out_dir=out, json="",
+                                           pixels=cfg.pixels and seed == seeds[0] and i == 0, study_eval=True),
+                         os.path.join(out, "worker.log")))
+
+    def done(name, code):
+        label, seed, out = folders[name]
+        print(f"{name}: {'finished' if code == 0 else 'stopped' if code == 130 else f'FAILED (exit {code})'} "
+              f"at {time.perf_counter() - started:.0f} s{'' if code in (0, 130) else log_tail(os.path.join(out, 'worker.log'))}")
+
+    codes, _ = run_workers(jobs, cfg.study_workers, on_done=done)
+    failed = [name for name, code in codes.items() if code != 0]
+    runs, pixels = [], None
+    for name, (label, seed, out) in folders.items():
+        path = os.path.join(out, "results.json")
+        if name in failed or not os.path.exists(path):
+            continue
+        for r in json.load(open(path))["runs"]:
+            if r["setting"] == "raw pixels":
+                pixels = study_metrics(r)
+            else:
+                runs.append({"arm": label, "seed": seed, "folder": name, "metrics": study_metrics(r),
+                             "blocks": r["study"]["blocks"], "epoch_losses": r["epoch_losses"], "evals": r["evals"],
+                             "alpha_min": r["alpha_min"], "alpha_eff": r["alpha_eff"], "feature": r["feature"],
+                             "authors_probe_is": r["study"]["authors_probe_is"]})
+    if not runs:
+        raise UserError(f"every run failed ({', '.join(failed)}); read their worker.log, fix the cause and rerun with --resume.")
+    k = min(cfg.knn_k, n_train)
+    text, comparisons = study_report(runs, pixels, k)
+    wall, missing = time.perf_counter() - started, f"; FAILED and missing: {', '.join(failed)}" if failed else ""
+    head = (f"study: {cfg.dataset} at {cfg.img_size}px, ViT {cfg.embed_dim}x{cfg.depth}/{cfg.patch_size}, {epochs} epochs, "
+            f"batch {cfg.batch_size}, seeds {seeds}, {cfg.study_workers} workers, {wall:.0f} s wall; torch {torch.__version__}"
+            f"{missing}\n"
+            f"headline feature: last encoder block, mean over all tokens (the vanilla MAE's after its final LayerNorm); "
+            f"k-NN: DINO, k={k}, T={cfg.knn_t}; linear probe: {describe_probe(dataclasses.replace(cfg, probe='standard'))}; "
+            f"authors' probe: {describe_probe(dataclasses.replace(cfg, probe='authors'))}; k-NN centred: train mean subtracted")
+    write_json(os.path.join(cfg.out_dir, "study.json"),
+               {"config": dataclasses.asdict(cfg), "epochs": epochs, "seeds": seeds, "arms": [a[0] for a in arms],
+                "sizing": sizing, "wall_seconds": wall, "torch": torch.__version__, "runs": runs, "raw_pixels": pixels,
+                "comparisons": comparisons})
+    with open(os.path.join(cfg.out_dir, ".study.txt.tmp"), "w") as f:
+        f.write(f"{head}\n{text}\n")
+    os.replace(os.path.join(cfg.out_dir, ".study.txt.tmp"), os.path.join(cfg.out_dir, "study.txt"))
+    print(f"\n{head}\n{text}\nwritten: {cfg.out_dir}/study.txt, study.json")
+    if failed:  # the table above holds the runs that finished; the failed ones are missing from it
+        raise UserError(f"{len(failed)} run(s) failed ({', '.join(failed)}) and are missing from the table; read their "
+                        f"worker.log, fix the cause and rerun with --resume (finished runs are kept).")
+    return {"runs": runs, "comparisons": comparisons, "epochs": epochs}
+
+
+def study_size_by_benchmark(cfg, arms, seeds, n_train, started):
+    """Benchmarks every arm with the workers running at once (at least one worker per arm), then
+    sizes the study to what is left of --study-minutes (size_study). Returns (arms, seeds, epochs, lines)."""
+    bench_dir = os.path.join(cfg.out_dir, "benchmark")
+    os.makedirs(bench_dir, exist_ok=True)
+    for name in os.listdir(bench_dir):  # a fresh barrier and fresh numbers every time
+        if name == "go" or name.endswith((".json", ".ready")):
+            os.remove(os.path.join(bench_dir, name))
+    n = max(cfg.study_workers, len(arms))
+    jobs = []
+    for i in range(n):
+        label, folder, values = arms[i % len(arms)]
+        path = os.path.join(bench_dir, f"{folder}_{i}.json")
+        jobs.append((f"{folder}_{i}", worker_argv(cfg, **values, seeds="0", benchmark=True, study_eval=True, json=path,
+                                                  pixels=False, out_dir=bench_dir), path[:-5] + ".log"))
+    print(f"benchmark: {n} workers at once ({', '.join(j[0] for j in jobs)}), then the evaluation of one run each")
+
+    def tick(codes):
+        ready = sum(os.path.exists(os.path.join(bench_dir, f"{name}.json.ready")) for name, *_ in jobs)
+        if ready + len(codes) >= n and not os.path.exists(os.path.join(bench_dir, "go")):
+            open(os.path.join(bench_dir, "go"), "w").close()
+
+    codes, launched = run_workers(jobs, n, tick=tick)
+    device_kind = "cuda" if pick_device(cfg.device).type == "cuda" else "other"
+    failed = [name for name, code in codes.items() if code != 0]
+    if failed:  # nothing to size by: the smallest plan at the floor of the range, rather than no study at all
+        print(f"the benchmark failed in {', '.join(failed)}{log_tail(os.path.join(bench_dir, failed[0] + '.log'))}")
+        low = max(STUDY_EPOCHS[device_kind][0], math.ceil(cfg.warmup_epochs))
+        return arms[:3], seeds[:2], low, [f"benchmark FAILED ({', '.join(failed)}): nothing measured; the smallest plan "
+                                          f"(3 arms x 2 seeds) at {low} epochs, unsized"]
+    timing = {}  # per arm, the slowest of its workers: the budget must hold for every run
+    for label, folder, _ in arms:
+        names = [name for name, *_ in jobs if name.rsplit("_", 1)[0] == folder]
+        numbers = {name: json.load(open(os.path.join(bench_dir, f"{name}.json"))) for name in names}
+        timing[label] = {"start": max(numbers[name]["ready_at"] - launched[name] for name in names), "concurrent": n,
+                         **{key: max(r[key] for r in numbers.values())
+                            for key in ("ms_per_step", "final_eval_seconds", "periodic_eval_seconds")}}
+    seconds_left = 60 * cfg.study_minutes - (time.perf_counter() - started)
+    warmup = math.ceil(cfg.warmup_epochs)  # a run needs at least its warm-up epochs
+    low, high = (max(e, warmup) for e in STUDY_EPOCHS[device_kind])
+    plan_arms, plan_seeds, epochs, lines = size_study(timing, arms, seeds, cfg.study_workers, n_train // cfg.batch_size,
+                                                      seconds_left, (low, high), cfg.eval_every,
+                                                      shortest=max(1, warmup, low // 3))
+    lines.insert(0, f"benchmark took {time.perf_counter() - started:.0f} s of the {60 * cfg.study_minutes:.0f} s budget; "
+                    f"epochs clamped to {low}-{high} on {device_kind} (at least the {cfg.warmup_epochs:g} warm-up epochs)")
+    return plan_arms, plan_seeds, epochs, lines + [f"timing: {json.dumps(timing)}"]
+
+
+# =============================================================================================
 # Plumbing: command line and its validation
 # skip on a first read; read only if you add a flag
 # =============================================================================================
@@ -1270,6 +1765,10 @@ def parse_config(argv=None):
     args = parser.parse_args(argv)
     values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    if args.study and args.epochs is not None:  # a typed --epochs fixes the study's epochs: no sizing
+        if args.study_minutes:
+            raise UserError("--study got both --epochs and --study-minutes: give --epochs N to fix the epochs, or --study-minutes M to size them.")
+        values["study_minutes"] = 0.0
     cfg = Config(**values)
     check_config(cfg)
     return cfg
@@ -1340,6 +1839,10 @@ def check_config(cfg):
          "--log-every and --ckpt-every must be at least 1, --eval-every at least 0, --ckpt-minutes positive.")
     alphas = alpha_settings(cfg)
     need(all(0.0 < a <= 1.0 for a in alphas), f"every alpha_min must be in (0, 1], got {alphas}.")
+    need(cfg.study_workers >= 1 and cfg.study_minutes >= 0, "--study-workers must be at least 1 and --study-minutes not negative.")
+    if cfg.study:
+        need(not cfg.benchmark, "--study runs its own benchmark first; drop --benchmark.")
+        study_arms(cfg)  # a bad --study-arms is refused here
     parse_seeds(cfg.seeds)
     if not cfg.benchmark:  # a run must never fail at its end for a reason known at its start
         check_writable(cfg.out_dir, "--out-dir", directory=True)
@@ -2032,6 +2535,8 @@ def load_dataset_once_per_node(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.study or (cfg.benchmark and cfg.study_eval):  # the study (arms x seeds as worker processes), or one of its benchmark workers
+        return run_study(cfg) if cfg.study else study_benchmark(cfg)
     device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
     if cfg.benchmark:
         return run_benchmark(cfg, device)
