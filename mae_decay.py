@@ -1593,6 +1593,13 @@ def study_report(runs, pixels, k):
     return "\n".join(lines), comparisons
 
 
+## A study's out-dir is its own kind (a plain run must not write into it, nor it into a plain run's);
+## the epochs are left out of its keys because the study sizes them itself (study_plan.json keeps them).
+STUDY_SCRIPT = "mae_decay.py --study"
+STUDY_KEYS = tuple(k for k in TRAJECTORY_KEYS if k not in ("epochs", "decoder", "final_norm")) + (
+    "study_arms", "seeds", "study_minutes")
+
+
 def run_study(cfg):
     """The study: benchmark each arm with the workers running at once, size the epochs to the budget,
     train every (arm, seed) as a worker process, then one table with paired differences and verdicts.
@@ -1600,6 +1607,7 @@ def run_study(cfg):
     started = time.perf_counter()
     if "RANK" in os.environ:
         raise UserError("--study starts its own worker processes: run it with python, not torchrun.")
+    check_out_dir(cfg.out_dir, STUDY_SCRIPT, dataclasses.asdict(cfg), STUDY_KEYS)  # before anything is written
     arms, seeds = study_arms(cfg), study_seeds(cfg)
     plan_path = os.path.join(cfg.out_dir, "study_plan.json")
     if os.path.exists(plan_path) and not cfg.resume:
@@ -1621,7 +1629,7 @@ def run_study(cfg):
         epochs, sizing = cfg.epochs, [f"--epochs {cfg.epochs} given: no benchmark, every arm and seed"]
     else:
         arms, seeds, epochs, sizing = study_size_by_benchmark(cfg, arms, seeds, n_train, started)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(os.path.join(cfg.out_dir, "config.json"), {"script": STUDY_SCRIPT, **dataclasses.asdict(cfg)})
     write_json(plan_path, {"arms": [a[1] for a in arms], "seeds": seeds, "epochs": epochs, "sizing": sizing})
     print("\n".join(sizing))
 
@@ -2535,8 +2543,11 @@ def load_dataset_once_per_node(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    if cfg.study or (cfg.benchmark and cfg.study_eval):  # the study (arms x seeds as worker processes), or one of its benchmark workers
-        return run_study(cfg) if cfg.study else study_benchmark(cfg)
+    if cfg.study:  # the study: arms x seeds as worker processes, each in its own folder under --out-dir
+        with out_dir_lock(cfg.out_dir):
+            return run_study(cfg)
+    if cfg.benchmark and cfg.study_eval:  # one of the study's benchmark workers
+        return study_benchmark(cfg)
     device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
     if cfg.benchmark:
         return run_benchmark(cfg, device)

@@ -60,6 +60,7 @@ def test_config_json_names_the_script_and_the_settings(tmp_path):
 
 @pytest.mark.parametrize("config", [
     {"script": "diffusion_decay.py", "epochs": 1},  # stamped by another script
+    {"script": "mae_decay.py --study", "epochs": 1},  # a study's out-dir: its runs live in sub-folders
     {"skips": "on", "time_dist": "uniform", "epochs": 1},  # an older, unstamped config.json of another script
     ["not", "a", "config"],
 ])
@@ -72,6 +73,14 @@ def test_an_out_dir_of_another_script_is_refused_before_anything_changes(tmp_pat
     before = tree(tmp_path)
     assert m.cli(TINY + ["--out-dir", str(out)] + (["--resume"] if resume else [])) == 2
     assert "holds a run of" in one_error(capsys) and tree(tmp_path) == before
+
+
+def test_a_study_into_a_plain_runs_out_dir_is_refused_before_anything_changes(tmp_path, capsys):
+    out = finished_run(tmp_path)
+    capsys.readouterr()
+    before = tree(tmp_path)
+    assert m.cli(TINY + ["--out-dir", str(out), "--study", "--study-arms", "1.0,0.7", "--seeds", "0,1"]) == 2
+    assert "holds a run of mae_decay.py (see its config.json)" in one_error(capsys) and tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("changed", [["--epochs", "2"], ["--mask-ratio", "0.5"], ["--alpha-min", "0.7"], ["--seeds", "1"]])
