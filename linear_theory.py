@@ -12,7 +12,8 @@ differently in different directions: additive Gaussian noise adds N sigma^2 I an
 whatever sigma; masking multiplies S entry-wise and does.
 
 Run (each command prints what it does; `--help` lists every knob with its default; a bad flag or output
-path ends in one `error:` sentence, exit code 2, before anything is computed or written; Ctrl-C exits 130).
+path ends in one `error:` sentence, exit code 2, before anything is computed or written; Ctrl-C exits 130,
+SIGTERM 143, each with one line).
 Timings: 2-core CPU, OMP_NUM_THREADS=1:
 
     python linear_theory.py verify      # 27 checks: every closed form against Adam / L-BFGS / sampled-noise SGD (16-35 s)
@@ -22,7 +23,9 @@ Timings: 2-core CPU, OMP_NUM_THREADS=1:
     python linear_theory.py order --datasets fashion-mnist    # which eigen-directions are learned first (~30 s)
 
 Outputs go to --out-dir (default runs/linear): alignment.png/.json, subspace_<dataset>.png + subspace.json,
-order_<dataset>.png + order.json. Every JSON holds the config and every number printed.
+order_<dataset>.png + order.json. Every JSON holds this script's name, the config and every number printed.
+One command at a time per --out-dir (a second one is refused), and never a training run's out-dir (one
+with a config.json); a full disk is one sentence, with the previous file of that name whole.
 
 Known-good numbers produced by this file (README.md has the full tables, commands and times):
 * verify: 27/27 checks pass; L-BFGS reaches the closed-form loss to a relative gap <= 2e-12, SGD on

@@ -43,7 +43,8 @@ test accuracy (`--probe authors`: the decay paper's authors' raw-feature probe);
 of the train features, not centred (erank, RankMe's convention) and centred (erank_c).
 Several inputs are evaluated one by one: a bad one (unreadable, malformed, too few samples for a
 k you typed) is reported in one sentence at the end with exit status 2, and the others keep
-their rows in the table and the JSON.
+their rows in the table and the JSON. --json and --plot are written whole or not at all (a full
+disk: one sentence, the previous file intact); Ctrl-C exits 130 and SIGTERM 143, each with one line.
 
 Reading order: the Config (the knobs), THE IDEA (the protocols, each beside its equation), the
 evaluation driver, the report; the plumbing (command line, data loaders, file I/O) comes last.
