@@ -79,11 +79,13 @@ and the run follows the one-process trajectory; only rank 0 prints and writes fi
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 diffusion_decay.py ...  # R=0, 1
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 diffusion_decay.py --device cpu   # CPU, gloo
 
-Outputs go to --out-dir (default runs/diffusion): config.json, the cached reference classifier
-(fd_reference_*.pt), one folder per (skips, alpha_min, seed) with ckpt.pt (model, EMA, optimizer,
-RNG, step, config), samples.png and features.npz (the format probe.py reads; features_t<t>.npz
-for the other noise levels), results.json, and the plots curves.png (loss, FD, k-NN and both
-effective ranks over training) and samples.png (grids side by side).
+Outputs go to --out-dir (default runs/diffusion; one run at a time, and only a run of this script with
+the same settings: anything else is refused before a file is written): config.json (this script's
+name and the settings), the cached reference classifier (fd_reference_*.pt), one folder per (skips,
+alpha_min, seed) with ckpt.pt (model, EMA, optimizer, RNG, step, config), samples.png and
+features.npz (the format probe.py reads; features_t<t>.npz for the other noise levels),
+results.json, and the plots curves.png (loss, FD, k-NN and both effective ranks over training) and
+samples.png (grids side by side). Ctrl-C or SIGTERM during training saves a checkpoint first.
 
 What is measured, and how:
 * Generation: "FD-smallcnn", the Frechet distance between generated images (EMA weights,
@@ -120,6 +122,7 @@ stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -133,6 +136,7 @@ import numbers
 import os
 import pickle
 import signal
+import socket
 import sys
 import tarfile
 import threading
@@ -682,6 +686,11 @@ TRAJECTORY_KEYS = ("dataset", "train_limit", "img_size", "flip", "patch_size", "
                    "mlp_ratio", "class_cond", "class_dropout", "time_dist", "time_scale", "epochs", "batch_size", "base_lr", "min_lr",
                    "warmup_epochs", "weight_decay", "beta2", "ema_decay", "compile_mode")
 
+## What an --out-dir's config.json must agree on for another run to write into it: the trajectory and
+## the arms (the study's too). (Evaluation knobs, devices and logging may change between a run and its --resume.)
+OUT_DIR_KEYS = TRAJECTORY_KEYS + ("skips", "alpha_min", "alpha_eff", "seeds", "study", "study_arms")
+SCRIPT = "diffusion_decay.py"  # written into config.json: which script an out-dir belongs to
+
 
 ## The model sees pixels in [-1, 1] (DiT / SiT convention), not per-channel standardised ones:
 ## generated images then map back to uint8 the same way for every dataset.
@@ -753,7 +762,7 @@ def ema_decay_at(step, decay):
 def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     """Train one flow model (one setting, one seed); returns its result dict (numbers, curves, samples).
     The loop below is the step only (lr, forward under autocast, backward, AdamW, EMA, log); resume,
-    DDP, the compile fallback, checkpoints, curve points and Ctrl-C are each one named helper."""
+    DDP, the compile fallback, checkpoints, curve points and Ctrl-C / SIGTERM are each one named helper."""
     rank, world_size = rank_and_world()
     cfg = resolve_compile_mode(cfg, device, world_size)  # auto -> reduce-overhead on one CUDA GPU; "eager" without --compile
     torch.manual_seed(seed)  # the same initial weights in every process
@@ -767,7 +776,7 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
     ckpt_path, setting = os.path.join(run_dir, "ckpt.pt"), (skips, alpha_min)
     state = start_or_resume(ckpt_path, model, ema, optimizer, cfg, setting, seed, total_steps)  # fresh, or from the checkpoint
     forward = compile_or_eager(wrap_ddp(model, device), cfg)  # DDP under torchrun; torch.compile with an eager fallback
-    # everything between steps: losses fetched in groups, curve points, checkpoints, Ctrl-C
+    # everything between steps: losses fetched in groups, curve points, checkpoints, Ctrl-C / SIGTERM
     books = Bookkeeper(cfg, state, total_steps, stop_step, ckpt_path, setting_name(skips, alpha_min), seed,
                        save=lambda: save_checkpoint(ckpt_path, model, ema, optimizer, state, cfg, setting, seed),
                        curve_point=lambda: evaluate_cheap(ema, cfg, data, reference, device, seed)[0])
@@ -789,7 +798,7 @@ def train_run(cfg, data, reference, skips, alpha_min, seed, run_dir, device):
             optimizer.zero_grad(set_to_none=True)
             update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))  # identical in every process: so are the parameters
             state["step"] = step + 1
-            books.after_step(loss, epoch, i == steps_per_epoch - 1)  # log; at a flush: curve point, checkpoint, Ctrl-C
+            books.after_step(loss, epoch, i == steps_per_epoch - 1)  # log; at a flush: curve point, checkpoint, Ctrl-C / SIGTERM
     finally:  # also when the loop ends by an error: a later Ctrl-C must interrupt again
         books.close()
     if state["step"] < total_steps and rank == 0:  # stopped early by --max-steps: keep the state so --resume continues
@@ -909,7 +918,7 @@ class Bookkeeper:
     the last step and at Ctrl-C. At such a flush the losses are checked (NaN stops the run), shown on
     the progress bar and timed; at an epoch end the curves get a point every --eval-every epochs;
     a checkpoint is written every --ckpt-every epochs, at the last epoch, after --ckpt-minutes and at
-    Ctrl-C, whose first press stops the run after the step with that checkpoint."""
+    Ctrl-C or SIGTERM, whose first arrival stops the run after the step with that checkpoint."""
 
     def __init__(self, cfg, state, total_steps, stop_step, ckpt_path, name, seed, save, curve_point):
         self.cfg, self.state, self.total_steps, self.stop_step, self.ckpt_path = cfg, state, total_steps, stop_step, ckpt_path
@@ -918,7 +927,7 @@ class Bookkeeper:
         if cfg.eval_every and state["step"] == 0 and not state["evals"]:
             self.add_curve_point(0)  # the curves start at the initial model
         self.pending = []  # per-step losses still on the device
-        self.ctrl_c = catch_ctrl_c() if self.world_size == 1 else {"stop": False}  # under torchrun, torchrun handles Ctrl-C
+        self.ctrl_c = catch_ctrl_c() if self.world_size == 1 else {"stop": False, "signal": "SIGINT"}  # under torchrun, torchrun handles Ctrl-C
         self.progress = tqdm(total=stop_step, initial=state["step"], desc=f"{name} seed={seed}", dynamic_ncols=True, mininterval=1.0,
                              disable=self.rank != 0)
         self.last_time = self.last_save = time.perf_counter()
@@ -951,8 +960,8 @@ class Bookkeeper:
             self.last_time = self.last_save = time.perf_counter()
         if self.ctrl_c["stop"]:
             self.progress.close()
-            raise Interrupted(f"interrupted at step {step}/{self.total_steps}; checkpoint {self.ckpt_path} saved: "
-                              f"rerun the same command with --resume to continue")
+            raise Interrupted(f"interrupted ({self.ctrl_c['signal']}) at step {step}/{self.total_steps}; checkpoint "
+                              f"{self.ckpt_path} saved: rerun the same command with --resume to continue", self.ctrl_c["signal"])
 
     def flush(self):
         ## The logged loss is the GLOBAL batch's: the mean of the per-process means (equal sizes).
@@ -1468,10 +1477,8 @@ def save_plots(results, out_dir, names=None):
     first_seed = [next(r for r in results if (r["skips"], r["alpha_min"]) == s) for s in settings]
 
     def save(fig, name):
-        tmp = os.path.join(out_dir, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        atomic_write(os.path.join(out_dir, name), lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
         plt.close(fig)
-        os.replace(tmp, os.path.join(out_dir, name))
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for r in results:
@@ -1620,7 +1627,12 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: the run stopped between two steps and saved a checkpoint."""
+    """Ctrl-C or SIGTERM during training: the run stopped between two steps and saved a checkpoint.
+    exit_code is the shell's convention, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message, signal_name="SIGINT"):
+        super().__init__(message)
+        self.exit_code = 128 + int(getattr(signal, signal_name))
 
 
 def knob_help():
@@ -2013,7 +2025,7 @@ def load_folder(root, size, cache_dir):
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
-        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ folders of images.")
+        raise UserError(f"{root} must hold train/<class>/ and val/<class>/ (or test/<class>/) folders of images.")
     subfolders = lambda d: {n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)) and not n.startswith(".")}
     classes = sorted(subfolders(train_dir))
     files = {}  # split -> [(path, label)]
@@ -2033,8 +2045,16 @@ def load_folder(root, size, cache_dir):
                                 f"add some or remove it.")
             files[split] += [(os.path.join(cls_dir, n), label) for n in names]
         if not files[split]:
-            raise UserError(f"{folder} holds no class folders of images named like those of {train_dir}.")
-    listing = sorted((os.path.relpath(p, root), os.stat(p)) for pairs in files.values() for p, _ in pairs)
+            raise UserError(f"{train_dir} holds no class folders; put each class's images in {train_dir}/<class>/."
+                            if split == "train" else f"{folder} holds no class folders named like those of "
+                            f"{train_dir} (val/ is read when it exists, else test/); add them there.")
+
+    def stat(path):  # a dangling link or a symlink loop named like an image: one sentence, not a traceback
+        try:
+            return os.stat(path)
+        except OSError as e:
+            raise UserError(f"{path} cannot be read ({e.strerror}); fix or remove it.") from None
+    listing = sorted((os.path.relpath(p, root), stat(p)) for pairs in files.values() for p, _ in pairs)
     fingerprint = hashlib.sha256("\n".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}" for n, st in listing).encode()).hexdigest()
     where = os.path.realpath(root)
     cache = os.path.join(cache_dir, "image_folder_cache",
@@ -2056,8 +2076,8 @@ def load_folder(root, size, cache_dir):
     blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
     try:
         atomic_save({**blob, "fingerprint": fingerprint}, cache)
-    except OSError as e:
-        print(f"could not write the cache {cache} ({e.strerror}); continuing without it")
+    except UserError as e:  # atomic_save's one sentence: a full disk, or --data-dir cannot hold the cache
+        print(f"the cache was not written, continuing without it: {e}")
     return parts
 
 
@@ -2176,18 +2196,32 @@ def center_view(images, out_size, mean, std):
 # Checkpoints and files: everything is written atomically (temporary file, then rename)
 # ---------------------------------------------------------------------------------------------
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash or Ctrl-C never leaves half a file
-    behind, nor the temporary file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def atomic_write(path, write):
+    """write(f) into a temporary file beside `path`, then rename it over `path`: a crash, Ctrl-C or
+    full disk never leaves half a file, nor the temporary one, and the previous `path` stays whole
+    until the new one is complete. A write the system refuses (no space, no permission) is one sentence."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = e  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise UserError(f"could not write {path} ({cause.strerror or cause}); free some disk space or choose another "
+                            f"path (any previous {os.path.basename(path)} is intact).") from None
         raise
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, model, ema, optimizer, state, cfg, setting, seed):
@@ -2196,16 +2230,25 @@ def save_checkpoint(path, model, ema, optimizer, state, cfg, setting, seed):
                  "seed": seed, "rng": torch.get_rng_state()}, path)
 
 
-def load_checkpoint(path, model, ema, optimizer, cfg, setting, seed):
+def read_checkpoint(path, cfg, setting, seed):
+    """The checkpoint at path, if it is one of this run's: readable as tensors only, and trained with
+    the same settings (TRAJECTORY_KEYS, skips, alpha_min, seed); otherwise one sentence."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"the checkpoint {path} is unreadable ({type(e).__name__}); delete it or use another --out-dir.") from None
-    saved = {"compile_mode": "default" if ckpt["config"].get("compile") else "eager", **ckpt["config"]}  # older checkpoints
+        saved = {"compile_mode": "default" if ckpt["config"].get("compile") else "eager", **ckpt["config"]}  # older checkpoints
+        trained = (ckpt["skips"], ckpt["alpha_min"]), ckpt["seed"]
+    except Exception as e:  # truncated, not a checkpoint, or a pickle that asks for code (refused by weights_only)
+        raise UserError(f"{path} is not a readable checkpoint of this script ({type(e).__name__}); delete it or use "
+                        f"another --out-dir.") from None
     changed = [k for k in TRAJECTORY_KEYS if saved.get(k) != getattr(cfg, k)]
-    if changed or (ckpt["skips"], ckpt["alpha_min"]) != setting or ckpt["seed"] != seed:
+    if changed or trained != (setting, seed):
         raise UserError(f"{path} was trained with other settings ({', '.join(changed) or 'skips/alpha_min/seed'}); "
                         f"resume with the same flags or use another --out-dir.")
+    return ckpt
+
+
+def load_checkpoint(path, model, ema, optimizer, cfg, setting, seed):
+    ckpt = read_checkpoint(path, cfg, setting, seed)
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -2217,12 +2260,10 @@ def save_features(path, train_features, train_labels, test_features, test_labels
     """The features file probe.py reads (.npz): train_features (N, D) float32, train_labels (N,)
     int64, test_features (M, D) float32, test_labels (M,) int64, plus metadata: config (JSON text),
     feature (what the vectors are), alpha_min, seed, classes."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-        np.savez(f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
-                 test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
-                 **{k: np.asarray(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(
+        f, train_features=train_features.cpu().numpy(), train_labels=train_labels.cpu().numpy(),
+        test_features=test_features.cpu().numpy(), test_labels=test_labels.cpu().numpy(),
+        **{k: np.asarray(v) for k, v in meta.items()}))
 
 
 def save_png(array, path):
@@ -2230,17 +2271,94 @@ def save_png(array, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    plt.imsave(tmp, array.squeeze(-1) if array.shape[-1] == 1 else array, cmap="gray" if array.shape[-1] == 1 else None)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: plt.imsave(f, array.squeeze(-1) if array.shape[-1] == 1 else array, format="png",
+                                            cmap="gray" if array.shape[-1] == 1 else None))
 
 
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+## An --out-dir belongs to one run of one script. Its config.json names the script that wrote it
+## ("script") and that run's settings; a run into it with another script or other settings that
+## change the results is refused before anything is written, and a lock file keeps two runs from
+## writing into it at once (each would overwrite the other's files and both would "succeed").
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """Holds out_dir/.lock ("host pid", created atomically with O_EXCL) while the block runs. A lock
+    held by a live process is refused; one left by a process that is gone (same host, pid not
+    running) is taken over, saying so. Another host's lock cannot be checked: it is refused."""
+    os.makedirs(out_dir, exist_ok=True)
+    path, me = os.path.join(out_dir, ".lock"), f"{socket.gethostname()} {os.getpid()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    host, pid = f.read().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                host, pid = "?", 0
+            if attempt == 0 and host == socket.gethostname() and not pid_running(pid):
+                print(f"{out_dir}: taking over the lock of process {pid}, which is no longer running")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            raise UserError(f"--out-dir {out_dir} is in use by another run (process {pid} on {host}); wait for it "
+                            f"to finish or choose another --out-dir (delete {path} only if that process is gone).") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+    except OSError as e:  # a full disk: remove the empty lock, which would otherwise look held by "process 0"
+        os.remove(path)
+        raise UserError(f"could not write {path} ({e.strerror or e}); free some disk space or choose another "
+                        f"--out-dir.") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                mine = f.read() == me
+            if mine:
+                os.remove(path)
+
+
+def pid_running(pid):
+    if pid <= 0 or os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        return pid > 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def check_out_dir(out_dir, script, settings, keys):
+    """Refuses an --out-dir whose config.json another script wrote, or a run of this script with
+    other values of `keys` (the settings that change what it computes): continuing or overwriting
+    it would mix two runs' files. A config.json without "script" (older versions) is judged by its keys."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        old = old if isinstance(old, dict) else {}
+    except (OSError, ValueError):
+        old = {}
+    owner = old.get("script", script if old and all(k in old for k in keys) else "another program")
+    if owner != script:
+        raise UserError(f"--out-dir {out_dir} holds a run of {owner} (see its config.json); choose another --out-dir.")
+    changed = [k for k in keys if old.get(k) != settings.get(k)]
+    if changed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:3])
+        raise UserError(f"--out-dir {out_dir} holds a run with other settings ({shown}); rerun with its flags or "
+                        f"choose another --out-dir.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2249,21 +2367,31 @@ def write_json(path, obj):
 # ---------------------------------------------------------------------------------------------
 
 def catch_ctrl_c():
-    """The first Ctrl-C (SIGINT) only raises a flag, which the training loop checks after every step:
-    the run then stops between two steps with a checkpoint. A second Ctrl-C interrupts at once."""
-    flag = {"stop": False}
+    """The first Ctrl-C (SIGINT) or SIGTERM (what `timeout`, `docker stop` and job schedulers send)
+    only raises a flag, which the training loop checks after every step: the run then stops between
+    two steps with a checkpoint. A second one acts at once (KeyboardInterrupt, or termination)."""
+    flag = {"stop": False, "signal": "SIGINT"}
 
     def handler(signum, frame):
-        flag["stop"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        flag["stop"], flag["signal"] = True, signal.Signals(signum).name
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
     return flag
 
 
 def release_ctrl_c():
+    """Outside training, Ctrl-C raises KeyboardInterrupt and SIGTERM raises Interrupted: either ends
+    the run with one line (cli), the out-dir lock released, instead of a silent kill."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, sigterm_outside_training)
+
+
+def sigterm_outside_training(signum, frame):
+    raise Interrupted("terminated (SIGTERM), not during a training step: nothing new was saved; rerun the same "
+                      "command with --resume to continue from the last checkpoint", "SIGTERM")
 
 
 def pick_device(name):
@@ -2396,8 +2524,15 @@ def main(argv=None):
     device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
     if cfg.benchmark:
         return study_benchmark(cfg, device) if cfg.study else run_benchmark(cfg, device)
+    ## Only the first process writes files, so only it holds the out-dir's lock.
+    with out_dir_lock(cfg.out_dir) if rank_and_world()[0] == 0 else contextlib.nullcontext():
+        return run_experiment(cfg, device)
+
+
+def run_experiment(cfg, device):
     rank, world_size = rank_and_world()
     cfg = resolve_compile_mode(cfg, device, world_size)  # recorded in config.json, results and checkpoints
+    check_out_dir(cfg.out_dir, SCRIPT, dataclasses.asdict(cfg), OUT_DIR_KEYS)
     settings, seeds = comparison(cfg), parse_seeds(cfg.seeds)
     parts = load_dataset_once_per_node(cfg)
     ## Every process holds the whole training set as uint8 on its GPU (CIFAR-10: 150 MB; fine for
@@ -2410,9 +2545,12 @@ def main(argv=None):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data['train_x'])} training images; lower it.")
     run_dirs = {(skips, alpha_min, seed): os.path.join(cfg.out_dir, f"skips{'on' if skips else 'off'}_alpha{alpha_min:.4g}_seed{seed}")
                 for skips, alpha_min in settings for seed in seeds}
-    found = [d for d in run_dirs.values() if os.path.exists(os.path.join(d, "ckpt.pt"))]
-    if found and not cfg.resume:
-        raise UserError(f"{found[0]}/ckpt.pt already exists: pass --resume to continue it, or choose another --out-dir.")
+    found = {key: d for key, d in run_dirs.items() if os.path.exists(os.path.join(d, "ckpt.pt"))}
+    if found and not cfg.resume:  # refused before anything is written
+        raise UserError(f"{next(iter(found.values()))}/ckpt.pt already exists: pass --resume to continue it, or choose "
+                        f"another --out-dir.")
+    for (skips, alpha_min, seed), run_dir in found.items():  # a checkpoint that cannot be resumed stops us now, not later
+        read_checkpoint(os.path.join(run_dir, "ckpt.pt"), cfg, (skips, alpha_min), seed)
     if rank == 0:  # only the first process prints and writes files
         print(f"{cfg.dataset}: {len(data['train_x'])} train / {len(data['test_x'])} test images of shape "
               f"{tuple(data['train_x'].shape[1:])} (model sees {cfg.img_size}px), {len(data['classes'])} classes; device {device}"
@@ -2421,9 +2559,9 @@ def main(argv=None):
         if cfg.resume and len(found) < len(run_dirs):
             print(f"--resume: no checkpoint yet for {len(run_dirs) - len(found)} of the {len(run_dirs)} runs; "
                   f"{'those start' if found else 'everything starts'} from scratch")
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
-    reference = reference_network(cfg, data, device)
+    reference = reference_network(cfg, data, device)  # its cached file is read (and checked) before config.json is written
+    if rank == 0:
+        write_json(os.path.join(cfg.out_dir, "config.json"), {"script": SCRIPT, **dataclasses.asdict(cfg)})
     results = []
     runs_summary = lambda: {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
                        "processes": world_size, "fd_reference": {"test_accuracy": reference["accuracy"], **reference["sanity"]},
@@ -2462,8 +2600,9 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with the two ways a run ends early: a UserError is one `error:` line and exit code 2;
-    Ctrl-C is one line and exit code 130 (after a checkpoint when it came during training)."""
+    """main() with the ways a run ends early: a UserError is one `error:` line and exit code 2;
+    Ctrl-C or SIGTERM is one line and exit code 130 or 143 (after a checkpoint when it came during training)."""
+    release_ctrl_c()  # SIGTERM from here on ends the run with one line, like Ctrl-C
     try:
         main(argv)
     except UserError as e:
@@ -2472,7 +2611,7 @@ def cli(argv=None):
     except (Interrupted, KeyboardInterrupt) as e:
         print(str(e) if isinstance(e, Interrupted) else "interrupted (not during a training step: nothing new was saved); "
               "rerun the same command with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 130
+        return e.exit_code if isinstance(e, Interrupted) else 130
     finally:
         release_ctrl_c()
     return 0

@@ -12,7 +12,8 @@ differently in different directions: additive Gaussian noise adds N sigma^2 I an
 whatever sigma; masking multiplies S entry-wise and does.
 
 Run (each command prints what it does; `--help` lists every knob with its default; a bad flag or output
-path ends in one `error:` sentence, exit code 2, before anything is computed or written; Ctrl-C exits 130).
+path ends in one `error:` sentence, exit code 2, before anything is computed or written; Ctrl-C exits 130,
+SIGTERM 143, each with one line).
 Timings: 2-core CPU, OMP_NUM_THREADS=1:
 
     python linear_theory.py verify      # 27 checks: every closed form against Adam / L-BFGS / sampled-noise SGD (16-35 s)
@@ -22,7 +23,9 @@ Timings: 2-core CPU, OMP_NUM_THREADS=1:
     python linear_theory.py order --datasets fashion-mnist    # which eigen-directions are learned first (~30 s)
 
 Outputs go to --out-dir (default runs/linear): alignment.png/.json, subspace_<dataset>.png + subspace.json,
-order_<dataset>.png + order.json. Every JSON holds the config and every number printed.
+order_<dataset>.png + order.json. Every JSON holds this script's name, the config and every number printed.
+One command at a time per --out-dir (a second one is refused), and never a training run's out-dir (one
+with a config.json); a full disk is one sentence, with the previous file of that name whole.
 
 Known-good numbers produced by this file (README.md has the full tables, commands and times):
 * verify: 27/27 checks pass; L-BFGS reaches the closed-form loss to a relative gap <= 2e-12, SGD on
@@ -44,6 +47,7 @@ Two comment layers: `##` lines teach (which equation of which paper a line imple
 stripped with `sed '/^\\s*## /d'`; `#` lines are ordinary comments.
 """
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -52,8 +56,12 @@ import json
 import math
 import os
 import pickle
+import shutil
+import signal
+import socket
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -608,7 +616,7 @@ def align(cfg, device):
                   + f"  (largest angle to PCA {largest_angle(entry):.2g} deg, {time.time() - tick:.1f} s)")
         results[name]["seconds"] = time.time() - start
     save_figure(alignment_figure(results), os.path.join(cfg.out_dir, "alignment.png"))
-    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "alignment.json"))
+    write_json(os.path.join(cfg.out_dir, "alignment.json"), {"script": SCRIPT, "config": dataclasses.asdict(cfg), "results": results})
     print(corruption_table(results, table_ks))
     print(f"wrote {cfg.out_dir}/alignment.png and alignment.json")
     return 0
@@ -695,7 +703,7 @@ def subspace(cfg, device):
                   f"({rows[-1]['seconds_per_run']:.0f} s per run)")
         results[name] = dict(N_train=len(images), N_test=len(test_images), D=dim, rows=rows, seconds=time.time() - start)
         save_figure(example_grid(examples, name), os.path.join(cfg.out_dir, f"subspace_{safe_name(name)}.png"))
-    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "subspace.json"))
+    write_json(os.path.join(cfg.out_dir, "subspace.json"), {"script": SCRIPT, "config": dataclasses.asdict(cfg), "results": results})
     print(subspace_table(results, len(seeds)))
     print(f"wrote {cfg.out_dir}/subspace_*.png and subspace.json")
     return 0
@@ -765,7 +773,7 @@ def order(cfg, device):
         print(f"{name}: step at which each band's relative error falls below 50% (deep AE, Adam): "
               + ", ".join(f"{b}: {'not reached' if s is None else s}" for b, s in zip(band_names, half_step)) + f" ({time.time() - start:.0f} s)")
         save_figure(order_figure(name, results[name]), os.path.join(cfg.out_dir, f"order_{safe_name(name)}.png"))
-    save_json({"config": dataclasses.asdict(cfg), "results": results}, os.path.join(cfg.out_dir, "order.json"))
+    write_json(os.path.join(cfg.out_dir, "order.json"), {"script": SCRIPT, "config": dataclasses.asdict(cfg), "results": results})
     print(f"wrote {cfg.out_dir}/order_*.png and order.json")
     return 0
 
@@ -895,6 +903,7 @@ class UserError(Exception):
 
 
 DATASETS = ("shapes", "cifar10", "cifar100", "fashion-mnist", "mnist")  # and folder:PATH
+SCRIPT = "linear_theory.py"  # written into its JSON files: which script wrote them
 OUTPUTS = {"verify": [], "align": ["alignment.png", "alignment.json"],  # what each command writes to --out-dir
            "subspace": ["subspace_{}.png", "subspace.json"], "order": ["order_{}.png", "order.json"]}
 
@@ -1328,8 +1337,8 @@ def load_folder(root, size, cache_dir):
     blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
     try:
         atomic_save({**blob, "fingerprint": fingerprint}, cache)
-    except OSError as e:
-        print(f"could not write the cache {cache} ({e.strerror}); continuing without it")
+    except UserError as e:  # atomic_save's one sentence: a full disk, or --data-dir cannot hold the cache
+        print(f"the cache was not written, continuing without it: {e}")
     return parts
 
 
@@ -1446,52 +1455,135 @@ def load_datasets(cfg):
 # =============================================================================================
 
 def atomic_write(path, write):
-    """write(tmp_path), then rename: a crash or Ctrl-C never leaves half a file behind, nor the temporary one."""
+    """write(f) into a temporary file beside `path`, then rename it over `path`: a crash, Ctrl-C or
+    full disk never leaves half a file, nor the temporary one, and the previous `path` stays whole
+    until the new one is complete. A write the system refuses (no space, no permission) is one sentence."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write(tmp)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = e  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise UserError(f"could not write {path} ({cause.strerror or cause}); free some disk space or choose another "
+                            f"path (any previous {os.path.basename(path)} is intact).") from None
         raise
-
-
-def write_output(path, write):
-    """An output file of a command. Its path was checked at the start, so what can still fail here is
-    the disk (full, gone): one sentence, not a traceback."""
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}).") from None
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash or Ctrl-C never leaves half a file
-    behind, nor the temporary file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    write_output(path, write)
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
-    write_output(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
+
+
+## An --out-dir takes the PNG and JSON files of any command of this script (each command its own
+## names, a rerun replaces its own), never another script's training run, and one run at a time: a
+## lock file keeps two runs from writing into it at once (the later one's files would silently win).
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """Holds out_dir/.lock ("host pid", created atomically with O_EXCL) while the block runs. A lock
+    held by a live process is refused; one left by a process that is gone (same host, pid not
+    running) is taken over, saying so. Another host's lock cannot be checked: it is refused."""
+    os.makedirs(out_dir, exist_ok=True)
+    path, me = os.path.join(out_dir, ".lock"), f"{socket.gethostname()} {os.getpid()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    host, pid = f.read().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                host, pid = "?", 0
+            if attempt == 0 and host == socket.gethostname() and not pid_running(pid):
+                print(f"{out_dir}: taking over the lock of process {pid}, which is no longer running")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            raise UserError(f"--out-dir {out_dir} is in use by another run (process {pid} on {host}); wait for it "
+                            f"to finish or choose another --out-dir (delete {path} only if that process is gone).") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+    except OSError as e:  # a full disk: remove the empty lock, which would otherwise look held by "process 0"
+        os.remove(path)
+        raise UserError(f"could not write {path} ({e.strerror or e}); free some disk space or choose another "
+                        f"--out-dir.") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                mine = f.read() == me
+            if mine:
+                os.remove(path)
+
+
+def pid_running(pid):
+    if pid <= 0 or os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        return pid > 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def check_out_dir_owner(out_dir):
+    """This script writes no config.json: an --out-dir holding one holds a training run of
+    mae_decay.py or diffusion_decay.py (named in it), whose folder is not ours to write into."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            owner = json.load(f).get("script", "another program")
+    except (OSError, ValueError, AttributeError):
+        owner = "another program"
+    raise UserError(f"--out-dir {out_dir} holds a run of {owner} (see its config.json); choose another --out-dir.")
+
+
+def first_missing_folder(path):
+    """The outermost folder of path that does not exist yet (None if path exists): what creating path adds."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return None
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
+class Terminated(Exception):
+    """SIGTERM (what `timeout`, `docker stop` and job schedulers send): ends a run like Ctrl-C, exit code 143."""
+
+
+def terminate_on_sigterm():
+    """From here on SIGTERM raises Terminated in the main thread: the run ends with one line, not a silent kill."""
+    def handler(signum, frame):
+        raise Terminated
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 # =============================================================================================
@@ -1499,24 +1591,35 @@ def save_figure(fig, path):
 # =============================================================================================
 
 def main(argv=None):
-    """Returns the exit code: 0 done, 1 a verify check failed, 2 a user error (one sentence), 130 interrupted."""
+    """Returns the exit code: 0 done, 1 a verify check failed, 2 a user error (one sentence), 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM)."""
+    made = None  # the folders the out-dir lock creates: removed again if the command wrote nothing
     try:
+        terminate_on_sigterm()  # SIGTERM from here on ends the run with one line, like Ctrl-C
         command, cfg = parse_config(argv)  # every check happens here, before anything is loaded or written
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = pick_device(cfg.device)
-        start = time.time()
-        print(f"{command} on {device} (float64 linear algebra on {float64_device(device)}), torch {torch.__version__}")
-        status = {"verify": verify, "align": align, "subspace": subspace, "order": order}[command](cfg, device)
-        print(f"{command} took {time.time() - start:.1f} s")
+        ## verify writes no file; the other commands hold the out-dir's lock while they run.
+        made = first_missing_folder(cfg.out_dir) if OUTPUTS[command] else None
+        with out_dir_lock(cfg.out_dir) if OUTPUTS[command] else contextlib.nullcontext():
+            if OUTPUTS[command]:
+                check_out_dir_owner(cfg.out_dir)
+            start = time.time()
+            print(f"{command} on {device} (float64 linear algebra on {float64_device(device)}), torch {torch.__version__}")
+            status = {"verify": verify, "align": align, "subspace": subspace, "order": order}[command](cfg, device)
+            print(f"{command} took {time.time() - start:.1f} s")
         return status
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the files written so far are complete, the rest were not written; rerun the command to redo it.",
-              file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}: the files written so far are "
+              f"complete, the rest were not written; rerun the command to redo it.", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130  # the shell's 128 + the signal's number
+    finally:
+        if made and not any(files for _, _, files in os.walk(made)):  # a command that failed before writing leaves no trace
+            shutil.rmtree(made, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ test accuracy (`--probe authors`: the decay paper's authors' raw-feature probe);
 of the train features, not centred (erank, RankMe's convention) and centred (erank_c).
 Several inputs are evaluated one by one: a bad one (unreadable, malformed, too few samples for a
 k you typed) is reported in one sentence at the end with exit status 2, and the others keep
-their rows in the table and the JSON.
+their rows in the table and the JSON. --json and --plot are written whole or not at all (a full
+disk: one sentence, the previous file intact); Ctrl-C exits 130 and SIGTERM 143, each with one line.
 
 Reading order: the Config (the knobs), THE IDEA (the protocols, each beside its equation), the
 evaluation driver, the report; the plumbing (command line, data loaders, file I/O) comes last.
@@ -60,8 +61,10 @@ import math
 import numbers
 import os
 import pickle
+import signal
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -424,11 +427,7 @@ def settings(cfg, device):
 
 
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def plot_spectra(spectra, path):
@@ -444,7 +443,7 @@ def plot_spectra(spectra, path):
     ax.set(xlabel="index i", ylabel="s_i / s_1", title="singular values of the train features (not centred)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -819,8 +818,8 @@ def load_folder(root, size, cache_dir):
     blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
     try:
         atomic_save({**blob, "fingerprint": fingerprint}, cache)
-    except OSError as e:
-        print(f"could not write the cache {cache} ({e.strerror}); continuing without it")
+    except UserError as e:  # atomic_save's one sentence: a full disk, or --data-dir cannot hold the cache
+        print(f"the cache was not written, continuing without it: {e}")
     return parts
 
 
@@ -913,17 +912,7 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash or Ctrl-C never leaves half a file
-    behind, nor the temporary file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 # =============================================================================================
 # Plumbing: a features file or a dataset's raw pixels, checked before anything is computed
@@ -1028,16 +1017,39 @@ def renumber_classes(arrays):
 
 
 def atomic_write(path, write):
-    """write(tmp_path), then rename: a crash or Ctrl-C never leaves half a file behind, nor the temporary one."""
+    """write(f) into a temporary file beside `path`, then rename it over `path`: a crash, Ctrl-C or
+    full disk never leaves half a file, nor the temporary one, and the previous `path` stays whole
+    until the new one is complete. A write the system refuses (no space, no permission) is one sentence."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write(tmp)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = e  # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise UserError(f"could not write {path} ({cause.strerror or cause}); free some disk space or choose another "
+                            f"path (any previous {os.path.basename(path)} is intact).") from None
         raise
+
+
+class Terminated(Exception):
+    """SIGTERM (what `timeout`, `docker stop` and job schedulers send): ends a run like Ctrl-C, exit code 143."""
+
+
+def terminate_on_sigterm():
+    """From here on SIGTERM raises Terminated in the main thread: the run ends with one line, not a silent kill."""
+    def handler(signum, frame):
+        raise Terminated
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 # =============================================================================================
@@ -1053,6 +1065,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     results, spectra, errors = [], [], []
+    terminate_on_sigterm()  # from here on SIGTERM ends the run with one line, like Ctrl-C
     try:
         for source in ([f"pixels:{cfg.pixels}"] if cfg.pixels else []) + paths:
             try:
@@ -1073,11 +1086,12 @@ def main(argv=None):
             if cfg.plot:
                 plot_spectra(spectra, cfg.plot)
                 print(f"wrote {cfg.plot}")
-    except KeyboardInterrupt:
-        print("interrupted; only the files reported as written were written", file=sys.stderr)
-        return 130
-    except OSError as e:  # the output folder filled up or changed after the checks
-        errors.append(f"could not write {e.filename}: {e.strerror}.")
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; only the files reported as "
+              f"written were written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130  # the shell's 128 + the signal's number
+    except UserError as e:  # the output folder filled up or changed after the checks (atomic_write's one sentence)
+        errors.append(str(e))
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     return 2 if errors else 0

@@ -57,6 +57,12 @@ OWN_JOB = {
     "TRAJECTORY_KEYS": "the knobs that change each script's training trajectory (resume refuses if they differ)",
     "save_checkpoint": "the script's own state (diffusion_decay.py also saves the EMA model and the skips setting)",
     "load_checkpoint": "restores the script's own state (diffusion_decay.py also the EMA model and the skips setting)",
+    "read_checkpoint": "reads and checks the script's own checkpoint (diffusion_decay.py: also the skips setting, and "
+                       "the compile mode of older checkpoints)",
+    "start_or_resume": "a fresh run's state or the script's own checkpoint loaded (diffusion_decay.py: also the EMA model)",
+    "OUT_DIR_KEYS": "the settings an out-dir's config.json must agree on: each script's own trajectory and arms",
+    "SCRIPT": "the script's own file name, written into what it writes to say whose files they are",
+    "run_experiment": "each script's own experiment: its arms, seeds, checks and report",
     "run_benchmark": "times the script's own training step",
     # evaluation and report of the script's own model
     "extract_features": "features of the script's own model (MAE encoder block vs the DiT's encoder half at noise t)",
@@ -72,8 +78,10 @@ OWN_JOB_IN = {
 }
 ## Changed here first, to be copied into the other scripts by the lead: expected to differ until then.
 PENDING = {
-    "load_folder": "linear_theory.py and probe.py: symlink loops and dangling links named like an image, and the "
-                   "empty train/ or val/ message; mae_decay.py and diffusion_decay.py receive the same text",
+    "load_folder": "probe.py, linear_theory.py and diffusion_decay.py: symlink loops and dangling links named like an "
+                   "image, and the empty train/ or val/ message; mae_decay.py (the reference) receives the same text",
+    "out_dir_lock": "diffusion_decay.py and linear_theory.py: a full disk while writing the lock file is one sentence "
+                    "and leaves no empty lock behind (it would look held by 'process 0'); mae_decay.py receives the same text",
 }
 
 

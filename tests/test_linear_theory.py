@@ -667,19 +667,18 @@ def test_real_sigint_during_a_run(workdir):
 def test_atomic_write_leaves_nothing_behind_when_interrupted(tmp_path):
     target = tmp_path / "out" / "result.json"
 
-    def half_then_interrupt(tmp):
-        with open(tmp, "w") as f:
-            f.write("{")
+    def half_then_interrupt(f):
+        f.write(b"{")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         lt.atomic_write(str(target), half_then_interrupt)
     assert os.listdir(tmp_path / "out") == []  # neither the target nor the temporary file
-    lt.save_json({"a": 1}, str(target))
+    lt.write_json(str(target), {"a": 1})
     assert target.read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
     # an output that cannot be written at the end (here: a directory in its place) is one sentence
     (tmp_path / "out" / "taken.json").mkdir()
     with pytest.raises(lt.UserError, match="could not write"):
-        lt.save_json({"a": 1}, str(tmp_path / "out" / "taken.json"))
+        lt.write_json(str(tmp_path / "out" / "taken.json"), {"a": 1})
     assert sorted(os.listdir(tmp_path / "out")) == ["result.json", "taken.json"]  # no temporary file left
 
 
