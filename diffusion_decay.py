@@ -348,6 +348,8 @@ def modulate(x, shift, scale):  # (B, T, D), (B, D), (B, D) -> (B, T, D)
 ## and a two-layer MLP with GELU (hidden width D * mlp_ratio). The authors' SiT uses timm's Mlp
 ## with the tanh approximation of GELU; we use the exact GELU (they differ by at most 5e-4).
 class Attention(nn.Module):
+    """Multi-head self-attention: every token attends to every token (no mask, no causal order)."""
+
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -364,6 +366,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The per-token feed-forward branch: Linear, GELU, Linear (hidden = mlp_ratio * dim)."""
+
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
@@ -543,6 +547,8 @@ def alpha_min_for(alpha_eff, depth):
 def sincos_pos_embed(dim, grid_size):
     """Fixed 2D sin-cos position embeddings (MAE): (1 + grid_size**2, dim), row 0 (cls) is zero.
     Half the channels encode the row, half the column, each as sin/cos at dim/4 frequencies."""
+    ## Fixed, not learned (as MAE): the decoder must know WHERE each hidden patch is, and a table it
+    ## cannot tune keeps that information from being mixed into the features the encoder learns.
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
 
@@ -1164,7 +1170,8 @@ def probe_settings(cfg):
 
 def describe_probe(cfg):
     if cfg.probe == "authors":
-        return "the authors' (raw features, AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch)"
+        return ("the authors' (raw features, AdamW lr 1e-2, weight decay 0.01, batch 256, incomplete batch dropped, "
+                "200 epochs, cosine set once per epoch, final epoch)")
     return f"standardised features, AdamW lr {cfg.probe_lr:g}, batch 1024, {cfg.probe_epochs} epochs, cosine, final epoch"
 
 
@@ -1263,10 +1270,12 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
 
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
-                 standardize=True):
+                 standardize=True, weight_decay=0.0, lr_per_epoch=False, drop_last=False):
     """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
     affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
-    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    one Linear layer, cross-entropy, AdamW (weight decay 0 unless given) and a cosine schedule, per
+    step (lr_per_epoch=True: set once after each epoch, as the authors' probe does; drop_last=True
+    drops each epoch's incomplete batch, keeping at least one).
     Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
     gen = torch.Generator().manual_seed(seed)
     device = train_x.device
@@ -1281,25 +1290,30 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_siz
         bound = 1 / math.sqrt(train_z.shape[1])
         head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
         head.bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, len(train_z) // batch_size) if drop_last else math.ceil(len(train_z) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(train_z), generator=gen).to(device)
-        for start in range(0, len(train_z), batch_size):
+        for start in range(0, steps_per_epoch * batch_size, batch_size):
             idx = order[start:start + batch_size]
             loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            if not lr_per_epoch:
+                schedule.step()
+        if lr_per_epoch:  ## the authors': after epoch e (from 0), lr = lr * 0.5 * (1 + cos(pi * e / epochs)); epochs 0 and 1 both run at lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     with torch.no_grad():
         return (head(test_z).argmax(1) == test_y).float().mean().item()
 
 
 ## The decay paper's authors' in-code probe (their MAE/util/misc.py, eval_model): raw features,
 ## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
-AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
+AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200, "weight_decay": 0.01,
+                 "lr_per_epoch": True, "drop_last": True}
 
 
 def effective_rank(z, center=False, eps=1e-7):

@@ -2125,8 +2125,8 @@ def load_folder(root, size, cache_dir):
     blob = {f"{s}_{k}": torch.from_numpy(v) for s, (x, y) in parts.items() for k, v in (("x", x), ("y", y))}
     try:
         atomic_save({**blob, "fingerprint": fingerprint}, cache)
-    except OSError as e:
-        print(f"could not write the cache {cache} ({e.strerror}); continuing without it")
+    except UserError as e:  # atomic_save's one sentence: a full disk, or --data-dir cannot hold the cache
+        print(f"the cache was not written, continuing without it: {e}")
     return parts
 
 
@@ -2310,8 +2310,13 @@ def out_dir_lock(out_dir):
                 continue
             raise UserError(f"--out-dir {out_dir} is in use by another run (process {pid} on {host}); wait for it "
                             f"to finish or choose another --out-dir (delete {path} only if that process is gone).") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(me)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+    except OSError as e:  # a full disk: remove the empty lock, which would otherwise look held by "process 0"
+        os.remove(path)
+        raise UserError(f"could not write {path} ({e.strerror or e}); free some disk space or choose another "
+                        f"--out-dir.") from None
     try:
         yield
     finally:

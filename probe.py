@@ -38,7 +38,7 @@ A features file (.npz, or .pt read with torch.load(weights_only=True)) holds tra
 integer class ids (any ids: {0, 7, 10**9} are renumbered 0..2, in their order, with a line saying
 so); any other key is metadata, copied into the JSON. Defaults: k-NN on L2-normalised features
 with exp(sim / 0.07) votes, k = 10, 20, 100, 200 from one search; linear probe = standardise by
-train statistics + one Linear layer, AdamW, weight decay 0, cosine schedule, the FINAL epoch's
+train statistics + one Linear layer, AdamW, weight decay 0 (the authors' probe: 0.01), cosine schedule, the FINAL epoch's
 test accuracy (`--probe authors`: the decay paper's authors' raw-feature probe); effective rank
 of the train features, not centred (erank, RankMe's convention) and centred (erank_c).
 Several inputs are evaluated one by one: a bad one (unreadable, malformed, too few samples for a
@@ -176,10 +176,12 @@ def knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, num_classes=No
 ## set (the MAE and DINO scripts print such a maximum). The head's init and the sample order come
 ## from one seeded generator, so the same seed gives the same number whatever ran before.
 def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_size=1024, seed=0, num_classes=None,
-                 standardize=True):
+                 standardize=True, weight_decay=0.0, lr_per_epoch=False, drop_last=False):
     """Linear probe on frozen features: standardise by TRAIN statistics (= MAE's BatchNorm1d without
     affine; standardize=False feeds the raw features, as the decay paper's authors' probe does),
-    one Linear layer, cross-entropy, AdamW with weight decay 0 and a cosine schedule.
+    one Linear layer, cross-entropy, AdamW (weight decay 0 unless given) and a cosine schedule, per
+    step (lr_per_epoch=True: set once after each epoch, as the authors' probe does; drop_last=True
+    drops each epoch's incomplete batch, keeping at least one).
     Returns the test accuracy (fraction) after the FINAL epoch, never a maximum over epochs."""
     gen = torch.Generator().manual_seed(seed)
     device = train_x.device
@@ -194,18 +196,22 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_siz
         bound = 1 / math.sqrt(train_z.shape[1])
         head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
         head.bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_z) / batch_size)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, len(train_z) // batch_size) if drop_last else math.ceil(len(train_z) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(train_z), generator=gen).to(device)
-        for start in range(0, len(train_z), batch_size):
+        for start in range(0, steps_per_epoch * batch_size, batch_size):
             idx = order[start:start + batch_size]
             loss = F.cross_entropy(head(train_z[idx]), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            if not lr_per_epoch:
+                schedule.step()
+        if lr_per_epoch:  ## the authors': after epoch e (from 0), lr = lr * 0.5 * (1 + cos(pi * e / epochs)); epochs 0 and 1 both run at lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     with torch.no_grad():
         return (head(test_z).argmax(1) == test_y).float().mean().item()
 
@@ -214,7 +220,8 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs=20, lr=3e-3, batch_siz
 ## AdamW lr 1e-2, batch 256, 200 epochs, cosine, final epoch. Offered beside the standardised one.
 ## Raw features make its result depend on the features' scale and common mean; the standardised
 ## probe above does not, which is why it is the default (`--probe authors` picks this one).
-AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200}
+AUTHORS_PROBE = {"standardize": False, "lr": 1e-2, "batch_size": 256, "epochs": 200, "weight_decay": 0.01,
+                 "lr_per_epoch": True, "drop_last": True}
 
 
 ## Effective rank (Roy & Vetterli 2007), the label-free score of RankMe (Garrido et al. 2023).
@@ -410,8 +417,9 @@ def describe_probe(cfg):
         return "none (--probe-epochs 0)"
     if cfg.probe == "authors":
         knobs = AUTHORS_PROBE
-        return (f"the decay paper's authors' (raw features, AdamW lr {knobs['lr']:g}, batch {knobs['batch_size']}, "
-                f"cosine, final epoch of {knobs['epochs']})")
+        return (f"the decay paper's authors' (raw features, AdamW lr {knobs['lr']:g} with weight decay "
+                f"{knobs['weight_decay']:g}, batch {knobs['batch_size']}, incomplete batch dropped, cosine set once per "
+                f"epoch, final epoch of {knobs['epochs']})")
     batch = cfg.probe_batch_size or "full"
     return (f"standard (features standardised by train statistics, AdamW lr {cfg.probe_lr:g}, batch {batch}, "
             f"cosine, final epoch of {cfg.probe_epochs})")
@@ -421,7 +429,8 @@ def settings(cfg, device):
     """The exact settings, with the conventions spelled out, for the JSON file."""
     return {**dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__, "numpy": np.__version__,
             "knn_protocol": "DINO: L2-normalised features, cosine similarity, votes exp(sim / knn_t)",
-            "probe_protocol": f"{describe_probe(cfg)}; one Linear layer, cross-entropy, weight decay 0",
+            "probe_protocol": f"{describe_probe(cfg)}; one Linear layer, cross-entropy, weight decay "
+                              f"{AUTHORS_PROBE['weight_decay'] if cfg.probe == 'authors' else 0}",
             "effective_rank_of": "train features: effective_rank not centred (RankMe), effective_rank_centered after "
                                  "subtracting their mean (subspace rows are centred projections: the two agree)"}
 

@@ -54,6 +54,12 @@ OWN_JOB = {
     "build_model": "builds the script's own model (MAE ViT vs DiT with long skips, class embedding)",
     "init_weights": "the initialisation of the script's own model (MAE tokens and zeroed branches vs adaLN-Zero)",
     "train_run": "the script's own training loop (MAE loss vs flow loss, EMA, sampling)",
+    # each script's --study: the same idea (arms x seeds, one table), but MAE arms and worker processes
+    # vs DiT arms in one process, and each reports its own metrics (k-NN per block vs FD)
+    "study_arms": "the script's own arms (vanilla / skip decoder alpha_min vs plain / skips / decay)",
+    "study_benchmark": "times the script's own arms (MAE workers at once vs DiT steps in one process)",
+    "study_metrics": "the script's own columns (probes per block vs FD with its floor)",
+    "study_report": "the script's own table and verdict layout for its metrics",
     "TRAJECTORY_KEYS": "the knobs that change each script's training trajectory (resume refuses if they differ)",
     "save_checkpoint": "the script's own state (diffusion_decay.py also saves the EMA model and the skips setting)",
     "load_checkpoint": "restores the script's own state (diffusion_decay.py also the EMA model and the skips setting)",
@@ -77,12 +83,7 @@ OWN_JOB_IN = {
                                     "the training scripts' probe has a fixed batch of 1024",
 }
 ## Changed here first, to be copied into the other scripts by the lead: expected to differ until then.
-PENDING = {
-    "load_folder": "probe.py, linear_theory.py and diffusion_decay.py: symlink loops and dangling links named like an "
-                   "image, and the empty train/ or val/ message; mae_decay.py (the reference) receives the same text",
-    "out_dir_lock": "diffusion_decay.py and linear_theory.py: a full disk while writing the lock file is one sentence "
-                    "and leaves no empty lock behind (it would look held by 'process 0'); mae_decay.py receives the same text",
-}
+PENDING = {}  # name -> why its copies may differ for now (empty: every copy is verbatim)
 
 
 def reference_of(name):

@@ -367,19 +367,20 @@ def test_main_pixels_shapes_one_object(tmp_path, monkeypatch):
 
 
 def test_authors_probe_is_one_flag_away_and_named_in_the_table(tmp_path, capsys):
-    """--probe authors runs linear_probe(..., **AUTHORS_PROBE) exactly (raw features, lr 1e-2, batch
-    256, 200 epochs); the table and the JSON say which probe made the number."""
+    """--probe authors runs linear_probe(..., **AUTHORS_PROBE) exactly (raw features, lr 1e-2, weight
+    decay 0.01, batch 256, 200 epochs); the table and the JSON say which probe made the number."""
     arrays = good_arrays(0)
     shifted = {**arrays, "train_features": 3 * arrays["train_features"] + 2, "test_features": 3 * arrays["test_features"] + 2}
     path = write_features(tmp_path / "a.npz", shifted)
     out = tmp_path / "a.json"
     code, table, _ = run_main([path, "--knn-k", "5", "--probe", "authors", "--json", str(out)], capsys)
-    assert code == 0 and "linear probe: the decay paper's authors' (raw features, AdamW lr 0.01, batch 256" in table
+    assert code == 0 and "linear probe: the decay paper's authors' (raw features, AdamW lr 0.01 with weight decay 0.01, batch 256" in table
     result = json.loads(out.read_text())
     tensors = [torch.as_tensor(shifted[key]) for key in probe.FEATURE_KEYS]
     assert result["linear_probe"] == probe.linear_probe(*tensors, seed=0, num_classes=3, **probe.AUTHORS_PROBE)
     assert result["linear_probe"] != probe.linear_probe(*tensors, seed=0, num_classes=3)  # not the standard probe
     assert "authors'" in result["settings"]["probe_protocol"] and result["settings"]["probe"] == "authors"
+    assert result["settings"]["probe_protocol"].endswith("weight decay 0.01")
 
 
 def break_arrays(change):
