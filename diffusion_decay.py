@@ -1659,6 +1659,11 @@ def knob_help():
     return helps
 
 
+CHOICES = {"time_dist": ("logit-normal", "uniform"), "sampler": ("euler", "heun"), "probe": ("standard", "authors"),
+           "compile_mode": ("auto", "default", "reduce-overhead", "max-autotune"), "device": ("auto", "cuda", "mps", "cpu"),
+           "dist_backend": ("auto", "nccl", "gloo")}  # the flags with a fixed set of values: argparse refuses the rest
+
+
 def parse_config(argv=None):
     """Defaults < preset < the study settings (STUDY, with --study) < command line. Returns a checked
     Config (UserError on any bad value)."""
@@ -1687,7 +1692,7 @@ def parse_config(argv=None):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
-            group.add_argument(flag, type=kind, default=None, help=text)
+            group.add_argument(flag, type=kind, choices=CHOICES.get(field.name), default=None, help=text)
     args = parser.parse_args(argv)
     typed = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
     values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
@@ -1749,7 +1754,6 @@ def check_config(cfg):
     need(cfg.depth >= 2 and cfg.depth % 2 == 0,
          f"--depth must be even and at least 2 (an encoder half and a decoder half), got {cfg.depth}.")
     skip_settings(cfg)
-    need(cfg.time_dist in ("logit-normal", "uniform"), f"--time-dist must be logit-normal or uniform, got '{cfg.time_dist}'.")
     need(cfg.time_scale > 0, f"--time-scale must be positive, got {cfg.time_scale}.")
     need(0.0 <= cfg.class_dropout < 1.0, f"--class-dropout must be in [0, 1), got {cfg.class_dropout}.")
     need(cfg.cfg_scale >= 0, f"--cfg-scale cannot be negative, got {cfg.cfg_scale}.")
@@ -1763,7 +1767,6 @@ def check_config(cfg):
          "--cfg-scale other than 1 needs an unconditional model too: set --class-dropout above 0.")
     need(0.0 <= cfg.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}.")
     need(0.0 <= cfg.beta2 < 1.0, f"--beta2 must be in [0, 1), got {cfg.beta2}.")
-    need(cfg.sampler in ("euler", "heun"), f"--sampler must be euler or heun, got '{cfg.sampler}'.")
     need(cfg.sample_steps >= 1, f"--sample-steps must be at least 1, got {cfg.sample_steps}.")
     need(cfg.fd_samples >= 2 and cfg.ref_epochs >= 1, "--fd-samples must be at least 2 and --ref-epochs at least 1.")
     need(cfg.epochs >= 1 and cfg.batch_size >= 1, "--epochs and --batch-size must be at least 1.")
@@ -1773,12 +1776,7 @@ def check_config(cfg):
     need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs={cfg.epochs}].")
     need(all(0.0 <= t < 1.0 for t in noise_levels(cfg)), f"every --feature-t must be in [0, 1), got '{cfg.feature_t}'.")
     need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
-    need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
-    need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
-    need(cfg.compile_mode in ("auto", "default", "reduce-overhead", "max-autotune"),
-         f"--compile-mode must be auto, default, reduce-overhead or max-autotune, got '{cfg.compile_mode}'.")
-    need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
     need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0 and cfg.ckpt_minutes > 0,
          "--log-every and --ckpt-every must be at least 1, --eval-every at least 0, --ckpt-minutes positive.")

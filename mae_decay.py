@@ -1754,6 +1754,11 @@ def knob_help():
     return helps
 
 
+CHOICES = {"decoder": ("unet", "mae"), "feature": ("mean", "cls"), "probe": ("standard", "authors"),
+           "compile_mode": ("auto", "default", "reduce-overhead", "max-autotune"), "device": ("auto", "cuda", "mps", "cpu"),
+           "dist_backend": ("auto", "nccl", "gloo")}  # the flags with a fixed set of values: argparse refuses the rest
+
+
 def parse_config(argv=None):
     """Defaults < preset < command line. Returns a checked Config (UserError on any bad value)."""
     parser = OneSentenceParser(description="MAE with decayed identity shortcuts (arXiv 2404.10947).")
@@ -1769,7 +1774,7 @@ def parse_config(argv=None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(getattr(field.type, "__name__", field.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=text)
+            parser.add_argument(flag, type=kind, choices=CHOICES.get(field.name), default=None, help=text)
     args = parser.parse_args(argv)
     values = {**dataclasses.asdict(Config()), **PRESETS[args.preset]}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
@@ -1819,7 +1824,6 @@ def check_config(cfg):
          f"--decoder-dim ({cfg.decoder_dim}) must be divisible by --decoder-heads ({cfg.decoder_heads}).")
     need(int(min(cfg.embed_dim, cfg.decoder_dim) * cfg.mlp_ratio) >= 1, f"--mlp-ratio must be positive, got {cfg.mlp_ratio}.")
     need(cfg.depth >= 1 and cfg.decoder_depth >= 1, "--depth and --decoder-depth must be at least 1.")
-    need(cfg.decoder in ("unet", "mae"), f"--decoder must be 'unet' or 'mae', got '{cfg.decoder}'.")
     need(cfg.decoder != "unet" or cfg.decoder_depth >= cfg.depth // 2,
          f"the unet decoder merges one skip per two encoder blocks, so --decoder-depth must be at least "
          f"{cfg.depth // 2} for --depth {cfg.depth} (or use --decoder mae).")
@@ -1832,16 +1836,10 @@ def check_config(cfg):
     need(cfg.min_lr >= 0 and cfg.weight_decay >= 0, "--min-lr and --weight-decay cannot be negative.")
     need(0.0 <= cfg.beta2 < 1.0, f"--beta2 must be in [0, 1), got {cfg.beta2}.")
     need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs={cfg.epochs}].")
-    need(cfg.feature in ("mean", "cls"), f"--feature must be 'mean' or 'cls', got '{cfg.feature}'.")
     need(0 <= cfg.feature_block <= cfg.depth, f"--feature-block must be in [0, --depth={cfg.depth}] (0 = last).")
     need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
-    need(cfg.probe in ("standard", "authors"), f"--probe must be 'standard' or 'authors', got '{cfg.probe}'.")
     need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
     need(cfg.eval_train >= 0 and cfg.eval_test >= 0, "--eval-train and --eval-test cannot be negative (0 = all).")
-    need(cfg.compile_mode in ("auto", "default", "reduce-overhead", "max-autotune"),
-         f"--compile-mode must be auto, default, reduce-overhead or max-autotune, got '{cfg.compile_mode}'.")
-    need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
-    need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
     need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0 and cfg.ckpt_minutes > 0,
          "--log-every and --ckpt-every must be at least 1, --eval-every at least 0, --ckpt-minutes positive.")

@@ -47,6 +47,7 @@ OWN_JOB = {
     # the knobs and their checks: every script has its own flags, defaults, presets and rules
     "Config": "each script's own knobs and defaults",
     "PRESETS": "mae_decay.py's ViT presets vs diffusion_decay.py's DiT presets",
+    "CHOICES": "each script's own flags with a fixed set of values (decoder, feature vs sampler, time_dist)",
     "parse_config": "builds each script's own command line (presets, positional features files, a command)",
     "check_config": "validates each script's own knobs",
     "main": "each script's own run: train a sweep, evaluate inputs, or run one of four commands",
