@@ -144,6 +144,7 @@ class Config:
     pixels: bool = True           # add a reference row: the same k-NN / probe / ranks on raw pixels (skipped above 8 GiB)
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
+    threads: int = 0              # CPU threads for torch (CPU only): 0 = OMP_NUM_THREADS if set, else half the usable cores, at least 1
     compile: bool = False         # torch.compile the model (falls back to eager if it fails)
     compile_mode: str = "default"  # with --compile: default | reduce-overhead (CUDA graphs: far fewer kernel launches) | max-autotune
     out_dir: str = "runs/mae"     # where checkpoints, features, plots and results go
@@ -1155,6 +1156,7 @@ def check_config(cfg):
          f"--compile-mode must be default, reduce-overhead or max-autotune, got '{cfg.compile_mode}'.")
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, got '{cfg.device}'.")
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), f"--dist-backend must be auto, nccl or gloo, got '{cfg.dist_backend}'.")
+    need(cfg.threads >= 0, f"--threads must be 0 (automatic) or a positive count, got {cfg.threads}.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
     need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0 and cfg.ckpt_minutes > 0,
          "--log-every and --ckpt-every must be at least 1, --eval-every at least 0, --ckpt-minutes positive.")
@@ -1612,6 +1614,26 @@ def release_ctrl_c():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def set_cpu_threads(requested=0):
+    """Sets torch's CPU thread count; returns (threads, why). An explicit count wins, then
+    OMP_NUM_THREADS, then half the cores this process may use (at least one)."""
+    ## A thread that waits for a descheduled sibling stalls every small op. On 2 shared cores, the
+    ## demo's model (--benchmark --device cpu) trained at 19-49 img/s with torch's default of 2
+    ## threads while other processes were busy, and at 275-590 img/s with 1 thread; idle, 2 threads
+    ## gave ~1,030 and 1 thread ~560. Half the cores gives up at most 2x on an idle machine and
+    ## avoids the 10-20x collapse on a busy one.
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested > 0:
+        threads, why = requested, "--threads"
+    elif env.isdigit() and int(env) > 0:
+        threads, why = int(env), "OMP_NUM_THREADS"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads, why = max(1, cores // 2), f"auto: half of {cores} usable cores; --threads N to change"
+    torch.set_num_threads(threads)
+    return threads, why
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1741,6 +1763,10 @@ def load_dataset_once_per_node(cfg):
 def main(argv=None):
     cfg = parse_config(argv)
     device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
+    if device.type == "cpu":
+        threads, why = set_cpu_threads(cfg.threads)
+        if rank_and_world()[0] == 0:
+            print(f"CPU threads: {threads} ({why})")
     if cfg.benchmark:
         return run_benchmark(cfg, device)
     rank, world_size = rank_and_world()

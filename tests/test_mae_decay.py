@@ -746,3 +746,22 @@ def test_raw_pixel_row_is_skipped_when_it_would_not_fit(tmp_path, capsys, monkey
     monkeypatch.setattr(m, "PIXEL_ROW_MAX_GIB", 8)
     results = m.main(TINY + ["--train-limit", "64", "--epochs", "1", "--alpha-min", "1.0", "--out-dir", str(tmp_path / "p")])
     assert [r["setting"] for r in results] == ["alpha_min=1", "raw pixels"]
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+def test_cpu_threads_explicit_then_environment_then_half_the_cores(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert m.set_cpu_threads(2) == (2, "--threads") and torch.get_num_threads() == 2
+        assert m.set_cpu_threads(0) == (3, "OMP_NUM_THREADS") and torch.get_num_threads() == 3
+        for unset in ("", "0", "many"):  # not a positive count: the automatic choice
+            monkeypatch.setenv("OMP_NUM_THREADS", unset)
+            threads, why = m.set_cpu_threads(0)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            assert threads == max(1, cores // 2) == torch.get_num_threads() and why.startswith("auto")
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(m.UserError, match="--threads"):
+        tiny_cfg("--threads", "-1")
