@@ -102,7 +102,7 @@ class Config:
     data_dir: str = "data"        # where datasets are looked for and downloaded to (and image folders cached)
     download: bool = True         # download missing official files (checksum verified before use)
     train_limit: int = 0          # use only the first N training images (0 = all)
-    img_size: int = 16            # side of the square image the model sees
+    img_size: int = 16            # side of the square image the model sees (the built-in datasets are generated at this size)
     crop_min: float = 0.2         # random-resized-crop smallest area fraction (MAE: 0.2)
     # --- model ---
     patch_size: int = 4           # patch side in pixels
@@ -898,50 +898,96 @@ def finish_run(model, state, cfg, data, alpha_min, seed, run_dir, device, probe_
 # skip on a first read
 # =============================================================================================
 
-def mean_std(values):
-    values = np.asarray(values, dtype=np.float64)
-    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f}+-{values.std(ddof=1):.4f}"
+def mean_std(values, decimals=4):
+    """One table cell: the mean (+- the sample std when there are several seeds) at a fixed number
+    of decimals, or '-' when the row has no such number (the raw-pixel row has no loss)."""
+    values = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if len(values) == 0:
+        return "-"
+    return f"{values.mean():.{decimals}f}" + (f"+-{values.std(ddof=1):.{decimals}f}" if len(values) > 1 else "")
 
 
 def results_table(results):
-    """One row per setting (arm), mean +- std over seeds (sample std) when there are several."""
+    """One row per setting (arm), mean +- std over seeds (sample std) when there are several;
+    accuracies to 3 decimals, ranks to 1, '-' where a row has no number."""
     k = results[0]["knn_k"]
-    header = f"{'setting':<22} {'alpha_eff':>9} {'seeds':>5} {f'k-NN@{k}':>15} {'linear probe':>15} " \
-             f"{'eff. rank':>15} {'eff. rank (c)':>15} {'loss (last ep)':>15} {'train s':>8}"
+    header = f"{'setting':<22} {'alpha_eff':>9} {'seeds':>5} {f'k-NN@{k}':>13} {'linear probe':>13} " \
+             f"{'eff. rank':>11} {'eff. rank (c)':>13} {'loss (last ep)':>14} {'train s':>8}"
     rows = [header, "-" * len(header)]
     for setting in dict.fromkeys(r["setting"] for r in results):
         group = [r for r in results if r["setting"] == setting]
-        rows.append(f"{setting:<22} {group[0]['alpha_eff']:>9.2e} {len(group):>5} "
-                    f"{mean_std([r['knn'].get(k, math.nan) for r in group]):>15} {mean_std([r['linear_probe'] for r in group]):>15} "
-                    f"{mean_std([r['effective_rank'] for r in group]):>15} {mean_std([r['effective_rank_centered'] for r in group]):>15} "
-                    f"{mean_std([r['last_epoch_loss'] for r in group]):>15} "
-                    f"{np.mean([r['seconds'] for r in group]):>8.0f}")
+        column = lambda key: [r[key] for r in group]  # noqa: E731
+        alpha_eff = "-" if setting == "raw pixels" else f"{group[0]['alpha_eff']:.2e}"
+        seconds = "-" if setting == "raw pixels" else f"{np.mean(column('seconds')):.0f}"
+        rows.append(f"{setting:<22} {alpha_eff:>9} {len(group):>5} {mean_std([r['knn'].get(k) for r in group], 3):>13} "
+                    f"{mean_std(column('linear_probe'), 3):>13} {mean_std(column('effective_rank'), 1):>11} "
+                    f"{mean_std(column('effective_rank_centered'), 1):>13} {mean_std(column('last_epoch_loss'), 4):>14} "
+                    f"{seconds:>8}")
     return "\n".join(rows)
 
 
-def verdict(results):
-    """The lines a reader takes away: each decayed arm against the standard residual MAE (alpha_min 1
-    with the same decoder), and the best arm against raw pixels."""
-    k, lines = results[0]["knn_k"], []
-    mean = lambda setting, key: np.mean([r["knn"].get(k, math.nan) if key == "knn" else r[key]  # noqa: E731
-                                         for r in results if r["setting"] == setting])
+def chance_accuracy(labels):
+    """The accuracy of always answering the most frequent class: what any feature must beat."""
+    return torch.bincount(torch.as_tensor(labels).long().flatten()).max().item() / len(labels)
+
+
+def accuracy_noise(accuracy, n_test):
+    """Two standard errors of the difference of two accuracies near `accuracy`, each measured on
+    the same n_test test images: a difference below it can come from test-set sampling alone."""
+    return 2 * math.sqrt(2 * accuracy * (1 - accuracy) / n_test)
+
+
+def verdict(results, test_labels):
+    """The lines a reader takes away, each with its noise: every decayed arm minus the standard
+    residual MAE (alpha_min 1 with the same decoder), and the best arm minus raw pixels and chance."""
+    ## A difference is called "beyond noise" only when it exceeds both the test-set sampling noise
+    ## (accuracy_noise) and, with several seeds, twice the standard error of its per-seed values;
+    ## with one seed the seed-to-seed spread is unknown and the line says so. Means are rounded to
+    ## 3 decimals BEFORE subtracting, so the printed difference is exactly "A minus B" as printed.
+    k, n_test, lines = results[0]["knn_k"], len(test_labels), []
+    chance = chance_accuracy(test_labels)
     settings = list(dict.fromkeys(r["setting"] for r in results))
+    value = lambda r, key: r["knn"].get(k, math.nan) if key == "knn" else r[key]  # noqa: E731
+    names = {"knn": f"k-NN@{k}", "linear_probe": "linear probe", "effective_rank_centered": "eff. rank (c)"}
+
+    def compare(a, b, key):
+        by_seed = {s: {r["seed"]: value(r, key) for r in results if r["setting"] == s} for s in (a, b)}
+        seeds = sorted(set(by_seed[a]) & set(by_seed[b])) if b != "raw pixels" else sorted(by_seed[a])
+        per_seed = [by_seed[a][s] - (by_seed[b][s] if b != "raw pixels" else by_seed[b][0]) for s in seeds]
+        decimals = 1 if key.startswith("effective") else 3
+        mean_a, mean_b = (round(float(np.mean(list(by_seed[x].values()))), decimals) for x in (a, b))
+        diff = round(mean_a - mean_b, decimals) + 0.0  # + 0.0: never print -0.000
+        test_noise = accuracy_noise((mean_a + mean_b) / 2, n_test) if decimals == 3 else 0.0
+        seed_noise = 2 * np.std(per_seed, ddof=1) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else math.nan
+        text = f"{a} minus {b}, {names[key]}: {mean_a:.{decimals}f} - {mean_b:.{decimals}f} = {diff:+.{decimals}f}"
+        if len(per_seed) > 1:
+            noise = max(test_noise, seed_noise)
+            why = f"2 std. errors over {len(per_seed)} seeds" + (", test-set sampling" if test_noise > seed_noise else "")
+            return f"{text}: {'beyond' if abs(diff) > noise else 'WITHIN'} noise (+-{noise:.{decimals}f}: {why})"
+        if decimals == 1:
+            return f"{text}: one seed, its seed-to-seed noise unknown (--seeds 0,1,2 measures it)"
+        return (f"{text}: {'beyond' if abs(diff) > test_noise else 'WITHIN'} the test-set noise (+-{test_noise:.3f}); "
+                f"one seed, so seed-to-seed noise may be larger (--seeds 0,1,2 measures it)")
+
     base = next((s for s in settings if s.startswith("alpha_min=") and float(s.split("=")[1]) == 1.0), None)
     for s in settings:
         if base and s.startswith("alpha_min=") and s != base:
-            lines.append(f"{s} vs {base}: k-NN {mean(s, 'knn') - mean(base, 'knn'):+.4f}, linear probe "
-                         f"{mean(s, 'linear_probe') - mean(base, 'linear_probe'):+.4f}, effective rank (centred) "
-                         f"{mean(base, 'effective_rank_centered'):.1f} -> {mean(s, 'effective_rank_centered'):.1f}")
-    if "raw pixels" in settings:
-        best = max((s for s in settings if s != "raw pixels"), key=lambda s: mean(s, "knn"), default=None)
-        if best:
-            lines.append(f"best k-NN: {best} {mean(best, 'knn'):.4f} against raw pixels {mean('raw pixels', 'knn'):.4f}"
-                         f" ({'above' if mean(best, 'knn') > mean('raw pixels', 'knn') else 'NOT above'} the pixels)")
+            lines += [compare(s, base, key) for key in ("knn", "linear_probe", "effective_rank_centered")]
+    trained = [s for s in settings if s != "raw pixels"]
+    if trained:
+        best = max(trained, key=lambda s: np.mean([value(r, "knn") for r in results if r["setting"] == s]))
+        best_knn = round(float(np.mean([value(r, "knn") for r in results if r["setting"] == best])), 3)
+        noise = accuracy_noise(chance, n_test) / math.sqrt(2)  # one accuracy against a fixed number
+        lines.append(f"best k-NN, {best}: {best_knn:.3f}; chance (the most frequent test class) {chance:.3f}: "
+                     f"{'beyond' if best_knn - chance > noise else 'NOT beyond'} it (test-set noise +-{noise:.3f})")
+        if "raw pixels" in settings:
+            lines.append(compare(best, "raw pixels", "knn"))
     return "\n".join(lines)
 
 
-def save_plots(results, out_dir):
+def save_plots(results, out_dir, test_labels):
     """curves.png (loss, k-NN, probe, effective ranks over training), recon.png, pca.png, feature_norms.png."""
+    pixels = next((r for r in results if r["setting"] == "raw pixels"), None)
     results = [r for r in results if "evals" in r]  # trained runs only (not the raw-pixel row)
     import matplotlib
     matplotlib.use("Agg")
@@ -956,22 +1002,30 @@ def save_plots(results, out_dir):
         plt.close(fig)
         os.replace(tmp, os.path.join(out_dir, name))
 
-    curves = [("knn", f"k-NN@{results[0]['knn_k']} accuracy (periodic subset)"),
-              ("linear_probe", "linear probe accuracy (periodic subset)"),
-              ("effective_rank", "effective rank, uncentred (paper Fig. 4)"),
-              ("effective_rank_centered", "effective rank, centred")]
+    k = results[0]["knn_k"]
+    curves = [("knn", f"k-NN@{k} (periodic subset)", "test accuracy"),
+              ("linear_probe", "linear probe (periodic subset)", "test accuracy"),
+              ("effective_rank", "effective rank, uncentred (paper Fig. 4)", "effective rank"),
+              ("effective_rank_centered", "effective rank, centred", "effective rank")]
     fig, axes = plt.subplots(1, 1 + len(curves), figsize=(5 * (1 + len(curves)), 4))
     for r in results:
         label = f"{r['setting']} seed={r['seed']}"
         axes[0].plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"], color=colour[r["setting"]], label=label)
         epochs = [e["epoch"] for e in r["evals"]]
-        for ax, (key, _) in zip(axes[1:], curves):
+        for ax, (key, *_) in zip(axes[1:], curves):
             ax.plot(epochs, [e[key] for e in r["evals"]], "o-", color=colour[r["setting"]], label=label)
-    for ax, title in zip(axes, ["training loss (epoch mean)"] + [title for _, title in curves]):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
+    ## The two numbers every accuracy must beat: chance (always the most frequent class) and the same
+    ## evaluation on raw pixels (whole test set; the curves use the periodic subsets).
+    for ax, key in zip(axes[1:3], ("knn", "linear_probe")):
+        ax.axhline(chance_accuracy(test_labels), color="grey", linestyle=":", label="chance")
+        if pixels:
+            ax.axhline(pixels["knn"][k] if key == "knn" else pixels[key], color="black", linestyle="--",
+                       label="raw pixels")
+    for ax, title, ylabel in zip(axes, ["training loss (epoch mean)"] + [c[1] for c in curves],
+                                 ["masked-patch loss (log scale)"] + [c[2] for c in curves]):
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.legend(fontsize=7)
     axes[0].set_yscale("log")
-    axes[1].legend(fontsize=7)
     save(fig, "curves.png")
 
     def show(ax, image, label=None):
@@ -992,6 +1046,10 @@ def save_plots(results, out_dir):
                 for col in range(6):
                     image = r[key][row, col].transpose(1, 2, 0) if key == "recon" else r[key][col]
                     show(axes[top + a * rows + row, col], image, f"{r['setting']}\n{label}" if col == 0 else None)
+        if key == "pca":
+            fig.suptitle("How to read: each square is one patch of the image above it, coloured by its last-block feature's top 3 "
+                         "principal components\n(over all patches shown): same colour = similar feature. Features that serve "
+                         "the class colour the object or texture, not the background.", fontsize=7)
         save(fig, name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -1518,6 +1576,9 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
         raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
     parts.setdefault("classes", [str(i) for i in range(num_classes)])
+    if len(np.unique(np.concatenate([parts["train"][1], parts["test"][1]]))) == 1:
+        print(f"warning: {name} has a single class, so every accuracy is 100 % and means nothing; "
+              f"give it images of at least two classes")
     return parts
 
 
@@ -1809,7 +1870,7 @@ def main(argv=None):
     if rank == 0:
         print(f"\n{cfg.dataset}, {describe_feature(cfg)}{' (vanilla MAE: after its final LayerNorm)' if cfg.vanilla else ''}; "
               f"k-NN: DINO protocol, T={cfg.knn_t}; linear probe: {describe_probe(cfg)}\n{results_table(results)}")
-        print(verdict(results))
+        print(verdict(results, data["test_y"]))
         summary = {"config": dataclasses.asdict(cfg), "device": str(device), "torch": torch.__version__,
                    "processes": world_size,
                    "runs": [{k: v for k, v in r.items() if k not in ("recon", "pca")} for r in results]}
@@ -1817,7 +1878,7 @@ def main(argv=None):
         if cfg.json:
             write_json(cfg.json, summary)
         if cfg.plots:
-            save_plots(results, cfg.out_dir)
+            save_plots(results, cfg.out_dir, data["test_y"])
             print(f"plots: {cfg.out_dir}/curves.png, recon.png, pca.png, feature_norms.png")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -519,7 +519,7 @@ def test_main_writes_table_json_plots_and_features(tmp_path, capsys):
                                   "--train-limit", "128", "--out-dir", str(tmp_path / "out"),
                                   "--json", str(tmp_path / "r.json"), "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "alpha_min=0.5 vs alpha_min=1: k-NN" in out and "k-NN@20" in out and len(results) == 3
+    assert "alpha_min=0.5 minus alpha_min=1, k-NN@20" in out and "k-NN@20" in out and len(results) == 3
     assert [r["setting"] for r in results] == ["alpha_min=1", "alpha_min=0.5", "raw pixels"]
     import json
     summary = json.loads((tmp_path / "r.json").read_text())
@@ -726,7 +726,7 @@ def test_vanilla_arm_is_the_standard_mae_in_the_same_table(tmp_path, capsys):
     assert "final LayerNorm" in results[0]["feature"] and "final LayerNorm" not in results[1]["feature"]
     assert os.path.exists(tmp_path / "out" / "vanilla_seed0" / "features.npz")
     out = capsys.readouterr().out
-    assert "vanilla MAE" in out and "alpha_min=0.5 vs alpha_min=1" in out
+    assert "vanilla MAE" in out and "alpha_min=0.5 minus alpha_min=1" in out
 
 
 def test_a_failed_save_leaves_the_old_file_and_no_temporary_one(tmp_path):
@@ -765,3 +765,53 @@ def test_cpu_threads_explicit_then_environment_then_half_the_cores(monkeypatch):
         torch.set_num_threads(before)
     with pytest.raises(m.UserError, match="--threads"):
         tiny_cfg("--threads", "-1")
+
+
+# --------------------------------------------------------------------------- the report a reader takes away
+
+def fake_result(setting, seed, knn, probe, rank):
+    return {"setting": setting, "seed": seed, "knn_k": 20, "knn": {20: knn}, "linear_probe": probe, "alpha_eff": 1.0,
+            "effective_rank": rank, "effective_rank_centered": rank, "last_epoch_loss": 0.3, "seconds": 12.0}
+
+
+def test_table_has_no_nan_and_verdict_prints_a_minus_b_with_its_noise():
+    pixels = {**fake_result("raw pixels", 0, 0.2, 0.19, 400.0), "alpha_eff": math.nan, "last_epoch_loss": math.nan,
+              "seconds": 0.0}
+    labels = torch.arange(2000) % 10  # balanced: chance 0.1; test-set noise at p = 0.605: 2 sqrt(2 * 0.605 * 0.395 / 2000) = 0.031
+    one_seed = [fake_result("alpha_min=1", 0, 0.6104, 0.55, 20.0), fake_result("alpha_min=0.7", 0, 0.5996, 0.45, 9.0),
+                pixels]
+    table = m.results_table(one_seed)
+    assert "nan" not in table.lower() and "0.610" in table and " - " not in table.splitlines()[2]
+    pixel_row = table.splitlines()[-1].split()
+    assert pixel_row[:3] == ["raw", "pixels", "-"] and pixel_row[-2:] == ["-", "-"]
+    lines = m.verdict(one_seed, labels).splitlines()
+    # means rounded to 3 decimals first: the printed difference is exactly the printed A minus B
+    assert lines[0].startswith("alpha_min=0.7 minus alpha_min=1, k-NN@20: 0.600 - 0.610 = -0.010: WITHIN the test-set noise (+-0.031)")
+    assert "one seed" in lines[0]
+    assert "0.450 - 0.550 = -0.100: beyond the test-set noise" in lines[1]
+    assert "9.0 - 20.0 = -11.0: one seed, its seed-to-seed noise unknown" in lines[2]
+    assert lines[3].startswith("best k-NN, alpha_min=1: 0.610; chance (the most frequent test class) 0.100: beyond it")
+    assert lines[4].startswith("alpha_min=1 minus raw pixels, k-NN@20: 0.610 - 0.200 = +0.410: beyond")
+    # a difference that rounds to zero prints +0.000, never -0.000
+    tie = [fake_result("alpha_min=1", 0, 0.50004, 0.5, 9.0), fake_result("alpha_min=0.7", 0, 0.49996, 0.5, 9.0)]
+    assert all("= +0.000" in line or "= +0.0:" in line for line in m.verdict(tie, labels).splitlines()[:3])
+    # two seeds: the per-seed differences' spread sets the noise when it is the larger
+    two_seeds = [fake_result("alpha_min=1", s, v, 0.5, 9.0) for s, v in ((0, 0.70), (1, 0.50))] + \
+                [fake_result("alpha_min=0.7", s, v, 0.5, 9.0) for s, v in ((0, 0.60), (1, 0.52))]
+    line = m.verdict(two_seeds, labels).splitlines()[0]
+    # per-seed differences -0.10 and +0.02: 2 * std / sqrt(2) = 2 * 0.0849 / 1.414 = 0.120
+    assert line == "alpha_min=0.7 minus alpha_min=1, k-NN@20: 0.560 - 0.600 = -0.040: WITHIN noise (+-0.120: 2 std. errors over 2 seeds)"
+    assert "0.600+-0.141" in m.results_table(two_seeds)  # sample std of 0.70 and 0.50
+
+
+def test_chance_is_the_most_frequent_class_and_one_class_data_warns(tmp_path, capsys):
+    assert m.chance_accuracy(torch.tensor([0, 0, 0, 1])) == 0.75
+    import matplotlib.image
+    for split in ("train", "val"):
+        (tmp_path / "images" / split / "cat").mkdir(parents=True)
+        for i in range(2):
+            matplotlib.image.imsave(tmp_path / "images" / split / "cat" / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+    m.load_dataset(f"folder:{tmp_path / 'images'}", str(tmp_path / "data"), size=8)
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "single class" in warnings[0] and "means nothing" in warnings[0]
