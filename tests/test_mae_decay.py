@@ -258,6 +258,32 @@ def test_shapes_dataset_is_deterministic_and_balanced():
     assert between < 0.01 * xf.var(0).sum()
 
 
+def test_textures_are_deterministic_balanced_and_their_class_is_a_patch_statistic_not_a_pixel_pattern():
+    x, y = m.make_textures(2000, 16, seed=0)
+    assert x.dtype == np.uint8 and x.shape == (2000, 3, 16, 16) and y.dtype == np.int64 and y.shape == (2000,)
+    again = m.make_textures(2000, 16, seed=0)
+    assert np.array_equal(again[0], x) and np.array_equal(again[1], y)
+    assert not np.array_equal(m.make_textures(2000, 16, seed=1)[0], x)
+    assert np.bincount(y, minlength=10).min() > 150 and len(m.TEXTURE_NAMES) == 10
+    assert m.make_textures(10, 24, seed=0)[0].shape == (10, 3, 24, 24)  # --img-size sizes the built-in data
+    test_x, test_y = m.make_textures(500, 16, seed=1)
+
+    def knn_accuracy(features):
+        train_f, test_f = (torch.tensor(features(a)) for a in (x, test_x))
+        return (m.knn_predict(train_f, torch.tensor(y), test_f, 20, 0.07, num_classes=10) == torch.tensor(test_y)).float().mean().item()
+
+    def pixels(images):  # centred pixels, as the raw-pixel row sees them
+        flat = images.reshape(len(images), -1).astype(np.float32) / 255
+        return flat - x.reshape(len(x), -1).astype(np.float32).mean(0) / 255
+
+    def power_spectrum(images):  # a patch statistic: where the energy lies in frequency, phase discarded
+        grey = images.astype(np.float32).mean(1)
+        return np.log1p(np.abs(np.fft.fft2(grey - grey.mean((1, 2), keepdims=True))) ** 2).reshape(len(images), -1)
+
+    ## chance is 0.1; measured at this commit: pixels 0.152, power spectrum 0.906 (2000 train / 500 test)
+    assert knn_accuracy(pixels) < 0.25 and knn_accuracy(power_spectrum) > 0.8
+
+
 def write_cifar_batch(path, images, labels, label_key=b"labels"):
     with open(path, "wb") as f:  # the official layout: bytes keys, data uint8 (N, 3072), labels a list
         pickle.dump({b"batch_label": b"x", label_key: [int(v) for v in labels],
@@ -687,7 +713,7 @@ def test_help_shows_the_real_defaults():
     for script in ("mae_decay.py",):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "default: None" not in proc.stdout
-        assert "(default: 10)" in proc.stdout and "(default: 'unet')" in proc.stdout  # --epochs, --decoder
+        assert "(default: 4)" in proc.stdout and "(default: 'unet')" in proc.stdout  # --epochs, --decoder
 
 
 def test_first_ctrl_c_only_raises_a_flag_and_the_second_interrupts():
