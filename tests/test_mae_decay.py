@@ -812,10 +812,10 @@ def test_table_has_no_nan_and_verdict_prints_a_minus_b_with_its_noise():
     assert pixel_row[:3] == ["raw", "pixels", "-"] and pixel_row[-2:] == ["-", "-"]
     lines = m.verdict(one_seed, labels).splitlines()
     # means rounded to 3 decimals first: the printed difference is exactly the printed A minus B
-    assert lines[0].startswith("alpha_min=0.7 minus alpha_min=1, k-NN@20: 0.600 - 0.610 = -0.010: WITHIN the test-set noise (+-0.031)")
+    assert lines[0].startswith("alpha_min=0.7 minus alpha_min=1, k-NN@20: 0.600 - 0.610 = -0.010: WITHIN test-set noise (+-0.031)")
     assert "one seed" in lines[0]
-    assert "0.450 - 0.550 = -0.100: beyond the test-set noise" in lines[1]
-    assert "9.0 - 20.0 = -11.0: one seed, its seed-to-seed noise unknown" in lines[2]
+    assert "0.450 - 0.550 = -0.100: beyond test-set noise" in lines[1]
+    assert "9.0 - 20.0 = -11.0: one seed, noise unmeasured" in lines[2]
     assert lines[3].startswith("best k-NN, alpha_min=1: 0.610; chance (the most frequent test class) 0.100: beyond it")
     assert lines[4].startswith("alpha_min=1 minus raw pixels, k-NN@20: 0.610 - 0.200 = +0.410: beyond")
     # a difference that rounds to zero prints +0.000, never -0.000
