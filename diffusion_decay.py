@@ -160,7 +160,7 @@ from tqdm import tqdm
 @dataclasses.dataclass
 class Config:
     # --- data ---
-    dataset: str = "shapes"       # shapes (built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
+    dataset: str = "shapes"       # shapes | textures (both built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where datasets are looked for and downloaded to (and image folders cached)
     download: bool = True         # download missing official files (checksum verified before use)
     train_limit: int = 0          # use only the first N training images (0 = all)
@@ -210,6 +210,7 @@ class Config:
     study_arms: str = "plain,skips,decay"  # with --study: comma list of STUDY_ARMS names; the first is the baseline
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
+    threads: int = 0              # CPU threads for torch (CPU only): 0 = OMP_NUM_THREADS if set, else half the usable cores, at least 1
     compile: bool = False         # torch.compile the model for training (falls back to eager if it fails)
     compile_mode: str = "auto"    # with --compile: auto (reduce-overhead = CUDA graphs on one CUDA GPU, else default) | default | reduce-overhead | max-autotune
     out_dir: str = "runs/diffusion"  # where checkpoints, features, samples, plots and results go
@@ -1333,9 +1334,13 @@ def effective_rank(z, center=False, eps=1e-7):
 # Skim on a first read.
 # =============================================================================================
 
-def mean_std(values):
-    values = np.asarray(values, dtype=np.float64)
-    return f"{values.mean():.4f}" if len(values) == 1 else f"{values.mean():.4f}+-{values.std(ddof=1):.4f}"
+def mean_std(values, decimals=4):
+    """One table cell: the mean (+- the sample std when there are several seeds) at a fixed number
+    of decimals, or '-' when the row has no such number (the raw-pixel row has no loss)."""
+    values = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if len(values) == 0:
+        return "-"
+    return f"{values.mean():.{decimals}f}" + (f"+-{values.std(ddof=1):.{decimals}f}" if len(values) > 1 else "")
 
 
 def results_table(results):
@@ -1740,8 +1745,8 @@ def check_config(cfg):
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         need(not isinstance(value, float) or math.isfinite(value), f"--{field.name.replace('_', '-')} must be a finite number, got {value}.")
-    need(cfg.dataset in ("shapes", "cifar10", "cifar100", "fashion-mnist", "mnist") or cfg.dataset.startswith("folder:"),
-         f"unknown --dataset '{cfg.dataset}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+    need(cfg.dataset in ("shapes", "textures", "cifar10", "cifar100", "fashion-mnist", "mnist") or cfg.dataset.startswith("folder:"),
+         f"unknown --dataset '{cfg.dataset}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     need(not cfg.dataset.startswith("folder:") or os.path.isdir(cfg.dataset[len("folder:"):]),
          f"--dataset {cfg.dataset}: {cfg.dataset[len('folder:'):]} is not a directory.")
     need(cfg.img_size >= 1 and cfg.patch_size >= 1 and cfg.img_size % cfg.patch_size == 0,
@@ -1777,6 +1782,7 @@ def check_config(cfg):
     need(all(0.0 <= t < 1.0 for t in noise_levels(cfg)), f"every --feature-t must be in [0, 1), got '{cfg.feature_t}'.")
     need(cfg.knn_k >= 1 and cfg.knn_t > 0, "--knn-k must be at least 1 and --knn-t positive.")
     need(cfg.probe_epochs >= 1, f"--probe-epochs must be at least 1, got {cfg.probe_epochs}.")
+    need(cfg.threads >= 0, f"--threads must be 0 (automatic) or a positive count, got {cfg.threads}.")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}.")
     need(cfg.log_every >= 1 and cfg.ckpt_every >= 1 and cfg.eval_every >= 0 and cfg.ckpt_minutes > 0,
          "--log-every and --ckpt-every must be at least 1, --eval-every at least 0, --ckpt-minutes positive.")
@@ -1787,7 +1793,7 @@ def check_config(cfg):
         check_writable(cfg.out_dir, "--out-dir", directory=True)
         if cfg.json:
             check_writable(cfg.json, "--json", directory=False)
-        if cfg.dataset not in ("shapes",) and not cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.data_dir):
+        if cfg.dataset not in ("shapes", "textures") and not cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.data_dir):
             check_writable(cfg.data_dir, "--data-dir", directory=True)  # an existing folder may be read-only
 
 
@@ -1866,7 +1872,7 @@ def setting_name(skips, alpha_min):
 # Read only if you change the data.
 # ---------------------------------------------------------------------------------------------
 
-DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
+DATA_HELP = ("use a built-in dataset (shapes or textures: no download), or put the files in --data-dir, "
              "or run once with network access")
 
 
@@ -2163,11 +2169,51 @@ def make_shapes(n, size, seed):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), labels.numpy()
 
 
+## The second built-in dataset, "textures": the class is a PATCH STATISTIC that raw pixels do not
+## show. Each image is a wavy grating: the class is its orientation (5, 36 degrees apart) and
+## spatial period (3 or 6 pixels); its phase, a slow random warp of that phase, the position and
+## size of the window it shows through, its contrast and its colours are random. Two images of one
+## class share no pixel pattern, so pixel k-NN is weak, but the local power spectrum of any patch
+## names the class (a k-NN on each image's power spectrum is right ~9 times in 10).
+TEXTURE_NAMES = [f"{angle} deg, period {period}px" for period in (3, 6) for angle in range(0, 180, 36)]
+
+
+def make_textures(n, size, seed):
+    """n images (n, 3, size, size) uint8 and labels (n,) int64, a pure function of (n, size, seed)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(TEXTURE_NAMES), n)
+    coords = np.arange(size) + 0.5 - size / 2  # pixel centres, origin at the image centre
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")  # (S, S)
+    per_image = lambda values: values[:, None, None]  # noqa: E731  (n,) -> (n, 1, 1)
+    # the class: orientation and period, each jittered a little
+    angle = per_image(labels % 5 * np.pi / 5 + rng.uniform(-0.15, 0.15, n))
+    frequency = per_image(1 / np.where(labels < 5, 3.0, 6.0) * rng.uniform(0.85, 1.15, n))  # cycles per pixel
+    # nuisance: the phase, warped by two slow waves (wavelength 16 px, up to 3 rad each) of random direction
+    phase = per_image(rng.uniform(0, 2 * np.pi, n))
+    for _ in range(2):
+        direction = per_image(rng.uniform(0, 2 * np.pi, n))
+        phase = phase + per_image(rng.uniform(0, 3, n)) * np.cos(
+            2 * np.pi / 16 * (np.cos(direction) * xx + np.sin(direction) * yy) + per_image(rng.uniform(0, 2 * np.pi, n)))
+    grating = np.cos(2 * np.pi * frequency * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)  # (n, S, S)
+    # nuisance: a soft window of random position and size, contrast, background colour, tint
+    centre_x, centre_y = (per_image(rng.uniform(-0.3, 0.3, n) * size) for _ in range(2))
+    radius = per_image(rng.uniform(0.35, 0.7, n) * size)
+    window = np.exp(-((xx - centre_x) ** 2 + (yy - centre_y) ** 2) / (2 * radius ** 2))
+    contrast = per_image(rng.uniform(0.15, 0.3, n))
+    background = rng.uniform(0.25, 0.75, (n, 3, 1, 1))
+    tint = rng.uniform(0.3, 1.0, (n, 3, 1, 1)) * rng.choice([-1.0, 1.0], (n, 3, 1, 1))
+    image = background + (contrast * window * grating)[:, None] * tint + 0.02 * rng.standard_normal((n, 3, size, size))
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
 def load_dataset(name, data_dir, size=32, allow_download=True):
     """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
     if name == "shapes":
         parts = {"train": make_shapes(10000, size, seed=0), "test": make_shapes(2000, size, seed=1)}
         parts["classes"] = SHAPE_NAMES
+    elif name == "textures":
+        parts = {"train": make_textures(10000, size, seed=0), "test": make_textures(2000, size, seed=1)}
+        parts["classes"] = TEXTURE_NAMES
     elif name in CIFAR:
         parts = load_cifar(name, data_dir, allow_download)
     elif name in IDX:
@@ -2175,9 +2221,12 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name.startswith("folder:"):
         parts = load_folder(name[len("folder:"):], size, data_dir)
     else:
-        raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+        raise UserError(f"unknown dataset '{name}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
     parts.setdefault("classes", [str(i) for i in range(num_classes)])
+    if len(np.unique(np.concatenate([parts["train"][1], parts["test"][1]]))) == 1:
+        print(f"warning: {name} has a single class, so every accuracy is 100 % and means nothing; "
+              f"give it images of at least two classes")
     return parts
 
 
@@ -2406,6 +2455,26 @@ def sigterm_outside_training(signum, frame):
                       "command with --resume to continue from the last checkpoint", "SIGTERM")
 
 
+def set_cpu_threads(requested=0):
+    """Sets torch's CPU thread count; returns (threads, why). An explicit count wins, then
+    OMP_NUM_THREADS, then half the cores this process may use (at least one)."""
+    ## A thread that waits for a descheduled sibling stalls every small op. On 2 shared cores, the
+    ## demo's model (--benchmark --device cpu) trained at 19-49 img/s with torch's default of 2
+    ## threads while other processes were busy, and at 275-590 img/s with 1 thread; idle, 2 threads
+    ## gave ~1,030 and 1 thread ~560. Half the cores gives up at most 2x on an idle machine and
+    ## avoids the 10-20x collapse on a busy one.
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested > 0:
+        threads, why = requested, "--threads"
+    elif env.isdigit() and int(env) > 0:
+        threads, why = int(env), "OMP_NUM_THREADS"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads, why = max(1, cores // 2), f"auto: half of {cores} usable cores; --threads N to change"
+    torch.set_num_threads(threads)
+    return threads, why
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -2534,6 +2603,10 @@ def load_dataset_once_per_node(cfg):
 def main(argv=None):
     cfg = parse_config(argv)
     device = setup_distributed(cfg)  # cuda:LOCAL_RANK under torchrun; pick_device(cfg.device) otherwise
+    if device.type == "cpu":
+        threads, why = set_cpu_threads(cfg.threads)
+        if rank_and_world()[0] == 0:
+            print(f"CPU threads: {threads} ({why})")
     if cfg.benchmark:
         return study_benchmark(cfg, device) if cfg.study else run_benchmark(cfg, device)
     ## Only the first process writes files, so only it holds the out-dir's lock.

@@ -81,7 +81,7 @@ from tqdm import tqdm
 @dataclasses.dataclass
 class Config:
     # --- data ---
-    datasets: str = "shapes"      # comma list: shapes (built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
+    datasets: str = "shapes"      # comma list: shapes | textures (both built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where datasets are looked for and downloaded to (and image folders cached)
     download: bool = True         # download missing official files (checksum verified before use)
     train_limit: int = 0          # use only the first N training images (0 = all; order then uses 10000)
@@ -902,7 +902,7 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing data): printed as one sentence, no traceback."""
 
 
-DATASETS = ("shapes", "cifar10", "cifar100", "fashion-mnist", "mnist")  # and folder:PATH
+DATASETS = ("shapes", "textures", "cifar10", "cifar100", "fashion-mnist", "mnist")  # and folder:PATH
 SCRIPT = "linear_theory.py"  # written into its JSON files: which script wrote them
 OUTPUTS = {"verify": [], "align": ["alignment.png", "alignment.json"],  # what each command writes to --out-dir
            "subspace": ["subspace_{}.png", "subspace.json"], "order": ["order_{}.png", "order.json"]}
@@ -1066,7 +1066,7 @@ def check_config(cfg, command):
     for name in names:
         folder = name[len("folder:"):] if name.startswith("folder:") else None
         need(name in DATASETS or folder is not None,
-             f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+             f"unknown dataset '{name}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
         if folder is not None and command != "verify":
             need(os.path.isdir(folder), f"--datasets {name}: {folder} is not a directory of train/<class>/ and val/<class>/ images.")
     if command == "verify":
@@ -1077,7 +1077,7 @@ def check_config(cfg, command):
         dim, largest_k = dataset_dim(smallest, cfg.img_size), max(parse_list(cfg.ks, "--ks", int))
         need(largest_k <= dim, f"--ks {largest_k} asks for more features than {smallest} has pixel coordinates "
                                f"(D = {dim}), the most a linear autoencoder has; give --ks values up to {dim}.")
-    if any(name != "shapes" for name in names):  # downloads go there, and folder: datasets' resized copies
+    if any(name not in ("shapes", "textures") for name in names):  # downloads go there, and folder: datasets' resized copies
         need(cfg.data_dir != "", "--data-dir is empty: give a directory, e.g. --data-dir data.")
         existing = cfg.data_dir
         while existing and not os.path.exists(existing):
@@ -1120,7 +1120,7 @@ def float64_device(device):
 # Plumbing: data loaders, copies of mae_decay.py's (tests keep them identical). Read only to change the data.
 # =============================================================================================
 
-DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
+DATA_HELP = ("use a built-in dataset (shapes or textures: no download), or put the files in --data-dir, "
              "or run once with network access")
 
 CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
@@ -1412,11 +1412,51 @@ def make_shapes(n, size, seed):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), labels.numpy()
 
 
+## The second built-in dataset, "textures": the class is a PATCH STATISTIC that raw pixels do not
+## show. Each image is a wavy grating: the class is its orientation (5, 36 degrees apart) and
+## spatial period (3 or 6 pixels); its phase, a slow random warp of that phase, the position and
+## size of the window it shows through, its contrast and its colours are random. Two images of one
+## class share no pixel pattern, so pixel k-NN is weak, but the local power spectrum of any patch
+## names the class (a k-NN on each image's power spectrum is right ~9 times in 10).
+TEXTURE_NAMES = [f"{angle} deg, period {period}px" for period in (3, 6) for angle in range(0, 180, 36)]
+
+
+def make_textures(n, size, seed):
+    """n images (n, 3, size, size) uint8 and labels (n,) int64, a pure function of (n, size, seed)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(TEXTURE_NAMES), n)
+    coords = np.arange(size) + 0.5 - size / 2  # pixel centres, origin at the image centre
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")  # (S, S)
+    per_image = lambda values: values[:, None, None]  # noqa: E731  (n,) -> (n, 1, 1)
+    # the class: orientation and period, each jittered a little
+    angle = per_image(labels % 5 * np.pi / 5 + rng.uniform(-0.15, 0.15, n))
+    frequency = per_image(1 / np.where(labels < 5, 3.0, 6.0) * rng.uniform(0.85, 1.15, n))  # cycles per pixel
+    # nuisance: the phase, warped by two slow waves (wavelength 16 px, up to 3 rad each) of random direction
+    phase = per_image(rng.uniform(0, 2 * np.pi, n))
+    for _ in range(2):
+        direction = per_image(rng.uniform(0, 2 * np.pi, n))
+        phase = phase + per_image(rng.uniform(0, 3, n)) * np.cos(
+            2 * np.pi / 16 * (np.cos(direction) * xx + np.sin(direction) * yy) + per_image(rng.uniform(0, 2 * np.pi, n)))
+    grating = np.cos(2 * np.pi * frequency * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)  # (n, S, S)
+    # nuisance: a soft window of random position and size, contrast, background colour, tint
+    centre_x, centre_y = (per_image(rng.uniform(-0.3, 0.3, n) * size) for _ in range(2))
+    radius = per_image(rng.uniform(0.35, 0.7, n) * size)
+    window = np.exp(-((xx - centre_x) ** 2 + (yy - centre_y) ** 2) / (2 * radius ** 2))
+    contrast = per_image(rng.uniform(0.15, 0.3, n))
+    background = rng.uniform(0.25, 0.75, (n, 3, 1, 1))
+    tint = rng.uniform(0.3, 1.0, (n, 3, 1, 1)) * rng.choice([-1.0, 1.0], (n, 3, 1, 1))
+    image = background + (contrast * window * grating)[:, None] * tint + 0.02 * rng.standard_normal((n, 3, size, size))
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
 def load_dataset(name, data_dir, size=32, allow_download=True):
     """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
     if name == "shapes":
         parts = {"train": make_shapes(10000, size, seed=0), "test": make_shapes(2000, size, seed=1)}
         parts["classes"] = SHAPE_NAMES
+    elif name == "textures":
+        parts = {"train": make_textures(10000, size, seed=0), "test": make_textures(2000, size, seed=1)}
+        parts["classes"] = TEXTURE_NAMES
     elif name in CIFAR:
         parts = load_cifar(name, data_dir, allow_download)
     elif name in IDX:
@@ -1424,9 +1464,12 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name.startswith("folder:"):
         parts = load_folder(name[len("folder:"):], size, data_dir)
     else:
-        raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+        raise UserError(f"unknown dataset '{name}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
     parts.setdefault("classes", [str(i) for i in range(num_classes)])
+    if len(np.unique(np.concatenate([parts["train"][1], parts["test"][1]]))) == 1:
+        print(f"warning: {name} has a single class, so every accuracy is 100 % and means nothing; "
+              f"give it images of at least two classes")
     return parts
 
 
@@ -1443,7 +1486,7 @@ def load_datasets(cfg):
         images, labels = parts["train"]
         if cfg.train_limit:
             images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
-        if len(np.unique(labels)) == 1:
+        if len(np.unique(labels)) == 1 < len(np.unique(parts["train"][1])):  # load_dataset warns for a one-class dataset
             print(f"{name}: warning: every training label is one class, so every accuracy and alignment score is "
                   f"100 % and means nothing")
         loaded[name] = (images, labels, len(parts["classes"]), parts)

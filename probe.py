@@ -571,10 +571,10 @@ def check_config(cfg, paths):
     need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}.")
     if cfg.pixels:
         folder = cfg.pixels[len("folder:"):] if cfg.pixels.startswith("folder:") else None
-        need(folder is not None or cfg.pixels in ("shapes", *CIFAR, *IDX),
-             f"--pixels must be shapes, {', '.join([*CIFAR, *IDX])} or folder:PATH, got '{cfg.pixels}'.")
+        need(folder is not None or cfg.pixels in ("shapes", "textures", *CIFAR, *IDX),
+             f"--pixels must be shapes, textures, {', '.join([*CIFAR, *IDX])} or folder:PATH, got '{cfg.pixels}'.")
         need(folder is None or os.path.isdir(folder), f"--pixels {cfg.pixels}: there is no folder {folder}.")
-        if cfg.pixels != "shapes":  # --data-dir is read, and written to by a download or an image-folder cache
+        if cfg.pixels not in ("shapes", "textures"):  # --data-dir is read, and written to by a download or an image-folder cache
             need(cfg.data_dir, "--data-dir is empty; give a folder.")
             ancestor = nearest_existing(cfg.data_dir)
             need(os.path.isdir(ancestor), f"--data-dir {cfg.data_dir} cannot be a folder: {ancestor} is a file.")
@@ -610,7 +610,7 @@ def pick_device(name):
 # skip on a first read: read only if you change the data
 # =============================================================================================
 
-DATA_HELP = ("use the built-in shapes dataset (no download), or put the files in --data-dir, "
+DATA_HELP = ("use a built-in dataset (shapes or textures: no download), or put the files in --data-dir, "
              "or run once with network access")
 
 CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
@@ -902,11 +902,51 @@ def make_shapes(n, size, seed):
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), labels.numpy()
 
 
+## The second built-in dataset, "textures": the class is a PATCH STATISTIC that raw pixels do not
+## show. Each image is a wavy grating: the class is its orientation (5, 36 degrees apart) and
+## spatial period (3 or 6 pixels); its phase, a slow random warp of that phase, the position and
+## size of the window it shows through, its contrast and its colours are random. Two images of one
+## class share no pixel pattern, so pixel k-NN is weak, but the local power spectrum of any patch
+## names the class (a k-NN on each image's power spectrum is right ~9 times in 10).
+TEXTURE_NAMES = [f"{angle} deg, period {period}px" for period in (3, 6) for angle in range(0, 180, 36)]
+
+
+def make_textures(n, size, seed):
+    """n images (n, 3, size, size) uint8 and labels (n,) int64, a pure function of (n, size, seed)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(TEXTURE_NAMES), n)
+    coords = np.arange(size) + 0.5 - size / 2  # pixel centres, origin at the image centre
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")  # (S, S)
+    per_image = lambda values: values[:, None, None]  # noqa: E731  (n,) -> (n, 1, 1)
+    # the class: orientation and period, each jittered a little
+    angle = per_image(labels % 5 * np.pi / 5 + rng.uniform(-0.15, 0.15, n))
+    frequency = per_image(1 / np.where(labels < 5, 3.0, 6.0) * rng.uniform(0.85, 1.15, n))  # cycles per pixel
+    # nuisance: the phase, warped by two slow waves (wavelength 16 px, up to 3 rad each) of random direction
+    phase = per_image(rng.uniform(0, 2 * np.pi, n))
+    for _ in range(2):
+        direction = per_image(rng.uniform(0, 2 * np.pi, n))
+        phase = phase + per_image(rng.uniform(0, 3, n)) * np.cos(
+            2 * np.pi / 16 * (np.cos(direction) * xx + np.sin(direction) * yy) + per_image(rng.uniform(0, 2 * np.pi, n)))
+    grating = np.cos(2 * np.pi * frequency * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)  # (n, S, S)
+    # nuisance: a soft window of random position and size, contrast, background colour, tint
+    centre_x, centre_y = (per_image(rng.uniform(-0.3, 0.3, n) * size) for _ in range(2))
+    radius = per_image(rng.uniform(0.35, 0.7, n) * size)
+    window = np.exp(-((xx - centre_x) ** 2 + (yy - centre_y) ** 2) / (2 * radius ** 2))
+    contrast = per_image(rng.uniform(0.15, 0.3, n))
+    background = rng.uniform(0.25, 0.75, (n, 3, 1, 1))
+    tint = rng.uniform(0.3, 1.0, (n, 3, 1, 1)) * rng.choice([-1.0, 1.0], (n, 3, 1, 1))
+    image = background + (contrast * window * grating)[:, None] * tint + 0.02 * rng.standard_normal((n, 3, size, size))
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
 def load_dataset(name, data_dir, size=32, allow_download=True):
     """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
     if name == "shapes":
         parts = {"train": make_shapes(10000, size, seed=0), "test": make_shapes(2000, size, seed=1)}
         parts["classes"] = SHAPE_NAMES
+    elif name == "textures":
+        parts = {"train": make_textures(10000, size, seed=0), "test": make_textures(2000, size, seed=1)}
+        parts["classes"] = TEXTURE_NAMES
     elif name in CIFAR:
         parts = load_cifar(name, data_dir, allow_download)
     elif name in IDX:
@@ -914,9 +954,12 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name.startswith("folder:"):
         parts = load_folder(name[len("folder:"):], size, data_dir)
     else:
-        raise UserError(f"unknown dataset '{name}': use shapes, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+        raise UserError(f"unknown dataset '{name}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
     parts.setdefault("classes", [str(i) for i in range(num_classes)])
+    if len(np.unique(np.concatenate([parts["train"][1], parts["test"][1]]))) == 1:
+        print(f"warning: {name} has a single class, so every accuracy is 100 % and means nothing; "
+              f"give it images of at least two classes")
     return parts
 
 

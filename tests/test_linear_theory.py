@@ -698,7 +698,7 @@ def test_one_class_dataset_warns_in_one_line(tmp_path, capsys):
     common = ["--img-size", "6", "--ks", "4", "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
     assert lt.main(["align", "--datasets", f"folder:{tmp_path / 'one'}", *common]) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "one class" in warnings[0] and "100 % and means nothing" in warnings[0]
+    assert len(warnings) == 1 and "single class" in warnings[0] and "100 % and means nothing" in warnings[0]
     write_folder(tmp_path / "two", ["cat", "dog"])
     assert lt.main(["align", "--datasets", f"folder:{tmp_path / 'two'}", *common]) == 0
     assert "warning" not in capsys.readouterr().out

@@ -262,6 +262,32 @@ def test_shapes_dataset_is_deterministic_and_balanced():
     assert between < 0.01 * xf.var(0).sum()
 
 
+def test_textures_are_deterministic_balanced_and_their_class_is_a_patch_statistic_not_a_pixel_pattern():
+    x, y = m.make_textures(2000, 16, seed=0)
+    assert x.dtype == np.uint8 and x.shape == (2000, 3, 16, 16) and y.dtype == np.int64 and y.shape == (2000,)
+    again = m.make_textures(2000, 16, seed=0)
+    assert np.array_equal(again[0], x) and np.array_equal(again[1], y)
+    assert not np.array_equal(m.make_textures(2000, 16, seed=1)[0], x)
+    assert np.bincount(y, minlength=10).min() > 150 and len(m.TEXTURE_NAMES) == 10
+    assert m.make_textures(10, 24, seed=0)[0].shape == (10, 3, 24, 24)  # --img-size sizes the built-in data
+    test_x, test_y = m.make_textures(500, 16, seed=1)
+
+    def knn_accuracy(features):
+        train_f, test_f = (torch.tensor(features(a)) for a in (x, test_x))
+        return (m.knn_predict(train_f, torch.tensor(y), test_f, 20, 0.07, num_classes=10) == torch.tensor(test_y)).float().mean().item()
+
+    def pixels(images):  # centred pixels, as the raw-pixel row sees them
+        flat = images.reshape(len(images), -1).astype(np.float32) / 255
+        return flat - x.reshape(len(x), -1).astype(np.float32).mean(0) / 255
+
+    def power_spectrum(images):  # a patch statistic: where the energy lies in frequency, phase discarded
+        grey = images.astype(np.float32).mean(1)
+        return np.log1p(np.abs(np.fft.fft2(grey - grey.mean((1, 2), keepdims=True))) ** 2).reshape(len(images), -1)
+
+    ## chance is 0.1; measured at this commit: pixels 0.152, power spectrum 0.906 (2000 train / 500 test)
+    assert knn_accuracy(pixels) < 0.25 and knn_accuracy(power_spectrum) > 0.8
+
+
 def write_cifar_batch(path, images, labels, label_key=b"labels"):
     with open(path, "wb") as f:  # the official layout: bytes keys, data uint8 (N, 3072), labels a list
         pickle.dump({b"batch_label": b"x", label_key: [int(v) for v in labels],
@@ -523,7 +549,7 @@ def test_main_writes_table_json_plots_and_features(tmp_path, capsys):
                                   "--train-limit", "128", "--out-dir", str(tmp_path / "out"),
                                   "--json", str(tmp_path / "r.json"), "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "alpha_min=0.5 vs alpha_min=1: k-NN" in out and "k-NN@20" in out and len(results) == 3
+    assert "alpha_min=0.5 minus alpha_min=1, k-NN@20" in out and "k-NN@20" in out and len(results) == 3
     assert [r["setting"] for r in results] == ["alpha_min=1", "alpha_min=0.5", "raw pixels"]
     import json
     summary = json.loads((tmp_path / "r.json").read_text())
@@ -692,7 +718,7 @@ def test_help_shows_the_real_defaults():
     for script in ("mae_decay.py",):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "default: None" not in proc.stdout
-        assert "(default: 10)" in proc.stdout and "(default: 'unet')" in proc.stdout  # --epochs, --decoder
+        assert "(default: 4)" in proc.stdout and "(default: 'unet')" in proc.stdout  # --epochs, --decoder
 
 
 def test_first_ctrl_c_only_raises_a_flag_and_the_second_interrupts():
@@ -731,7 +757,7 @@ def test_vanilla_arm_is_the_standard_mae_in_the_same_table(tmp_path, capsys):
     assert "final LayerNorm" in results[0]["feature"] and "final LayerNorm" not in results[1]["feature"]
     assert os.path.exists(tmp_path / "out" / "vanilla_seed0" / "features.npz")
     out = capsys.readouterr().out
-    assert "vanilla MAE" in out and "alpha_min=0.5 vs alpha_min=1" in out
+    assert "vanilla MAE" in out and "alpha_min=0.5 minus alpha_min=1" in out
 
 
 def test_a_failed_save_leaves_the_old_file_and_no_temporary_one(tmp_path):
@@ -852,3 +878,72 @@ def test_training_loop_uses_the_linear_scaling_rule_and_drops_the_last_incomplet
     monkeypatch.setattr(m, "get_lr", recording_get_lr)
     run_training(tmp_path, "lr", "--epochs", "2", "--train-limit", "100")  # 100 images, batch 32: 3 steps an epoch
     assert [s[0] for s in seen] == list(range(6)) and {s[1:] for s in seen} == {(6, round(0.5 * 3), 2e-3 * 32 / 256)}
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+def test_cpu_threads_explicit_then_environment_then_half_the_cores(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert m.set_cpu_threads(2) == (2, "--threads") and torch.get_num_threads() == 2
+        assert m.set_cpu_threads(0) == (3, "OMP_NUM_THREADS") and torch.get_num_threads() == 3
+        for unset in ("", "0", "many"):  # not a positive count: the automatic choice
+            monkeypatch.setenv("OMP_NUM_THREADS", unset)
+            threads, why = m.set_cpu_threads(0)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            assert threads == max(1, cores // 2) == torch.get_num_threads() and why.startswith("auto")
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(m.UserError, match="--threads"):
+        tiny_cfg("--threads", "-1")
+
+
+# --------------------------------------------------------------------------- the report a reader takes away
+
+def fake_result(setting, seed, knn, probe, rank):
+    return {"setting": setting, "seed": seed, "knn_k": 20, "knn": {20: knn}, "linear_probe": probe, "alpha_eff": 1.0,
+            "effective_rank": rank, "effective_rank_centered": rank, "last_epoch_loss": 0.3, "seconds": 12.0}
+
+
+def test_table_has_no_nan_and_verdict_prints_a_minus_b_with_its_noise():
+    pixels = {**fake_result("raw pixels", 0, 0.2, 0.19, 400.0), "alpha_eff": math.nan, "last_epoch_loss": math.nan,
+              "seconds": 0.0}
+    labels = torch.arange(2000) % 10  # balanced: chance 0.1; test-set noise at p = 0.605: 2 sqrt(2 * 0.605 * 0.395 / 2000) = 0.031
+    one_seed = [fake_result("alpha_min=1", 0, 0.6104, 0.55, 20.0), fake_result("alpha_min=0.7", 0, 0.5996, 0.45, 9.0),
+                pixels]
+    table = m.results_table(one_seed)
+    assert "nan" not in table.lower() and "0.610" in table and " - " not in table.splitlines()[2]
+    pixel_row = table.splitlines()[-1].split()
+    assert pixel_row[:3] == ["raw", "pixels", "-"] and pixel_row[-2:] == ["-", "-"]
+    lines = m.verdict(one_seed, labels).splitlines()
+    # means rounded to 3 decimals first: the printed difference is exactly the printed A minus B
+    assert lines[0].startswith("alpha_min=0.7 minus alpha_min=1, k-NN@20: 0.600 - 0.610 = -0.010: WITHIN test-set noise (+-0.031)")
+    assert "one seed" in lines[0]
+    assert "0.450 - 0.550 = -0.100: beyond test-set noise" in lines[1]
+    assert "9.0 - 20.0 = -11.0: one seed, noise unmeasured" in lines[2]
+    assert lines[3].startswith("best k-NN, alpha_min=1: 0.610; chance (the most frequent test class) 0.100: beyond it")
+    assert lines[4].startswith("alpha_min=1 minus raw pixels, k-NN@20: 0.610 - 0.200 = +0.410: beyond")
+    # a difference that rounds to zero prints +0.000, never -0.000
+    tie = [fake_result("alpha_min=1", 0, 0.50004, 0.5, 9.0), fake_result("alpha_min=0.7", 0, 0.49996, 0.5, 9.0)]
+    assert all("= +0.000" in line or "= +0.0:" in line for line in m.verdict(tie, labels).splitlines()[:3])
+    # two seeds: the per-seed differences' spread sets the noise when it is the larger
+    two_seeds = [fake_result("alpha_min=1", s, v, 0.5, 9.0) for s, v in ((0, 0.70), (1, 0.50))] + \
+                [fake_result("alpha_min=0.7", s, v, 0.5, 9.0) for s, v in ((0, 0.60), (1, 0.52))]
+    line = m.verdict(two_seeds, labels).splitlines()[0]
+    # per-seed differences -0.10 and +0.02: 2 * std / sqrt(2) = 2 * 0.0849 / 1.414 = 0.120
+    assert line == "alpha_min=0.7 minus alpha_min=1, k-NN@20: 0.560 - 0.600 = -0.040: WITHIN noise (+-0.120: 2 std. errors over 2 seeds)"
+    assert "0.600+-0.141" in m.results_table(two_seeds)  # sample std of 0.70 and 0.50
+
+
+def test_chance_is_the_most_frequent_class_and_one_class_data_warns(tmp_path, capsys):
+    assert m.chance_accuracy(torch.tensor([0, 0, 0, 1])) == 0.75
+    import matplotlib.image
+    for split in ("train", "val"):
+        (tmp_path / "images" / split / "cat").mkdir(parents=True)
+        for i in range(2):
+            matplotlib.image.imsave(tmp_path / "images" / split / "cat" / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+    m.load_dataset(f"folder:{tmp_path / 'images'}", str(tmp_path / "data"), size=8)
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "single class" in warnings[0] and "means nothing" in warnings[0]
