@@ -15,14 +15,16 @@ their "UNet" decoder that reads every second encoder block (their Figure 5).
 
 Run (each command prints what it does; `--help` lists every knob and its default):
 
-    python mae_decay.py                                   # CPU demo: alpha_min 1.0 vs 0.7 on built-in shapes, 2.5-5 min on 2 cores
+    python mae_decay.py                                   # CPU demo: alpha_min 1.0 vs 0.7 on built-in shapes, 2-3 min on 2 cores
     python mae_decay.py --dataset textures                # ... on built-in textures (class = orientation and period)
-    python mae_decay.py --preset cifar --compile --compile-mode reduce-overhead   # ViT-S/4 on CIFAR-10, one GPU
+    python mae_decay.py --preset cifar --compile          # ViT-S/4 on CIFAR-10, one GPU (CUDA graphs by default)
     python mae_decay.py --preset cifar --vanilla          # ... with the paper's baseline arm (vanilla MAE) added
+    python mae_decay.py --preset cifar --data-dir DATA --study --study-workers 6 --compile   # the paper's comparison
+        # with seeds: vanilla MAE / skip decoder / skip decoder + decay, one table; sized to ~8 min on one GPU
     python mae_decay.py --preset base --dataset folder:/data/imagenet100 --compile   # ViT-B/16, 224px
     python mae_decay.py --preset cifar --benchmark --compile                # img/s, ms/step, memory, MFU
     python mae_decay.py --alpha-eff 1,1e-2 --seeds 0,1,2   # choose alpha_min by the product of all alphas
-    python mae_decay.py --resume                          # continue an interrupted run (Ctrl-C saves a checkpoint)
+    python mae_decay.py --resume                          # continue an interrupted run (Ctrl-C / SIGTERM save a checkpoint)
 
 Several GPUs (PyTorch DDP: one process per GPU; --batch-size stays the GLOBAL batch, split evenly,
 and the run follows the one-process trajectory; only rank 0 prints and writes files):
@@ -50,7 +52,7 @@ Known-good numbers produced by this file (README.md has every table with its com
   paper's Figure 4.
 
     python mae_decay.py   # 2-core CPU shared with other jobs, torch 2.13, 1 thread (the automatic choice)
-    shapes, 10,000 / 2,000 images at 16px, 4 epochs, seed 0: 142 s wall (279 s with a busy process added)
+    shapes, 10,000 / 2,000 images at 16px, 4 epochs, seed 0: 184 s wall while the tests ran beside it
     alpha_min 1.0: k-NN 0.123, probe 0.110;  0.7: 0.116, 0.101;  raw pixels 0.206, 0.129;  chance 0.109
 
   At this scale neither arm learns the shapes (raw pixels do better, the arms differ by less than
