@@ -1192,10 +1192,8 @@ def save_plots(results, out_dir, test_labels):
     first_seed = [next(r for r in results if r["setting"] == a) for a in settings]
 
     def save(fig, name):
-        tmp = os.path.join(out_dir, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        atomic_write(os.path.join(out_dir, name), lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
         plt.close(fig)
-        os.replace(tmp, os.path.join(out_dir, name))
 
     k = results[0]["knn_k"]
     curves = [("knn", f"k-NN@{k} (periodic subset)", "test accuracy"),
@@ -1751,9 +1749,7 @@ def run_study(cfg):
                {"config": dataclasses.asdict(cfg), "epochs": epochs, "seeds": seeds, "arms": [a[0] for a in arms],
                 "sizing": sizing, "wall_seconds": wall, "torch": torch.__version__, "runs": runs, "raw_pixels": pixels,
                 "comparisons": comparisons})
-    with open(os.path.join(cfg.out_dir, ".study.txt.tmp"), "w") as f:
-        f.write(f"{head}\n{text}\n")
-    os.replace(os.path.join(cfg.out_dir, ".study.txt.tmp"), os.path.join(cfg.out_dir, "study.txt"))
+    atomic_write(os.path.join(cfg.out_dir, "study.txt"), lambda f: f.write(f"{head}\n{text}\n".encode()))
     print(f"\n{head}\n{text}\nwritten: {cfg.out_dir}/study.txt, study.json")
     if failed:  # the table above holds the runs that finished; the failed ones are missing from it
         raise UserError(f"{len(failed)} run(s) failed ({', '.join(failed)}) and are missing from the table; read their "
