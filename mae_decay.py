@@ -4,7 +4,7 @@ data to frozen-feature evaluation, in one file.
 
 Paper: Zhang, Jiang, Gao, Willett, Maire, "Residual Connections Harm Generative Representation
 Learning" (arXiv 2404.10947). A standard pre-norm transformer adds every sub-layer to an identity
-path, x_{k+1} = x_k + f_k(x_k). The paper scales that path down, layer by layer:
+path, x_{k+1} = x_k + f_k(norm(x_k)). The paper scales that path down, layer by layer:
 
     x_{k+1} = alpha_k * x_k + f_k(norm(x_k)),   alpha_k falling linearly from 1 to alpha_min,
 
@@ -41,7 +41,9 @@ plots curves.png, recon.png, pca.png, feature_norms.png.
 Known-good numbers produced by this file (README.md has every table with its command and timing):
 
     python mae_decay.py --preset cifar --data-dir DATA --alpha-min A --epochs 100 --compile   # A = 1.0, 0.7
-    one NVIDIA H100, torch 2.11, 482 s / 440 s of training; CIFAR-10 50k/10k at 32px, seed 0:
+    one NVIDIA H100, torch 2.11, 482 s / 440 s of training; CIFAR-10 50k/10k at 32px, seed 0
+    (measured at commit a2f5004, when --compile meant torch.compile's default mode; --compile now
+    picks CUDA graphs on one GPU, so add --compile-mode default to rerun it as measured):
     alpha_min  alpha_eff  k-NN@20  linear probe  eff. rank  eff. rank (centred)
     1.0        1          0.642    0.684         130.3      156.5
     0.7        1.8e-2     0.608    0.666          80.5      113.5       (raw pixels: 0.363 / 0.407)
@@ -168,9 +170,9 @@ class Config:
     out_dir: str = "runs/mae"     # where checkpoints, features, plots and results go
     resume: bool = False          # continue each run from its checkpoint in out_dir
     ckpt_every: int = 5           # write a checkpoint every N epochs (and at the end)
-    ckpt_minutes: float = 10.0    # ... and whenever this many minutes of training passed since the last one
+    ckpt_minutes: float = 10.0    # ... and at the first progress update after this many minutes (wall clock, evaluation included) since the last one
     log_every: int = 20           # steps between progress-bar updates (each one syncs the device)
-    json: str = ""                # also write every run's final numbers to this file
+    json: str = ""                # also write every run's final numbers to this file (not with --study: see its study.json)
     plots: bool = True            # write the PNG plots
     benchmark: bool = False       # only time the training step and print img/s, ms/step, memory, MFU
     dist_backend: str = "auto"    # under torchrun: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -400,7 +402,7 @@ class MaskedAutoencoder(nn.Module):
         if decoder == "unet":
             ## The authors' "UNet transformer" decoder (their Fig. 5): the decoder stream starts from a
             ## learned cls token + the fixed position embeddings of ALL patches (not from the encoder
-            ## output); encoder blocks 2, 4, ..., depth reach it through SkipMerge, deepest first.
+            ## output); every second encoder block (2, 4, ...) reaches it through SkipMerge, deepest first.
             ## Their ImageNet-100 ablation: decay without these skips collapses (LP 61.5 vs 83.6).
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
             self.decoder_embed = nn.Linear(decoder_dim, decoder_dim)
@@ -438,7 +440,8 @@ class MaskedAutoencoder(nn.Module):
         return outputs, mask, ids_restore
 
     def skip_sources(self):
-        """0-indexed encoder blocks feeding decoder blocks 1, 2, ... (unet decoder): depth-1, depth-3, ..."""
+        """0-indexed encoder blocks feeding decoder blocks 1, 2, ... (unet decoder): the odd indices, deepest
+        first (depth-1, depth-3, ..., 1 for an even depth)"""
         ## U-Net order: the first decoder block hears the DEEPEST encoder block, the last one the
         ## shallowest, so the decoder walks back down the encoder as it reconstructs.
         return [i for i in range(len(self.blocks)) if i % 2 == 1][::-1]
@@ -815,8 +818,9 @@ def wrap_model(model, cfg, device):
 
 class StepLog:
     """The losses of the steps since the last flush, kept on the device; flush() fetches them (one
-    device sync per --log-every steps), stops the run on a non-finite loss, appends them to
-    state["losses"], adds the training time to state["seconds"] and updates the progress bar."""
+    device sync per --log-every steps, sooner at an epoch's end, the last step or a signal), stops
+    the run on a non-finite loss, appends them to state["losses"], adds the training time to
+    state["seconds"] and updates the progress bar."""
 
     def __init__(self, state, stop_step, batch, desc):
         self.state, self.batch, self.pending = state, batch, []
