@@ -1646,8 +1646,9 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during training: the run stopped between two steps and saved a checkpoint.
-    exit_code is the shell's convention, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+    """Ctrl-C or SIGTERM ended the run with one line; during training it first stopped between two
+    steps and saved a checkpoint. exit_code is the shell's convention, 128 + the signal's number (130
+    for SIGINT, 143 for SIGTERM)."""
 
     def __init__(self, message, signal_name="SIGINT"):
         super().__init__(message)

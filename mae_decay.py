@@ -102,8 +102,9 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during training: the run stopped between two steps and saved a checkpoint.
-    exit_code is the shell's convention, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+    """Ctrl-C or SIGTERM ended the run with one line; during training it first stopped between two
+    steps and saved a checkpoint. exit_code is the shell's convention, 128 + the signal's number (130
+    for SIGINT, 143 for SIGTERM)."""
 
     def __init__(self, message, signal_name="SIGINT"):
         super().__init__(message)
@@ -1458,8 +1459,9 @@ def run_workers(jobs, n_workers, on_done=None, tick=None):
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received:
-        raise Interrupted(f"interrupted: {len(codes)} run(s) stopped (each saved a checkpoint if it was training); "
-                          f"rerun the same command with --resume to continue the study")
+        raise Interrupted(f"interrupted ({signal.Signals(received[0]).name}): {len(codes)} run(s) stopped (each saved a "
+                          f"checkpoint if it was training); rerun the same command with --resume to continue the study",
+                          signal.Signals(received[0]).name)
     return codes, launched
 
 

@@ -213,3 +213,33 @@ def test_study_end_to_end_on_cpu(tmp_path, capsys):
         m.main(flags)
     again = m.main(flags + ["--resume"])
     assert again["comparisons"] == result["comparisons"] and again["epochs"] == 1
+
+
+def test_sigterm_to_the_study_checkpoints_its_workers_exits_143_and_resume_finishes(tmp_path):
+    """A real SIGTERM to the study's parent process once its workers train: each worker gets one
+    SIGINT, checkpoints and stops; the parent says so in one line and exits 143 (SIGTERM); the same
+    command with --resume finishes every run and writes the table."""
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "study"
+    flags = TINY + ["--study", "--study-arms", "1.0,0.7", "--seeds", "0,1", "--epochs", "20", "--study-workers", "2",
+                    "--knn-k", "5", "--no-pixels", "--out-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    script = [sys.executable, os.path.join(ROOT, "mae_decay.py")]
+    proc = subprocess.Popen(script + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    logs = [out / f"skip{a}_seed0" / "worker.log" for a in ("1", "0.7")]  # the first two runs: seed 0 of each arm
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(log.exists() and "loss=" in log.read_text() for log in logs):
+        time.sleep(0.5)  # both workers are past their first logged step
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGTERM): 2 run(s) stopped") and "--resume" in lines[0]
+    assert all((log.parent / f"alpha{a}_seed0" / "ckpt.pt").exists() and not (log.parent / "results.json").exists()
+               for log, a in zip(logs, ("1", "0.7")))
+    assert not (out / "skip1_seed1").exists()  # the queued runs never started
+    resumed = subprocess.run(script + flags + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "study.json").exists() and all((log.parent / "results.json").exists() for log in logs)
