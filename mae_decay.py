@@ -58,7 +58,7 @@ Known-good numbers produced by this file (README.md has every table with its com
     alpha_min 1.0: k-NN 0.123, probe 0.110;  0.7: 0.116, 0.101;  raw pixels 0.206, 0.129;  chance 0.109
 
   At this scale neither arm learns the shapes (raw pixels do better, the arms differ by less than
-  the test-set noise), and on --dataset textures (161 s) neither learns the textures either: k-NN
+  the test-set noise), and on --dataset textures (140 s) neither learns the textures either: k-NN
   0.106 / 0.116 against chance 0.115 and raw pixels 0.235. The CPU demo shows the machinery and
   the report, not the paper's effect.
 
