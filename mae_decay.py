@@ -641,13 +641,6 @@ def crop_and_flip(images, theta, out_size, mean, std):
     return (x - mean) / std
 
 
-def augment(images, out_size, gen, crop_min, mean, std, rank=0, world_size=1):
-    """Random resized crop + horizontal flip of a batch. Under torchrun `images` is slice `rank` of
-    a global batch world_size times larger: the crops are drawn for the global batch, then sliced."""
-    theta = shard(crop_boxes(len(images) * world_size, gen, crop_min), rank, world_size)
-    return crop_and_flip(images, theta.to(images.device), out_size, mean, std)
-
-
 def step_draws(gen, batch, num_patches, crop_min, rank, world_size, device):
     """Every random number of one training step, drawn from the CPU generator `gen` for the GLOBAL
     batch in a fixed order (crops, then masking noise), this process's slice kept: theta (B/W, 2, 3)
@@ -1152,17 +1145,17 @@ def verdict(results, test_labels):
 
     def compare(a, b, key):
         by_seed = {s: {r["seed"]: value(r, key) for r in results if r["setting"] == s} for s in (a, b)}
-        seeds = sorted(set(by_seed[a]) & set(by_seed[b])) if b != "raw pixels" else sorted(by_seed[a])
-        per_seed = [by_seed[a][s] - (by_seed[b][s] if b != "raw pixels" else by_seed[b][0]) for s in seeds]
+        baseline = by_seed[b] if b != "raw pixels" else {seed: by_seed[b][0] for seed in by_seed[a]}  # pixels: one row
+        paired = paired_difference(by_seed[a], baseline)  # the study's same-seed differences and standard error
         decimals = 1 if key.startswith("effective") else 3
         mean_a, mean_b = (round(float(np.mean(list(by_seed[x].values()))), decimals) for x in (a, b))
         diff = round(mean_a - mean_b, decimals) + 0.0  # + 0.0: never print -0.000
         test_noise = accuracy_noise((mean_a + mean_b) / 2, n_test) if decimals == 3 else 0.0
-        seed_noise = 2 * np.std(per_seed, ddof=1) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else math.nan
+        seed_noise = 2 * paired["se"]  # nan with one seed
         text = f"{a} minus {b}, {names[key]}: {mean_a:.{decimals}f} - {mean_b:.{decimals}f} = {diff:+.{decimals}f}"
-        if len(per_seed) > 1:
+        if len(paired["seeds"]) > 1:
             noise = max(test_noise, seed_noise)
-            why = f"2 std. errors over {len(per_seed)} seeds" + (", test-set sampling" if test_noise > seed_noise else "")
+            why = f"2 std. errors over {len(paired['seeds'])} seeds" + (", test-set sampling" if test_noise > seed_noise else "")
             return f"{text}: {'beyond' if abs(diff) > noise else 'WITHIN'} noise (+-{noise:.{decimals}f}: {why})"
         if decimals == 1:
             return f"{text}: one seed, noise unmeasured (--seeds 0,1,2 measures it)"

@@ -464,10 +464,10 @@ def test_image_folder_resized_once_and_cached(tmp_path):
 
 def test_augment_is_seeded_and_identity_crop_is_exact():
     data = tiny_data(64, 8)
-    a = m.augment(data["train_x"][:8], 16, torch.Generator().manual_seed(1), 0.2, data["mean"], data["std"])
-    b = m.augment(data["train_x"][:8], 16, torch.Generator().manual_seed(1), 0.2, data["mean"], data["std"])
+    a = augment(data["train_x"][:8], 16, torch.Generator().manual_seed(1), 0.2, data["mean"], data["std"])
+    b = augment(data["train_x"][:8], 16, torch.Generator().manual_seed(1), 0.2, data["mean"], data["std"])
     assert a.shape == (8, 3, 16, 16) and torch.equal(a, b)
-    assert not torch.equal(a, m.augment(data["train_x"][:8], 16, torch.Generator().manual_seed(2), 0.2,
+    assert not torch.equal(a, augment(data["train_x"][:8], 16, torch.Generator().manual_seed(2), 0.2,
                                         data["mean"], data["std"]))
     # bilinear crops interpolate between pixels: values stay inside the normalised pixel range
     low, high = (0 - data["mean"]) / data["std"], (1 - data["mean"]) / data["std"]
@@ -475,6 +475,11 @@ def test_augment_is_seeded_and_identity_crop_is_exact():
 
 
 # --------------------------------------------------------------------------- training
+
+def augment(images, size, gen, crop_min, mean, std):
+    """The training step's augmentation of one batch: crops drawn from gen, applied on the device."""
+    return m.crop_and_flip(images, m.crop_boxes(len(images), gen, crop_min), size, mean, std)
+
 
 def run_training(tmp_path, name, *extra):
     cfg = tiny_cfg("--out-dir", str(tmp_path / name), *extra)
@@ -656,13 +661,13 @@ def test_augmentation_really_crops_and_flips():
     columns = torch.arange(size).repeat(size, 1).float() / (size - 1)  # (H, W), 0..1 left to right
     images = (columns * 255).round().byte()[None, None].expand(n, 3, size, size)
     zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-    out = m.augment(images, size, torch.Generator().manual_seed(0), 0.2, zero, one)[:, 0]  # (n, H, W)
+    out = augment(images, size, torch.Generator().manual_seed(0), 0.2, zero, one)[:, 0]  # (n, H, W)
     width = out[:, size // 2].max(1).values - out[:, size // 2].min(1).values  # value span of a middle row
     assert (width < 0.9).float().mean() > 0.5 and width.min() < 0.6  # crops, not the whole image
     slope = out[:, size // 2, -1] - out[:, size // 2, 0]
     flipped = (slope < 0).float().mean()
     assert 0.4 < flipped < 0.6  # p = 0.5 flips: 400 draws give a standard error of 0.025
-    full = m.augment(images[:4], size, torch.Generator().manual_seed(0), 1.0, zero, one)[:, 0]
+    full = augment(images[:4], size, torch.Generator().manual_seed(0), 1.0, zero, one)[:, 0]
     assert ((full[:, size // 2].max(1).values - full[:, size // 2].min(1).values) > 0.7).all()  # area >= 1: near-full view
 
 
@@ -792,7 +797,7 @@ def test_step_draws_are_the_same_numbers_as_drawing_crops_then_noise():
     zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     theta, _ = m.step_draws(m.step_generator(0, 0), 8, 5, 0.3, 0, 1, torch.device("cpu"))
     assert torch.equal(m.crop_and_flip(images, theta, 16, zero, one),
-                       m.augment(images, 16, m.step_generator(0, 0), 0.3, zero, one))
+                       augment(images, 16, m.step_generator(0, 0), 0.3, zero, one))
 
 
 def test_attention_unbind_split_and_skipped_unit_alpha_change_no_number():
