@@ -185,19 +185,6 @@ def test_sigterm_checkpoints_exits_143_and_resume_reproduces_the_run(tmp_path):
 
 # --- full disk, read-only data --------------------------------------------------------------
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 256 KiB tmpfs, where the machine lets the test mount one (root in a sandbox); else skipped."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
 def test_a_full_disk_is_one_sentence_and_the_previous_checkpoint_stays_whole(small_fs):
     path = str(small_fs / "ckpt.pt")
     small = {"step": 1, "weights": torch.arange(1000.0)}

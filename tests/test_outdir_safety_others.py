@@ -204,19 +204,6 @@ def test_sigterm_checkpoints_exits_143_and_resume_reproduces_the_run(tmp_path):
 
 # --- full disk --------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 256 KiB tmpfs, where the machine lets the test mount one (root in a sandbox); else skipped."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
 def fill(folder, leave=0):
     """Fills the filesystem of folder with one file, to the last byte it takes, then frees `leave` bytes."""
     with open(os.path.join(folder, "filler"), "wb", buffering=0) as f:
