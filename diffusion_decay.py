@@ -2351,10 +2351,10 @@ def out_dir_lock(out_dir):
     """Holds out_dir/.lock ("host pid", created atomically with O_EXCL) while the block runs. A lock
     held by a live process is refused; one left by a process that is gone (same host, pid not
     running) is taken over, saying so. Another host's lock cannot be checked: it is refused."""
-    os.makedirs(out_dir, exist_ok=True)
     path, me = os.path.join(out_dir, ".lock"), f"{socket.gethostname()} {os.getpid()}"
     for attempt in range(2):
         try:
+            os.makedirs(out_dir, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
@@ -2371,6 +2371,8 @@ def out_dir_lock(out_dir):
                 continue
             raise UserError(f"--out-dir {out_dir} is in use by another run (process {pid} on {host}); wait for it "
                             f"to finish or choose another --out-dir (delete {path} only if that process is gone).") from None
+        except OSError as e:  # not a directory, read-only, a pseudo-filesystem that refuses files, ...
+            raise UserError(f"could not create {path} ({e.strerror or e}); choose another --out-dir.") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(me)

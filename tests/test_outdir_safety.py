@@ -227,3 +227,13 @@ def test_a_read_only_data_dir_that_holds_cifar_is_accepted(tmp_path, capsys):
         assert dataclasses.asdict(m.parse_config(flags))["data_dir"] == str(data)
     finally:
         subprocess.run(["umount", str(data)], check=False)
+
+
+def test_an_out_dir_that_cannot_be_created_is_one_sentence(tmp_path, capsys):
+    (tmp_path / "afile").write_text("a regular file")
+    with pytest.raises(m.UserError, match=r"could not create .*afile/out/.lock \(Not a directory\); choose another"):
+        with m.out_dir_lock(str(tmp_path / "afile" / "out")):
+            pass
+    if os.path.isdir("/proc") and os.access("/proc", os.W_OK):  # root: /proc looks writable but refuses new folders
+        assert m.cli(TINY + ["--out-dir", "/proc/no-such-run"]) == 2
+        assert "could not create /proc/no-such-run/.lock" in one_error(capsys)
