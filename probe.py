@@ -366,7 +366,7 @@ def evaluate_input(source, cfg, device):
         shown = ", ".join(map(str, class_ids[:5].tolist())) + (", ..." if len(class_ids) > 5 else "")
         print(f"{source}: class ids {{{shown}}} renumbered 0..{len(class_ids) - 1}, keeping their sorted order")
         metadata = {**metadata, "renumbered_class_ids": as_metadata(class_ids)}
-    if len(class_ids) == 1:
+    if len(class_ids) == 1 and "pixels" not in metadata:  # for pixels, load_dataset has already said so
         print(f"{source}: warning: every label is one class, so every accuracy is 100 % and means nothing")
     train_x, test_x = arrays["train_features"], arrays["test_features"]
     ks = usable_ks(cfg, len(train_x), source)
