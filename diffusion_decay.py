@@ -160,7 +160,7 @@ from tqdm import tqdm
 @dataclasses.dataclass
 class Config:
     # --- data ---
-    dataset: str = "shapes"       # shapes | textures (both built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
+    dataset: str = "shapes"       # glyphs | shapes | textures (all built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where datasets are looked for and downloaded to (and image folders cached)
     download: bool = True         # download missing official files (checksum verified before use)
     train_limit: int = 0          # use only the first N training images (0 = all)
@@ -1746,8 +1746,8 @@ def check_config(cfg):
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         need(not isinstance(value, float) or math.isfinite(value), f"--{field.name.replace('_', '-')} must be a finite number, got {value}.")
-    need(cfg.dataset in ("shapes", "textures", "cifar10", "cifar100", "fashion-mnist", "mnist") or cfg.dataset.startswith("folder:"),
-         f"unknown --dataset '{cfg.dataset}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+    need(cfg.dataset in (*BUILT_IN, "cifar10", "cifar100", "fashion-mnist", "mnist") or cfg.dataset.startswith("folder:"),
+         f"unknown --dataset '{cfg.dataset}': use glyphs, shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     need(not cfg.dataset.startswith("folder:") or os.path.isdir(cfg.dataset[len("folder:"):]),
          f"--dataset {cfg.dataset}: {cfg.dataset[len('folder:'):]} is not a directory.")
     need(cfg.img_size >= 1 and cfg.patch_size >= 1 and cfg.img_size % cfg.patch_size == 0,
@@ -1794,7 +1794,7 @@ def check_config(cfg):
         check_writable(cfg.out_dir, "--out-dir", directory=True)
         if cfg.json:
             check_writable(cfg.json, "--json", directory=False)
-        if cfg.dataset not in ("shapes", "textures") and not cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.data_dir):
+        if cfg.dataset not in BUILT_IN and not cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.data_dir):
             check_writable(cfg.data_dir, "--data-dir", directory=True)  # an existing folder may be read-only
 
 
@@ -1873,7 +1873,7 @@ def setting_name(skips, alpha_min):
 # Read only if you change the data.
 # ---------------------------------------------------------------------------------------------
 
-DATA_HELP = ("use a built-in dataset (shapes or textures: no download), or put the files in --data-dir, "
+DATA_HELP = ("use a built-in dataset (glyphs, shapes or textures: no download), or put the files in --data-dir, "
              "or run once with network access")
 
 
@@ -2207,6 +2207,48 @@ def make_textures(n, size, seed):
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
 
 
+## The third built-in dataset, "glyphs" (the CPU demo's default): the class is WHICH small pattern
+## recurs in the image, a bag-of-patches statistic. The image is a grid of 4x4-pixel cells; each
+## cell shows the class's glyph (probability 0.35) or one of 10 distractor glyphs, drawn with its
+## own background colour and contrast, and the whole image is light-on-dark or dark-on-light. Two
+## images of one class share almost no pixel pattern, and the polarity flip makes the class
+## invisible to anything LINEAR in the pixels (a linear probe on pixels is near chance), yet
+## counting glyphs over the cells names it: a k-NN on the cells' average is far above a k-NN on
+## pixels. The cells align with 4-pixel patches, so at --patch-size 4 one token sees one glyph.
+GLYPHS = {  # name: 4 rows of 4 pixels, "#" = ink; the first 10 are the classes, the last 10 distractors
+    "left bar": "#... #... #... #...", "bottom bar": ".... .... .... ####", "diagonal \\": "#... .#.. ..#. ...#",
+    "diagonal /": "...# ..#. .#.. #...", "plus": ".#.. #### .#.. .#..", "cross": "#..# .##. .##. #..#",
+    "frame": "#### #..# #..# ####", "corner block": "##.. ##.. .... ....", "checker": "#.#. .#.# #.#. .#.#",
+    "corner": "#### #... #... #...",
+    "_plus2": "..#. ..#. #### ..#.", "_zigzag": "##.. ..## ##.. ..##", "_triangle": "#... ##.. ###. ####",
+    "_ring": ".##. #..# #..# .##.", "_two bars": "#..# #..# #..# #..#", "_two lines": "#### .... #### ....",
+    "_right bar": "..## ..## ..## ..##", "_stripes": "#.#. #.#. #.#. #.#.", "_dots": "#..# .... .... #..#",
+    "_centre": ".... .##. .##. ....",
+}
+GLYPH_NAMES = [name for name in GLYPHS if not name.startswith("_")]
+
+
+def make_glyphs(n, size, seed, p_class=0.35):
+    """n images (n, 3, size, size) uint8 and labels (n,) int64, a pure function of (n, size, seed)."""
+    rng = np.random.default_rng(seed)
+    ink = np.array([[[c == "#" for c in row] for row in rows.split()] for rows in GLYPHS.values()], dtype=np.float64)
+    cells = -(-size // 4)  # cells per side; an image side that is not a multiple of 4 cuts the last row and column
+    labels = rng.integers(0, len(GLYPH_NAMES), n)
+    # each cell: the class glyph with probability p_class, else a random distractor
+    glyph = np.where(rng.random((n, cells, cells)) < p_class, labels[:, None, None],
+                     rng.integers(len(GLYPH_NAMES), len(GLYPHS), (n, cells, cells)))
+    pattern = ink[glyph].transpose(0, 1, 3, 2, 4).reshape(n, 4 * cells, 4 * cells)  # (n, 4c, 4c)
+    per_cell = lambda values: values.repeat(4, -2).repeat(4, -1)  # noqa: E731  (..., c, c) -> (..., 4c, 4c)
+    # nuisance: each cell's background colour and contrast, the image's polarity, sensor noise
+    contrast = per_cell(rng.uniform(0.08, 0.2, (n, cells, cells))) * rng.choice([-1.0, 1.0], (n, 1, 1))
+    background = per_cell(rng.uniform(0.1, 0.6, (n, 3, cells, cells)))
+    image = background + (contrast * pattern)[:, None] + 0.05 * rng.standard_normal((n, 3, 4 * cells, 4 * cells))
+    return (np.clip(image[:, :, :size, :size], 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
+BUILT_IN = ("glyphs", "shapes", "textures")  # generated in memory: no --data-dir, no download
+
+
 def load_dataset(name, data_dir, size=32, allow_download=True):
     """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
     if name == "shapes":
@@ -2215,6 +2257,9 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name == "textures":
         parts = {"train": make_textures(10000, size, seed=0), "test": make_textures(2000, size, seed=1)}
         parts["classes"] = TEXTURE_NAMES
+    elif name == "glyphs":
+        parts = {"train": make_glyphs(10000, size, seed=0), "test": make_glyphs(2000, size, seed=1)}
+        parts["classes"] = GLYPH_NAMES
     elif name in CIFAR:
         parts = load_cifar(name, data_dir, allow_download)
     elif name in IDX:
@@ -2222,7 +2267,7 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name.startswith("folder:"):
         parts = load_folder(name[len("folder:"):], size, data_dir)
     else:
-        raise UserError(f"unknown dataset '{name}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+        raise UserError(f"unknown dataset '{name}': use glyphs, shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
     parts.setdefault("classes", [str(i) for i in range(num_classes)])
     if len(np.unique(np.concatenate([parts["train"][1], parts["test"][1]]))) == 1:

@@ -119,7 +119,7 @@ class Interrupted(Exception):
 @dataclasses.dataclass
 class Config:
     # --- data ---
-    dataset: str = "shapes"       # shapes | textures (both built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
+    dataset: str = "glyphs"       # glyphs | shapes | textures (all built-in) | cifar10 | cifar100 | fashion-mnist | mnist | folder:PATH
     data_dir: str = "data"        # where datasets are looked for and downloaded to (and image folders cached)
     download: bool = True         # download missing official files (checksum verified before use)
     train_limit: int = 0          # use only the first N training images (0 = all)
@@ -162,6 +162,7 @@ class Config:
     probe: str = "standard"       # standard (standardised features, the two knobs below) | authors (raw features, AdamW lr 1e-2 weight decay 0.01, batch 256, 200 epochs, cosine per epoch)
     probe_epochs: int = 20        # linear-probe epochs (final epoch is reported, never the best); one default in every script
     probe_lr: float = 3e-3        # linear-probe AdamW peak lr (cosine schedule, weight decay 0); one default in every script
+    untrained: bool = True        # add a control row: the same evaluation of each seed's encoder before training (what training adds to)
     pixels: bool = True           # add a reference row: the same k-NN / probe / ranks on raw pixels (skipped above 8 GiB)
     # --- system ---
     device: str = "auto"          # auto | cuda | mps | cpu
@@ -1006,12 +1007,29 @@ def pixel_reference(cfg, data, batch_size=4096):
         pixels = {s: torch.cat([center_view(data[f"{s}_x"][i:i + batch_size], cfg.img_size, data["mean"],
                                             data["std"]).flatten(1)
                                 for i in range(0, len(data[f"{s}_x"]), batch_size)]) for s in ("train", "test")}
-    pred = knn_predict(pixels["train"], data["train_y"], pixels["test"], cfg.knn_k, cfg.knn_t, num_classes=len(data["classes"]))
+    return reference_row(pixels["train"], pixels["test"], cfg, data)
+
+
+def untrained_reference(cfg, data, seed, device):
+    """The control row: the same evaluation of the encoder as initialised for `seed`, before any
+    training step, what training has to ADD to. The branches start at zero (init_weights), so this
+    feature is the patch embedding plus position, averaged over tokens; alpha_min only rescales it,
+    which changes neither the cosine k-NN nor the standardised probe, so one row serves every arm
+    with the --decoder and --final-norm of the command."""
+    torch.manual_seed(seed)  # the initial weights of train_run's model for this seed
+    model = build_model(cfg, 1.0, data["train_x"].shape[1]).to(device)
+    features = {s: extract_features(model, data[f"{s}_x"], cfg, data, device) for s in ("train", "test")}
+    return {**reference_row(features["train"], features["test"], cfg, data), "seed": seed}
+
+
+def reference_row(train_f, test_f, cfg, data):
+    """A reference row's numbers (k-NN, linear probe, effective ranks) for given train / test features."""
+    pred = knn_predict(train_f, data["train_y"], test_f, cfg.knn_k, cfg.knn_t, num_classes=len(data["classes"]))
     return {"alpha_min": math.nan, "alpha_eff": math.nan, "seed": 0, "knn": {cfg.knn_k: (pred == data["test_y"]).float().mean().item()},
-            "knn_k": cfg.knn_k, "linear_probe": linear_probe(pixels["train"], data["train_y"], pixels["test"], data["test_y"],
+            "knn_k": cfg.knn_k, "linear_probe": linear_probe(train_f, data["train_y"], test_f, data["test_y"],
                                                             num_classes=len(data["classes"]), **probe_settings(cfg)),
-            "effective_rank": effective_rank(pixels["train"][:25600]),
-            "effective_rank_centered": effective_rank(pixels["train"][:25600], center=True),
+            "effective_rank": effective_rank(train_f[:25600]),
+            "effective_rank_centered": effective_rank(train_f[:25600], center=True),
             "last_epoch_loss": math.nan, "seconds": 0.0}
 
 
@@ -1100,6 +1118,9 @@ def mean_std(values, decimals=4):
     return f"{values.mean():.{decimals}f}" + (f"+-{values.std(ddof=1):.{decimals}f}" if len(values) > 1 else "")
 
 
+REFERENCE_ROWS = ("untrained encoder", "raw pixels")  # rows that are not a trained arm (no alpha_eff, no training time)
+
+
 def results_table(results):
     """One row per setting (arm), mean +- std over seeds (sample std) when there are several;
     accuracies to 3 decimals, ranks to 1, '-' where a row has no number."""
@@ -1110,8 +1131,9 @@ def results_table(results):
     for setting in dict.fromkeys(r["setting"] for r in results):
         group = [r for r in results if r["setting"] == setting]
         column = lambda key: [r[key] for r in group]  # noqa: E731
-        alpha_eff = "-" if setting == "raw pixels" else f"{group[0]['alpha_eff']:.2e}"
-        seconds = "-" if setting == "raw pixels" else f"{np.mean(column('seconds')):.0f}"
+        reference = setting in REFERENCE_ROWS
+        alpha_eff = "-" if reference else f"{group[0]['alpha_eff']:.2e}"
+        seconds = "-" if reference else f"{np.mean(column('seconds')):.0f}"
         rows.append(f"{setting:<22} {alpha_eff:>9} {len(group):>5} {mean_std([r['knn'].get(k) for r in group], 3):>13} "
                     f"{mean_std(column('linear_probe'), 3):>13} {mean_std(column('effective_rank'), 1):>11} "
                     f"{mean_std(column('effective_rank_centered'), 1):>13} {mean_std(column('last_epoch_loss'), 4):>14} "
@@ -1132,7 +1154,8 @@ def accuracy_noise(accuracy, n_test):
 
 def verdict(results, test_labels):
     """The lines a reader takes away, each with its noise: every decayed arm minus the standard
-    residual MAE (alpha_min 1 with the same decoder), and the best arm minus raw pixels and chance."""
+    residual MAE (alpha_min 1 with the same decoder), every arm minus its untrained encoder, and the
+    best arm minus raw pixels and chance."""
     ## A difference is called "beyond noise" only when it exceeds both the test-set sampling noise
     ## (accuracy_noise) and, with several seeds, twice the standard error of its per-seed values;
     ## with one seed the seed-to-seed spread is unknown and the line says so. Means are rounded to
@@ -1166,7 +1189,9 @@ def verdict(results, test_labels):
     for s in settings:
         if base and s.startswith("alpha_min=") and s != base:
             lines += [compare(s, base, key) for key in ("knn", "linear_probe", "effective_rank_centered")]
-    trained = [s for s in settings if s != "raw pixels"]
+    trained = [s for s in settings if s not in REFERENCE_ROWS]
+    if "untrained encoder" in settings:  # what training added to the encoder it started from
+        lines += [compare(s, "untrained encoder", "knn") for s in trained if s != "vanilla MAE"]  # its final norm changes the start
     if trained:
         best = max(trained, key=lambda s: np.mean([value(r, "knn") for r in results if r["setting"] == s]))
         best_knn = round(float(np.mean([value(r, "knn") for r in results if r["setting"] == best])), 3)
@@ -1710,7 +1735,7 @@ def run_study(cfg):
                 print(f"{name}: already done ({out}/results.json)")
                 continue
             jobs.append((name, worker_argv(cfg, **values, seeds=str(seed), epochs=epochs, out_dir=out, json="",
-                                           pixels=cfg.pixels and seed == seeds[0] and i == 0, study_eval=True),
+                                           pixels=cfg.pixels and seed == seeds[0] and i == 0, study_eval=True, untrained=False),
                          os.path.join(out, "worker.log")))
 
     def done(name, code):
@@ -1920,7 +1945,7 @@ def check_config(cfg):
         check_writable(cfg.out_dir, "--out-dir", directory=True)
         if cfg.json:
             check_writable(cfg.json, "--json", directory=False)
-        if cfg.dataset not in ("shapes", "textures") and not cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.data_dir):
+        if cfg.dataset not in BUILT_IN and not cfg.dataset.startswith("folder:") and not os.path.isdir(cfg.data_dir):
             check_writable(cfg.data_dir, "--data-dir", directory=True)  # an existing folder may be read-only
 
 
@@ -1967,7 +1992,7 @@ def alpha_settings(cfg):
 # skip on a first read; read only if you change the data (copies of probe.py's, tested identical)
 # =============================================================================================
 
-DATA_HELP = ("use a built-in dataset (shapes or textures: no download), or put the files in --data-dir, "
+DATA_HELP = ("use a built-in dataset (glyphs, shapes or textures: no download), or put the files in --data-dir, "
              "or run once with network access")
 
 
@@ -2301,6 +2326,48 @@ def make_textures(n, size, seed):
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
 
 
+## The third built-in dataset, "glyphs" (the CPU demo's default): the class is WHICH small pattern
+## recurs in the image, a bag-of-patches statistic. The image is a grid of 4x4-pixel cells; each
+## cell shows the class's glyph (probability 0.35) or one of 10 distractor glyphs, drawn with its
+## own background colour and contrast, and the whole image is light-on-dark or dark-on-light. Two
+## images of one class share almost no pixel pattern, and the polarity flip makes the class
+## invisible to anything LINEAR in the pixels (a linear probe on pixels is near chance), yet
+## counting glyphs over the cells names it: a k-NN on the cells' average is far above a k-NN on
+## pixels. The cells align with 4-pixel patches, so at --patch-size 4 one token sees one glyph.
+GLYPHS = {  # name: 4 rows of 4 pixels, "#" = ink; the first 10 are the classes, the last 10 distractors
+    "left bar": "#... #... #... #...", "bottom bar": ".... .... .... ####", "diagonal \\": "#... .#.. ..#. ...#",
+    "diagonal /": "...# ..#. .#.. #...", "plus": ".#.. #### .#.. .#..", "cross": "#..# .##. .##. #..#",
+    "frame": "#### #..# #..# ####", "corner block": "##.. ##.. .... ....", "checker": "#.#. .#.# #.#. .#.#",
+    "corner": "#### #... #... #...",
+    "_plus2": "..#. ..#. #### ..#.", "_zigzag": "##.. ..## ##.. ..##", "_triangle": "#... ##.. ###. ####",
+    "_ring": ".##. #..# #..# .##.", "_two bars": "#..# #..# #..# #..#", "_two lines": "#### .... #### ....",
+    "_right bar": "..## ..## ..## ..##", "_stripes": "#.#. #.#. #.#. #.#.", "_dots": "#..# .... .... #..#",
+    "_centre": ".... .##. .##. ....",
+}
+GLYPH_NAMES = [name for name in GLYPHS if not name.startswith("_")]
+
+
+def make_glyphs(n, size, seed, p_class=0.35):
+    """n images (n, 3, size, size) uint8 and labels (n,) int64, a pure function of (n, size, seed)."""
+    rng = np.random.default_rng(seed)
+    ink = np.array([[[c == "#" for c in row] for row in rows.split()] for rows in GLYPHS.values()], dtype=np.float64)
+    cells = -(-size // 4)  # cells per side; an image side that is not a multiple of 4 cuts the last row and column
+    labels = rng.integers(0, len(GLYPH_NAMES), n)
+    # each cell: the class glyph with probability p_class, else a random distractor
+    glyph = np.where(rng.random((n, cells, cells)) < p_class, labels[:, None, None],
+                     rng.integers(len(GLYPH_NAMES), len(GLYPHS), (n, cells, cells)))
+    pattern = ink[glyph].transpose(0, 1, 3, 2, 4).reshape(n, 4 * cells, 4 * cells)  # (n, 4c, 4c)
+    per_cell = lambda values: values.repeat(4, -2).repeat(4, -1)  # noqa: E731  (..., c, c) -> (..., 4c, 4c)
+    # nuisance: each cell's background colour and contrast, the image's polarity, sensor noise
+    contrast = per_cell(rng.uniform(0.08, 0.2, (n, cells, cells))) * rng.choice([-1.0, 1.0], (n, 1, 1))
+    background = per_cell(rng.uniform(0.1, 0.6, (n, 3, cells, cells)))
+    image = background + (contrast * pattern)[:, None] + 0.05 * rng.standard_normal((n, 3, 4 * cells, 4 * cells))
+    return (np.clip(image[:, :, :size, :size], 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
+BUILT_IN = ("glyphs", "shapes", "textures")  # generated in memory: no --data-dir, no download
+
+
 def load_dataset(name, data_dir, size=32, allow_download=True):
     """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
     if name == "shapes":
@@ -2309,6 +2376,9 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name == "textures":
         parts = {"train": make_textures(10000, size, seed=0), "test": make_textures(2000, size, seed=1)}
         parts["classes"] = TEXTURE_NAMES
+    elif name == "glyphs":
+        parts = {"train": make_glyphs(10000, size, seed=0), "test": make_glyphs(2000, size, seed=1)}
+        parts["classes"] = GLYPH_NAMES
     elif name in CIFAR:
         parts = load_cifar(name, data_dir, allow_download)
     elif name in IDX:
@@ -2316,7 +2386,7 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name.startswith("folder:"):
         parts = load_folder(name[len("folder:"):], size, data_dir)
     else:
-        raise UserError(f"unknown dataset '{name}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+        raise UserError(f"unknown dataset '{name}': use glyphs, shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
     parts.setdefault("classes", [str(i) for i in range(num_classes)])
     if len(np.unique(np.concatenate([parts["train"][1], parts["test"][1]]))) == 1:
@@ -2726,6 +2796,8 @@ def run_experiment(cfg, device):
     results = []
     for (setting, arm_cfg, alpha_min, _), seed, run_dir in runs:
         results.append({"setting": setting, **train_run(arm_cfg, data, alpha_min, seed, run_dir, device)})
+    if cfg.untrained:  # the control row: each seed's encoder as initialised, before any training step
+        results += [{"setting": "untrained encoder", **untrained_reference(cfg, data, seed, device)} for seed in seeds]
     pixel_gib = 4 * (len(data["train_x"]) + len(data["test_x"])) * data["train_x"].shape[1] * cfg.img_size ** 2 / 2**30
     if cfg.pixels and pixel_gib > PIXEL_ROW_MAX_GIB:
         if rank == 0:

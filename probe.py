@@ -571,10 +571,10 @@ def check_config(cfg, paths):
     need(0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}.")
     if cfg.pixels:
         folder = cfg.pixels[len("folder:"):] if cfg.pixels.startswith("folder:") else None
-        need(folder is not None or cfg.pixels in ("shapes", "textures", *CIFAR, *IDX),
-             f"--pixels must be shapes, textures, {', '.join([*CIFAR, *IDX])} or folder:PATH, got '{cfg.pixels}'.")
+        need(folder is not None or cfg.pixels in (*BUILT_IN, *CIFAR, *IDX),
+             f"--pixels must be glyphs, shapes, textures, {', '.join([*CIFAR, *IDX])} or folder:PATH, got '{cfg.pixels}'.")
         need(folder is None or os.path.isdir(folder), f"--pixels {cfg.pixels}: there is no folder {folder}.")
-        if cfg.pixels not in ("shapes", "textures"):  # --data-dir is read, and written to by a download or an image-folder cache
+        if cfg.pixels not in BUILT_IN:  # --data-dir is read, and written to by a download or an image-folder cache
             need(cfg.data_dir, "--data-dir is empty; give a folder.")
             ancestor = nearest_existing(cfg.data_dir)
             need(os.path.isdir(ancestor), f"--data-dir {cfg.data_dir} cannot be a folder: {ancestor} is a file.")
@@ -610,7 +610,7 @@ def pick_device(name):
 # skip on a first read: read only if you change the data
 # =============================================================================================
 
-DATA_HELP = ("use a built-in dataset (shapes or textures: no download), or put the files in --data-dir, "
+DATA_HELP = ("use a built-in dataset (glyphs, shapes or textures: no download), or put the files in --data-dir, "
              "or run once with network access")
 
 CIFAR = {  # official python tarballs (Krizhevsky 2009) and their published md5
@@ -939,6 +939,48 @@ def make_textures(n, size, seed):
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
 
 
+## The third built-in dataset, "glyphs" (the CPU demo's default): the class is WHICH small pattern
+## recurs in the image, a bag-of-patches statistic. The image is a grid of 4x4-pixel cells; each
+## cell shows the class's glyph (probability 0.35) or one of 10 distractor glyphs, drawn with its
+## own background colour and contrast, and the whole image is light-on-dark or dark-on-light. Two
+## images of one class share almost no pixel pattern, and the polarity flip makes the class
+## invisible to anything LINEAR in the pixels (a linear probe on pixels is near chance), yet
+## counting glyphs over the cells names it: a k-NN on the cells' average is far above a k-NN on
+## pixels. The cells align with 4-pixel patches, so at --patch-size 4 one token sees one glyph.
+GLYPHS = {  # name: 4 rows of 4 pixels, "#" = ink; the first 10 are the classes, the last 10 distractors
+    "left bar": "#... #... #... #...", "bottom bar": ".... .... .... ####", "diagonal \\": "#... .#.. ..#. ...#",
+    "diagonal /": "...# ..#. .#.. #...", "plus": ".#.. #### .#.. .#..", "cross": "#..# .##. .##. #..#",
+    "frame": "#### #..# #..# ####", "corner block": "##.. ##.. .... ....", "checker": "#.#. .#.# #.#. .#.#",
+    "corner": "#### #... #... #...",
+    "_plus2": "..#. ..#. #### ..#.", "_zigzag": "##.. ..## ##.. ..##", "_triangle": "#... ##.. ###. ####",
+    "_ring": ".##. #..# #..# .##.", "_two bars": "#..# #..# #..# #..#", "_two lines": "#### .... #### ....",
+    "_right bar": "..## ..## ..## ..##", "_stripes": "#.#. #.#. #.#. #.#.", "_dots": "#..# .... .... #..#",
+    "_centre": ".... .##. .##. ....",
+}
+GLYPH_NAMES = [name for name in GLYPHS if not name.startswith("_")]
+
+
+def make_glyphs(n, size, seed, p_class=0.35):
+    """n images (n, 3, size, size) uint8 and labels (n,) int64, a pure function of (n, size, seed)."""
+    rng = np.random.default_rng(seed)
+    ink = np.array([[[c == "#" for c in row] for row in rows.split()] for rows in GLYPHS.values()], dtype=np.float64)
+    cells = -(-size // 4)  # cells per side; an image side that is not a multiple of 4 cuts the last row and column
+    labels = rng.integers(0, len(GLYPH_NAMES), n)
+    # each cell: the class glyph with probability p_class, else a random distractor
+    glyph = np.where(rng.random((n, cells, cells)) < p_class, labels[:, None, None],
+                     rng.integers(len(GLYPH_NAMES), len(GLYPHS), (n, cells, cells)))
+    pattern = ink[glyph].transpose(0, 1, 3, 2, 4).reshape(n, 4 * cells, 4 * cells)  # (n, 4c, 4c)
+    per_cell = lambda values: values.repeat(4, -2).repeat(4, -1)  # noqa: E731  (..., c, c) -> (..., 4c, 4c)
+    # nuisance: each cell's background colour and contrast, the image's polarity, sensor noise
+    contrast = per_cell(rng.uniform(0.08, 0.2, (n, cells, cells))) * rng.choice([-1.0, 1.0], (n, 1, 1))
+    background = per_cell(rng.uniform(0.1, 0.6, (n, 3, cells, cells)))
+    image = background + (contrast * pattern)[:, None] + 0.05 * rng.standard_normal((n, 3, 4 * cells, 4 * cells))
+    return (np.clip(image[:, :, :size, :size], 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
+BUILT_IN = ("glyphs", "shapes", "textures")  # generated in memory: no --data-dir, no download
+
+
 def load_dataset(name, data_dir, size=32, allow_download=True):
     """Returns dict(train=(x, y), test=(x, y), classes=[...]); x uint8 (N, C, H, W), y int64 (N,)."""
     if name == "shapes":
@@ -947,6 +989,9 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name == "textures":
         parts = {"train": make_textures(10000, size, seed=0), "test": make_textures(2000, size, seed=1)}
         parts["classes"] = TEXTURE_NAMES
+    elif name == "glyphs":
+        parts = {"train": make_glyphs(10000, size, seed=0), "test": make_glyphs(2000, size, seed=1)}
+        parts["classes"] = GLYPH_NAMES
     elif name in CIFAR:
         parts = load_cifar(name, data_dir, allow_download)
     elif name in IDX:
@@ -954,7 +999,7 @@ def load_dataset(name, data_dir, size=32, allow_download=True):
     elif name.startswith("folder:"):
         parts = load_folder(name[len("folder:"):], size, data_dir)
     else:
-        raise UserError(f"unknown dataset '{name}': use shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
+        raise UserError(f"unknown dataset '{name}': use glyphs, shapes, textures, cifar10, cifar100, fashion-mnist, mnist or folder:PATH.")
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
     parts.setdefault("classes", [str(i) for i in range(num_classes)])
     if len(np.unique(np.concatenate([parts["train"][1], parts["test"][1]]))) == 1:

@@ -288,6 +288,40 @@ def test_textures_are_deterministic_balanced_and_their_class_is_a_patch_statisti
     assert knn_accuracy(pixels) < 0.25 and knn_accuracy(power_spectrum) > 0.8
 
 
+def test_glyphs_are_deterministic_balanced_and_their_class_is_a_bag_of_patches_not_a_pixel_pattern():
+    x, y = m.make_glyphs(2000, 16, seed=0)
+    assert x.dtype == np.uint8 and x.shape == (2000, 3, 16, 16) and y.dtype == np.int64 and y.shape == (2000,)
+    again = m.make_glyphs(2000, 16, seed=0)
+    assert np.array_equal(again[0], x) and np.array_equal(again[1], y)
+    assert not np.array_equal(m.make_glyphs(2000, 16, seed=1)[0], x)
+    assert np.bincount(y, minlength=10).min() > 150 and len(m.GLYPH_NAMES) == 10 and len(m.GLYPHS) == 20
+    # 20 different glyphs, each with some ink and some background
+    ink = [frozenset(i for i, c in enumerate(rows.replace(" ", "")) if c == "#") for rows in m.GLYPHS.values()]
+    assert len(set(ink)) == 20 and all(0 < len(g) < 16 for g in ink)
+    for size in (24, 18):  # --img-size sizes the built-in data, also when it is not a multiple of the 4-pixel cell
+        assert m.make_glyphs(10, size, seed=0)[0].shape == (10, 3, size, size)
+    test_x, test_y = m.make_glyphs(500, 16, seed=1)
+
+    def knn_accuracy(features):
+        train_f, test_f = (torch.tensor(features(a)) for a in (x, test_x))
+        return (m.knn_predict(train_f, torch.tensor(y), test_f, 20, 0.07, num_classes=10) == torch.tensor(test_y)).float().mean().item()
+
+    def pixels(images):  # centred pixels, as the raw-pixel row sees them
+        flat = images.reshape(len(images), -1).astype(np.float32) / 255
+        return flat - x.reshape(len(x), -1).astype(np.float32).mean(0) / 255
+
+    def cell_average(images):  # a bag-of-patches statistic: the mean 4x4 cell, centred, where each glyph sits forgotten
+        cells = m.patchify(torch.tensor(images, dtype=torch.float32) / 255, 4).mean(1)
+        return (cells - cells.mean(1, keepdim=True)).numpy()
+
+    ## chance is 0.1; measured (k-NN@20, this protocol): pixels 0.232, cell average 0.860 (2000 train / 500 test);
+    ## the probe below: 0.130
+    assert knn_accuracy(pixels) < 0.3 and knn_accuracy(cell_average) > 0.7
+    # the polarity flip hides the class from anything linear in the pixels: a linear probe on them is near chance
+    flat = lambda images: torch.tensor(pixels(images))  # noqa: E731
+    assert m.linear_probe(flat(x), torch.tensor(y), flat(test_x), torch.tensor(test_y), num_classes=10) < 0.2
+
+
 def write_cifar_batch(path, images, labels, label_key=b"labels"):
     with open(path, "wb") as f:  # the official layout: bytes keys, data uint8 (N, 3072), labels a list
         pickle.dump({b"batch_label": b"x", label_key: [int(v) for v in labels],
@@ -551,11 +585,18 @@ def test_command_line_errors_have_no_traceback(tmp_path):
 
 def test_main_writes_table_json_plots_and_features(tmp_path, capsys):
     results = m.main(TINY[:-5] + ["--plots", "--eval-every", "1", "--epochs", "2", "--alpha-min", "1.0,0.5",
-                                  "--train-limit", "128", "--out-dir", str(tmp_path / "out"),
-                                  "--json", str(tmp_path / "r.json"), "--device", "cpu"])
+                                  "--train-limit", "128", "--out-dir", str(tmp_path / "out"), "--eval-train", "0",
+                                  "--eval-test", "0", "--json", str(tmp_path / "r.json"), "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "alpha_min=0.5 minus alpha_min=1, k-NN@20" in out and "k-NN@20" in out and len(results) == 3
-    assert [r["setting"] for r in results] == ["alpha_min=1", "alpha_min=0.5", "raw pixels"]
+    assert "alpha_min=0.5 minus alpha_min=1, k-NN@20" in out and "k-NN@20" in out and len(results) == 4
+    assert [r["setting"] for r in results] == ["alpha_min=1", "alpha_min=0.5", "untrained encoder", "raw pixels"]
+    assert "alpha_min=0.5 minus untrained encoder, k-NN@20" in out
+    # the control row IS the model before its first step: the epoch-0 evaluation on the same images
+    # (--eval-train/--eval-test 0 = all) gives the same k-NN and probe, for either arm
+    untrained = results[2]
+    for run in results[:2]:
+        assert run["evals"][0]["knn"] == untrained["knn"][20]
+        assert run["evals"][0]["linear_probe"] == pytest.approx(untrained["linear_probe"], abs=1e-9)
     import json
     summary = json.loads((tmp_path / "r.json").read_text())
     run = summary["runs"][1]
@@ -758,11 +799,13 @@ def test_ctrl_c_during_training_checkpoints_the_step_and_resume_matches(tmp_path
 def test_vanilla_arm_is_the_standard_mae_in_the_same_table(tmp_path, capsys):
     results = m.main(TINY + ["--vanilla", "--alpha-min", "1.0,0.5", "--epochs", "1", "--train-limit", "64",
                              "--no-pixels", "--out-dir", str(tmp_path / "out")])
-    assert [r["setting"] for r in results] == ["vanilla MAE", "alpha_min=1", "alpha_min=0.5"]
+    assert [r["setting"] for r in results] == ["vanilla MAE", "alpha_min=1", "alpha_min=0.5", "untrained encoder"]
     assert "final LayerNorm" in results[0]["feature"] and "final LayerNorm" not in results[1]["feature"]
     assert os.path.exists(tmp_path / "out" / "vanilla_seed0" / "features.npz")
     out = capsys.readouterr().out
     assert "vanilla MAE" in out and "alpha_min=0.5 minus alpha_min=1" in out
+    # the control row has no final LayerNorm, so the vanilla arm is not compared with it
+    assert "alpha_min=0.5 minus untrained encoder" in out and "vanilla MAE minus untrained encoder" not in out
 
 
 def test_a_failed_save_leaves_the_old_file_and_no_temporary_one(tmp_path):
@@ -777,11 +820,11 @@ def test_raw_pixel_row_is_skipped_when_it_would_not_fit(tmp_path, capsys, monkey
     ## 64 train + 2000 test images of 3 x 16 x 16 float32 = 6.1 MiB: over a 1 MiB limit, so skipped
     monkeypatch.setattr(m, "PIXEL_ROW_MAX_GIB", 1 / 1024)
     results = m.main(TINY + ["--train-limit", "64", "--epochs", "1", "--alpha-min", "1.0", "--out-dir", str(tmp_path / "o")])
-    assert [r["setting"] for r in results] == ["alpha_min=1"]
+    assert [r["setting"] for r in results] == ["alpha_min=1", "untrained encoder"]
     assert "no raw-pixel row: the flattened pixels would take 0.0 GiB" in capsys.readouterr().out
     monkeypatch.setattr(m, "PIXEL_ROW_MAX_GIB", 8)
     results = m.main(TINY + ["--train-limit", "64", "--epochs", "1", "--alpha-min", "1.0", "--out-dir", str(tmp_path / "p")])
-    assert [r["setting"] for r in results] == ["alpha_min=1", "raw pixels"]
+    assert [r["setting"] for r in results] == ["alpha_min=1", "untrained encoder", "raw pixels"]
 
 
 # --------------------------------------------------------------------------- the lean GPU step, the same numbers
@@ -939,6 +982,15 @@ def test_table_has_no_nan_and_verdict_prints_a_minus_b_with_its_noise():
     # per-seed differences -0.10 and +0.02: 2 * std / sqrt(2) = 2 * 0.0849 / 1.414 = 0.120
     assert line == "alpha_min=0.7 minus alpha_min=1, k-NN@20: 0.560 - 0.600 = -0.040: WITHIN noise (+-0.120: 2 std. errors over 2 seeds)"
     assert "0.600+-0.141" in m.results_table(two_seeds)  # sample std of 0.70 and 0.50
+    # the untrained-encoder control row: one per seed, paired with each arm's same seed; no alpha_eff, no time
+    untrained = [{**fake_result("untrained encoder", s, v, 0.2, 12.0), "alpha_eff": math.nan, "last_epoch_loss": math.nan,
+                  "seconds": 0.0} for s, v in ((0, 0.80), (1, 0.76))]
+    lines = m.verdict(two_seeds + untrained, labels).splitlines()
+    # per-seed differences -0.10 and -0.26: 2 * std / sqrt(2) = 2 * 0.1131 / 1.414 = 0.160
+    assert lines[3] == "alpha_min=1 minus untrained encoder, k-NN@20: 0.600 - 0.780 = -0.180: beyond noise (+-0.160: 2 std. errors over 2 seeds)"
+    assert lines[5].startswith("best k-NN, alpha_min=1: 0.600")  # the control row is not an arm
+    row = m.results_table(two_seeds + untrained).splitlines()[-1].split()
+    assert row[:5] == ["untrained", "encoder", "-", "2", "0.780+-0.028"] and row[-2:] == ["-", "-"]
 
 
 def test_chance_is_the_most_frequent_class_and_one_class_data_warns(tmp_path, capsys):
