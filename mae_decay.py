@@ -1022,7 +1022,7 @@ def untrained_reference(cfg, data, seed, device):
     torch.manual_seed(seed)  # the initial weights of train_run's model for this seed
     model = build_model(cfg, 1.0, data["train_x"].shape[1]).to(device)
     features = {s: extract_features(model, data[f"{s}_x"], cfg, data, device) for s in ("train", "test")}
-    return {**reference_row(features["train"], features["test"], cfg, data), "seed": seed}
+    return {**reference_row(features["train"], features["test"], cfg, data), "seed": seed, "feature": describe_feature(cfg)}
 
 
 def reference_row(train_f, test_f, cfg, data):
@@ -1193,8 +1193,10 @@ def verdict(results, test_labels):
         if base and s.startswith("alpha_min=") and s != base:
             lines += [compare(s, base, key) for key in ("knn", "linear_probe", "effective_rank_centered")]
     trained = [s for s in settings if s not in REFERENCE_ROWS]
-    if "untrained encoder" in settings:  # what training added to the encoder it started from
-        lines += [compare(s, "untrained encoder", "knn") for s in trained if s != "vanilla MAE"]  # its final norm changes the start
+    start = next((r["feature"] for r in results if r["setting"] == "untrained encoder"), None)
+    if start:  # what training added to the encoder it started from: arms that read the same feature (not --vanilla's, after its final norm)
+        lines += [compare(s, "untrained encoder", "knn") for s in trained
+                  if next(r["feature"] for r in results if r["setting"] == s) == start]
     if trained:
         best = max(trained, key=lambda s: np.mean([value(r, "knn") for r in results if r["setting"] == s]))
         best_knn = round(float(np.mean([value(r, "knn") for r in results if r["setting"] == best])), 3)

@@ -951,7 +951,8 @@ def test_cpu_threads_explicit_then_environment_then_half_the_cores(monkeypatch):
 
 def fake_result(setting, seed, knn, probe, rank):
     return {"setting": setting, "seed": seed, "knn_k": 20, "knn": {20: knn}, "linear_probe": probe, "alpha_eff": 1.0,
-            "effective_rank": rank, "effective_rank_centered": rank, "last_epoch_loss": 0.3, "seconds": 12.0}
+            "effective_rank": rank, "effective_rank_centered": rank, "last_epoch_loss": 0.3, "seconds": 12.0,
+            "feature": "encoder block 6/6 output, mean over all tokens (cls included)"}
 
 
 def test_table_has_no_nan_and_verdict_prints_a_minus_b_with_its_noise():
