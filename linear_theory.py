@@ -1470,14 +1470,14 @@ GLYPHS = {  # name: 4 rows of 4 pixels, "#" = ink; the first 10 are the classes,
 GLYPH_NAMES = [name for name in GLYPHS if not name.startswith("_")]
 
 
-def make_glyphs(n, size, seed, p_class=0.35):
+def make_glyphs(n, size, seed):
     """n images (n, 3, size, size) uint8 and labels (n,) int64, a pure function of (n, size, seed)."""
     rng = np.random.default_rng(seed)
     ink = np.array([[[c == "#" for c in row] for row in rows.split()] for rows in GLYPHS.values()], dtype=np.float64)
     cells = -(-size // 4)  # cells per side; an image side that is not a multiple of 4 cuts the last row and column
     labels = rng.integers(0, len(GLYPH_NAMES), n)
-    # each cell: the class glyph with probability p_class, else a random distractor
-    glyph = np.where(rng.random((n, cells, cells)) < p_class, labels[:, None, None],
+    # each cell: the class glyph with probability 0.35, else a random distractor
+    glyph = np.where(rng.random((n, cells, cells)) < 0.35, labels[:, None, None],
                      rng.integers(len(GLYPH_NAMES), len(GLYPHS), (n, cells, cells)))
     pattern = ink[glyph].transpose(0, 1, 3, 2, 4).reshape(n, 4 * cells, 4 * cells)  # (n, 4c, 4c)
     per_cell = lambda values: values.repeat(4, -2).repeat(4, -1)  # noqa: E731  (..., c, c) -> (..., 4c, 4c)
