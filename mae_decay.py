@@ -1924,6 +1924,8 @@ def check_config(cfg):
          f"{cfg.depth // 2} for --depth {cfg.depth} (or use --decoder mae).")
     need(0.0 < cfg.mask_ratio < 1.0 and int((cfg.img_size // cfg.patch_size) ** 2 * (1 - cfg.mask_ratio)) >= 1,
          f"--mask-ratio must be in (0, 1) and leave at least one visible patch, got {cfg.mask_ratio}.")
+    need(cfg.dataset in (*BUILT_IN, *CIFAR, *IDX) or cfg.dataset.startswith("folder:"),  # before the out-dir's lock creates it
+         f"unknown dataset '{cfg.dataset}': use {', '.join((*BUILT_IN, *CIFAR, *IDX))} or folder:PATH.")
     need(0.0 < cfg.crop_min <= 1.0, f"--crop-min must be in (0, 1], got {cfg.crop_min}.")
     need(cfg.epochs >= 1 and cfg.batch_size >= 1, "--epochs and --batch-size must be at least 1.")
     need(cfg.max_steps >= 0 and cfg.train_limit >= 0, "--max-steps and --train-limit cannot be negative.")

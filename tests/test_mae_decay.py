@@ -730,6 +730,7 @@ BAD_FLAGS = [  # (flags, a fragment of the one error sentence)
     (["--out-dir", ""], "--out-dir is empty"), (["--out-dir", "afile/out"], "is a file"),
     (["--json", "afile/r.json"], "is a file"), (["--json", "adir"], "is a directory"),
     (["--dataset", "cifar10", "--data-dir", "afile/data"], "is a file"),
+    (["--dataset", "glyph"], "unknown dataset 'glyph': use glyphs, shapes, textures, cifar10"),
     (["--knn-k", "100000", "--train-limit", "64"], "--knn-k 100000"),
     (["--epochs", "abc"], "invalid int value: 'abc'"), (["--no-such-flag"], "unrecognized arguments"),
 ]
